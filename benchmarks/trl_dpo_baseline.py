@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""Baseline throughput / memory measurement of TRL's ``DPOTrainer`` on CPU.
+
+Runs a few DPO training steps of a small, randomly initialised causal LM on a
+synthetic preference dataset whose sequences have an exactly known length, and
+prints one JSON object (the last stdout line) with throughput, peak RSS and the
+settings used.
+
+This script needs ``trl`` and is meant to run from a separate virtual
+environment (see ``benchmarks/README.md``); it is not imported by the project.
+
+What is measured
+----------------
+* Only the optimisation steps after ``--warmup-steps`` are timed.  A
+  ``TrainerCallback`` records a timestamp in ``on_step_begin`` and in
+  ``on_step_end``; ``examples_per_s`` and ``tokens_per_s`` use the sum of those
+  per-step durations (forward of policy and reference model, backward,
+  optimizer and scheduler step).  Model construction, tokenisation of the
+  dataset (done by ``DPOTrainer.__init__``) and the warm-up steps are excluded.
+  In ``transformers.Trainer`` the batch is fetched and collated *before*
+  ``on_step_begin``; ``wall_examples_per_s`` additionally includes that, as it
+  spans from the end of the last warm-up step to the end of the last step.
+* ``examples_per_s`` counts preference pairs (one prompt + chosen + rejected).
+* ``tokens_per_s`` counts every token of both sequences of a pair, prompt
+  included: ``2 * (prompt_len + response_len)`` per pair (the EOS that TRL
+  appends to each response is part of ``response_len``).
+* ``peak_rss_mb`` is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on
+  Linux) / 1024, i.e. the process-wide peak including setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+# Keep everything local and quiet; must be set before the HF libraries load.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0, 1, 2, 3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=["llama", "gpt_neox"], default="llama")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=688,
+                   help="MLP width (llama: gate/up/down SwiGLU; gpt_neox: 2-matrix GELU MLP)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size, special tokens included")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per example")
+    p.add_argument("--response-len", type=int, default=128,
+                   help="tokens per chosen / rejected response, including the EOS appended by TRL")
+    p.add_argument("--batch", type=int, default=4, help="preference pairs per step (per_device_train_batch_size)")
+    p.add_argument("--steps", type=int, default=12, help="total optimisation steps (max_steps)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="leading steps excluded from timing")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                   help="DPOConfig.gradient_checkpointing; 'on' is TRL's default")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup_steps:
+        p.error("--steps must be larger than --warmup-steps")
+    if args.prompt_len < 1 or args.response_len < 2:
+        p.error("--prompt-len must be >= 1 and --response-len >= 2 (one word token + EOS)")
+    if args.vocab <= len(SPECIAL_TOKENS) + 1:
+        p.error("--vocab too small")
+    if args.hidden % args.heads:
+        p.error("--hidden must be divisible by --heads")
+    return args
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer and data
+# --------------------------------------------------------------------------- #
+def build_tokenizer(vocab_size: int):
+    """Word-level tokenizer over "t0".."tK" plus 4 specials, total `vocab_size` ids.
+
+    Words are split on whitespace only; special tokens (e.g. the "</s>" TRL
+    appends directly after the last word) are matched before splitting.  No
+    post-processor, so no BOS/EOS is added implicitly.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    n_words = vocab_size - len(SPECIAL_TOKENS)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for i in range(n_words):
+        vocab[f"t{i}"] = len(SPECIAL_TOKENS) + i
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    assert len(tok) == vocab_size, (len(tok), vocab_size)
+    return tok, n_words
+
+
+def build_dataset(n_examples: int, prompt_len: int, response_len: int, n_words: int, seed: int):
+    """Random word sequences; each response has response_len - 1 words (TRL adds EOS)."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+
+    def words(n):
+        return " ".join(f"t{rng.randrange(n_words)}" for _ in range(n))
+
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for _ in range(n_examples):
+        rows["prompt"].append(words(prompt_len))
+        # leading space separates the response from the prompt when TRL concatenates them
+        rows["chosen"].append(" " + words(response_len - 1))
+        rows["rejected"].append(" " + words(response_len - 1))
+    return Dataset.from_dict(rows)
+
+
+def check_token_counts(trainer, tokenizer, args):
+    """Verify TRL's tokenised dataset and a collated batch have exactly the intended lengths."""
+    ds = trainer.train_dataset
+    eos = tokenizer.eos_token_id
+    for i, ex in enumerate(ds):
+        lp, lc, lr = len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])
+        if (lp, lc, lr) != (args.prompt_len, args.response_len, args.response_len):
+            raise RuntimeError(
+                f"example {i}: prompt/chosen/rejected token counts {lp}/{lc}/{lr}, "
+                f"expected {args.prompt_len}/{args.response_len}/{args.response_len}"
+            )
+        if ex["chosen_ids"][-1] != eos or ex["rejected_ids"][-1] != eos:
+            raise RuntimeError(f"example {i}: response does not end with EOS")
+        if tokenizer.unk_token_id in ex["prompt_ids"] + ex["chosen_ids"] + ex["rejected_ids"]:
+            raise RuntimeError(f"example {i}: contains <unk>")
+    batch = trainer.data_collator([ds[i] for i in range(args.batch)])
+    seq = args.prompt_len + args.response_len
+    if tuple(batch["input_ids"].shape) != (2 * args.batch, seq):
+        raise RuntimeError(f"collated input_ids shape {tuple(batch['input_ids'].shape)}, expected {(2 * args.batch, seq)}")
+    if int(batch["attention_mask"].sum()) != 2 * args.batch * seq:
+        raise RuntimeError("collated batch contains padding")
+    if int(batch["completion_mask"].sum()) != 2 * args.batch * args.response_len:
+        raise RuntimeError("unexpected completion_mask")
+    return {"rows_checked": len(ds), "collated_shape": list(batch["input_ids"].shape)}
+
+
+# --------------------------------------------------------------------------- #
+# Model
+# --------------------------------------------------------------------------- #
+def build_model(args, tokenizer):
+    import torch
+
+    max_pos = max(2048, args.prompt_len + args.response_len)
+    common = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max_pos,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if args.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(num_key_value_heads=args.heads, **common)
+        cls = LlamaForCausalLM
+    else:
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        cfg = GPTNeoXConfig(**common)
+        cls = GPTNeoXForCausalLM
+    torch.manual_seed(args.seed)
+    model = cls(cfg).to(torch.float32)
+    return model
+
+
+# --------------------------------------------------------------------------- #
+# Timing
+# --------------------------------------------------------------------------- #
+def _cpu_seconds():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime
+
+
+def make_timer_callback():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begins = []
+            self.ends = []
+            self.cpu_begins = []  # process user+sys CPU seconds at each step begin / end
+            self.cpu_ends = []
+            self.threads_seen = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            import torch
+
+            if self.threads_seen is None:
+                self.threads_seen = torch.get_num_threads()
+            self.cpu_begins.append(_cpu_seconds())
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            self.cpu_ends.append(_cpu_seconds())
+
+    return StepTimer()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    import datasets
+    import transformers
+    import trl
+    from trl import DPOConfig, DPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+    t0 = time.perf_counter()
+    tokenizer, n_words = build_tokenizer(args.vocab)
+    train_ds = build_dataset(args.batch * args.steps, args.prompt_len, args.response_len, n_words, args.seed)
+    policy = build_model(args, tokenizer)
+    reference = copy.deepcopy(policy)  # explicit, separate reference model (not ref_model=None)
+    reference.eval()
+    for prm in reference.parameters():
+        prm.requires_grad_(False)
+    n_params = sum(p.numel() for p in policy.parameters())
+
+    out_dir = tempfile.mkdtemp(prefix="trl_dpo_baseline_")
+    seq_len = args.prompt_len + args.response_len
+    config = DPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        eval_strategy="no",
+        logging_strategy="no",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
+        max_length=seq_len,  # no truncation: every sequence is exactly prompt_len + response_len
+        precompute_ref_log_probs=False,  # TRL default: reference forward runs inside every step
+        seed=args.seed,
+    )
+    # Older TRL releases split the limit into prompt / completion limits; set them if present.
+    for name, value in (("max_prompt_length", args.prompt_len), ("max_completion_length", args.response_len)):
+        if hasattr(config, name):
+            setattr(config, name, value)
+
+    timer = make_timer_callback()
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=config,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    token_check = check_token_counts(trainer, tokenizer, args)
+
+    # Keep the (detached) loss tensor of every step; converted to float only after training.
+    step_losses = []
+    inner_training_step = trainer.training_step
+
+    def recording_training_step(*a, **kw):
+        loss = inner_training_step(*a, **kw)
+        step_losses.append(loss)
+        return loss
+
+    trainer.training_step = recording_training_step
+    setup_s = time.perf_counter() - t0
+
+    load_start = os.getloadavg()[0]
+    train_out = trainer.train()
+    load_end = os.getloadavg()[0]
+
+    if len(timer.begins) != args.steps or len(timer.ends) != args.steps:
+        raise RuntimeError(f"expected {args.steps} steps, timed {len(timer.begins)} begins / {len(timer.ends)} ends")
+    step_times = [e - b for b, e in zip(timer.begins, timer.ends)]
+    timed = step_times[args.warmup_steps:]
+    n_timed = len(timed)
+    total = sum(timed)
+    wall = timer.ends[-1] - timer.ends[args.warmup_steps - 1] if args.warmup_steps > 0 else timer.ends[-1] - timer.begins[0]
+    pairs = n_timed * args.batch
+    # CPU time this process used inside the timed steps; cpu_util ~= threads means it had the cores to itself,
+    # clearly less means other processes competed for them.
+    user_s = sum(e[0] - b[0] for b, e in zip(timer.cpu_begins[args.warmup_steps:], timer.cpu_ends[args.warmup_steps:]))
+    sys_s = sum(e[1] - b[1] for b, e in zip(timer.cpu_begins[args.warmup_steps:], timer.cpu_ends[args.warmup_steps:]))
+    tokens_per_pair = 2 * seq_len
+
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        import psutil
+
+        rss_end_mb = psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # psutil is optional
+        rss_end_mb = None
+
+    result = {
+        "benchmark": "trl_dpo_baseline",
+        "examples_per_s": round(pairs / total, 4),
+        "tokens_per_s": round(pairs * tokens_per_pair / total, 1),
+        "wall_examples_per_s": round(pairs / wall, 4),
+        "step_time_s_mean": round(total / n_timed, 4),
+        "step_time_s_median": round(statistics.median(timed), 4),
+        "step_time_s_min": round(min(timed), 4),
+        "step_time_s_max": round(max(timed), 4),
+        "warmup_step_times_s": [round(t, 4) for t in step_times[: args.warmup_steps]],
+        "cpu_util_timed": round((user_s + sys_s) / total, 2),
+        "cpu_sys_fraction_timed": round(sys_s / max(user_s + sys_s, 1e-9), 2),
+        "load_avg_1m_start": round(load_start, 2),
+        "load_avg_1m_end": round(load_end, 2),
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "rss_end_mb": None if rss_end_mb is None else round(rss_end_mb, 1),
+        "final_loss": round(float(step_losses[-1]), 6) if step_losses else None,
+        "mean_train_loss": round(float(train_out.training_loss), 6),
+        "setup_s": round(setup_s, 2),
+        "settings": {
+            "arch": args.arch,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "intermediate": args.intermediate,
+            "vocab": args.vocab,
+            "tie_word_embeddings": False,
+            "n_params": n_params,
+            "dtype": "float32",
+            "prompt_len": args.prompt_len,
+            "response_len": args.response_len,
+            "seq_len": seq_len,
+            "batch": args.batch,
+            "steps": args.steps,
+            "warmup_steps": args.warmup_steps,
+            "timed_steps": n_timed,
+            "threads": args.threads,
+            "torch_threads_in_training": timer.threads_seen,
+            "gradient_checkpointing": config.gradient_checkpointing,
+            "precompute_ref_log_probs": config.precompute_ref_log_probs,
+            "padding_free": config.padding_free,
+            "max_length": config.max_length,
+            "loss_type": list(config.loss_type),
+            "beta": config.beta,
+            "learning_rate": config.learning_rate,
+            "optim": str(config.optim),
+            "ref_model": "deepcopy",
+            "token_check": token_check,
+            "seed": args.seed,
+        },
+        "versions": {
+            "trl": trl.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+    }
+    sys.stdout.flush()
+    print(json.dumps(result, sort_keys=False))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1123 @@
+"""Preference datasets: loading, tokenisation and batching for DPO-style training.
+
+Every loader returns the same structure, keyed by prompt text in first-seen order::
+
+    {prompt: {'responses': [str, ...],
+              'pairs': [(i_preferred, j_dispreferred), ...],
+              'sft_target': str}}
+
+so that ``prompt + responses[i]`` is the full text of a response.  Loaders are listed
+in ``DATASETS``; adding a named dataset means writing one function with the signature
+``loader(split, silent=False, cache_dir=None, path=None, tokenizer=None)`` and adding
+one entry there.
+
+Data sources:
+
+* ``path=None``: the Hugging Face hub copy (``datasets.load_dataset``).
+* ``path=<directory>``: a local copy laid out like the hub repository; files whose name
+  contains the split as a word (``test.jsonl.gz``, ``helpful-base-test.jsonl``) are read.
+* ``path=<file>``: one ``.jsonl``/``.json``/``.parquet`` file (optionally ``.gz``) in the
+  hub's row schema.  A file has no split of its own, so the same file serves every
+  split unless the path contains ``{split}``, which is replaced by the split name.
+* ``get_dataset('<file path>', split, tokenizer=...)``: the user's own data in TRL's
+  preference format (``prompt``/``chosen``/``rejected`` as text or chat messages).
+
+Malformed rows raise ``DatasetFormatError`` naming the file, the 1-based line (JSON
+Lines) or row (JSON arrays, parquet) and the problem.
+"""
+import contextlib
+import gzip
+import hashlib
+import json
+import math
+import random
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import datasets
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.nn.utils.rnn import pad_sequence
+
+ASSISTANT_MARKER = '\n\nAssistant:'
+HUMAN_MARKER = '\n\nHuman:'
+SHP_MIN_SCORE_RATIO = 2.0      # the DPO paper's SHP filter: keep pairs whose scores differ 2x
+SE_SPLIT_SEED = 42             # seed the DPO code uses to carve a test split out of SE 'train'
+SE_TEST_FRACTION = 0.01
+GROUP_BY_LENGTH_CHUNK = 50     # batches per length-sorted mega-chunk
+_TOKENIZED_FORMAT_VERSION = 1  # bump when the tokenised columns change, to invalidate caches
+_DATA_SUFFIXES = ('.jsonl', '.json', '.parquet')
+
+PromptData = Dict[str, Dict]
+
+
+class DatasetFormatError(ValueError):
+    """A data file or row does not have the expected schema (message names file and line/row)."""
+
+
+# ---------------------------------------------------------------------------
+# Reading rows from local files
+# ---------------------------------------------------------------------------
+
+def _data_suffix(path: Path) -> Optional[str]:
+    """'.jsonl', '.json' or '.parquet' for a (possibly gzipped) data file, else None."""
+    name = path.name.lower()
+    if name.endswith('.gz'):
+        name = name[:-3]
+    return next((s for s in _DATA_SUFFIXES if name.endswith(s)), None)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Whole file contents, decompressed when the name ends in .gz."""
+    try:
+        if path.name.lower().endswith('.gz'):
+            with gzip.open(path, 'rb') as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as e:  # BadGzipFile is an OSError; truncated gzip is EOFError
+        raise DatasetFormatError(f'{path}: cannot read the file ({e}). '
+                                 'Check that it is complete and, if named .gz, really gzipped.') from None
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f'{where}: not UTF-8 text ({e}). Re-save the file as UTF-8.') from None
+
+
+def _iter_jsonl(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
+    for number, raw in enumerate(data.split(b'\n'), start=1):
+        where = f'{path}, line {number}'
+        line = _decode(raw, where).strip()
+        if not line:  # blank lines (e.g. after the final newline) carry no row
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f'{where}: not valid JSON ({e.msg} at column {e.colno}). '
+                                     'Each line must hold one JSON object.') from None
+
+
+def _iter_json_array(path: Path, text: str) -> Iterator[Tuple[str, object]]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f'{path}, line {e.lineno}: not valid JSON ({e.msg}).') from None
+    for number, row in enumerate(rows, start=1):
+        yield f'{path}, row {number}', row
+
+
+def _iter_parquet(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetFormatError(f'{path}: not a readable parquet file ({e}).') from None
+    number = 0
+    for record_batch in parquet.iter_batches():
+        for row in record_batch.to_pylist():
+            number += 1
+            yield f'{path}, row {number}', row
+
+
+def read_rows(path) -> Iterator[Tuple[str, dict]]:
+    """Yield ``(where, row)`` for every row of one local data file.
+
+    ``where`` is a human-readable location ("file, line 3" / "file, row 3") for error
+    messages.  ``.json`` files may be a JSON array or, like SHP's hub files, JSON Lines.
+    """
+    path = Path(path)
+    suffix = _data_suffix(path)
+    if suffix is None:
+        raise ValueError(f'{path}: unsupported file type; use .jsonl, .json or .parquet (optionally .gz).')
+    data = _read_bytes(path)
+    if suffix == '.parquet':
+        rows = _iter_parquet(path, data)
+    elif suffix == '.json' and data.lstrip()[:1] == b'[':
+        rows = _iter_json_array(path, _decode(data, str(path)))
+    else:
+        rows = _iter_jsonl(path, data)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DatasetFormatError(f'{where}: expected a JSON object (one row), got {type(row).__name__}.')
+        yield where, row
+
+
+def _split_words(path: Path) -> List[str]:
+    """Words of a file name without its extensions: 'helpful-base-test.jsonl' -> [helpful, base, test]."""
+    stem = path.name.lower().split('.')[0]
+    return [w for w in re.split(r'[^a-z0-9]+', stem) if w]
+
+
+def resolve_data_files(path, split: str, match_split: bool = True) -> List[Path]:
+    """The local data files holding ``split``.
+
+    Args:
+        path: a data file, or a directory laid out like the hub repository. ``{split}``
+            in the path is replaced by the split name.
+        split: split name, e.g. 'train'.
+        match_split: in a directory, keep only files whose name contains the split as a
+            word. (StackExchange has a single split and derives its own test set.)
+    """
+    resolved = Path(str(path).replace('{split}', split)).expanduser()
+    if resolved.is_file():
+        return [resolved]
+    if not resolved.is_dir():
+        raise ValueError(f'data path {resolved} does not exist; pass an existing file or directory.')
+    files = sorted(f for f in resolved.rglob('*')
+                   if f.is_file() and _data_suffix(f) is not None
+                   and not any(part.startswith('.') for part in f.relative_to(resolved).parts)
+                   and (not match_split or split in _split_words(f)))
+    if not files:
+        wanted = f"whose name contains '{split}'" if match_split else ''
+        raise ValueError(f'no data files {wanted} under {resolved}; expected .jsonl/.json/.parquet '
+                         f'(optionally .gz) files laid out like the hub repository.')
+    return files
+
+
+def _load_hub(hub_name: str, split: str, cache_dir: Optional[str]):
+    """Load one split from the hub, turning network/config failures into one clear error."""
+    try:
+        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+    except Exception as e:  # many failure types (offline, bad split, auth); all need the same advice
+        raise RuntimeError(f"could not load '{hub_name}' split '{split}' from the Hugging Face hub "
+                           f'({type(e).__name__}: {e}). Offline? Pass a local copy with path=.') from e
+
+
+def _rows(hub_name: str, split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
+    """Rows of one split, from the hub (path None) or from local files."""
+    if path is None:
+        if not silent:
+            print(f'Loading {hub_name} ({split} split) from the Hugging Face hub...')
+        for number, row in enumerate(_load_hub(hub_name, split, cache_dir), start=1):
+            yield f'{hub_name} [{split}], row {number}', row
+        return
+    for file in resolve_data_files(path, split):
+        if not silent:
+            print(f'Reading {hub_name} ({split} split) from {file}')
+        yield from read_rows(file)
+
+
+# ---------------------------------------------------------------------------
+# Row validation and the prompt table shared by all loaders
+# ---------------------------------------------------------------------------
+
+def _field(row: dict, key: str, kind, where: str, what: str):
+    """row[key], checked to be of type ``kind``; ``what`` names the expected schema."""
+    if key not in row:
+        present = ', '.join(sorted(map(str, row))) or 'none'
+        raise DatasetFormatError(f"{where}: missing column '{key}' (columns present: {present}). {what}")
+    value = row[key]
+    # bool is an int subclass; a True score is almost certainly a schema mix-up
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)
+        raise DatasetFormatError(f"{where}: column '{key}' must be {expected}, "
+                                 f'got {type(value).__name__}. {what}')
+    return value
+
+
+class _PromptTable:
+    """Accumulates responses, pairs and SFT targets per prompt.
+
+    Responses are de-duplicated per prompt (SHP repeats a comment across many rows), and a
+    pair whose two sides are the same text is dropped: it carries no preference signal.
+    """
+
+    def __init__(self):
+        self._data: PromptData = {}
+        self._index: Dict[str, Dict[str, int]] = {}
+        self._sft_score: Dict[str, float] = {}
+
+    def _entry(self, prompt: str) -> dict:
+        if prompt not in self._data:
+            self._data[prompt] = {'responses': [], 'pairs': [], 'sft_target': None}
+            self._index[prompt] = {}
+        return self._data[prompt]
+
+    def response(self, prompt: str, text: str) -> int:
+        """Index of ``text`` among the prompt's responses, adding it if new."""
+        entry, index = self._entry(prompt), self._index.setdefault(prompt, {})
+        if text not in index:
+            index[text] = len(entry['responses'])
+            entry['responses'].append(text)
+        return index[text]
+
+    def add_pair(self, prompt: str, preferred: str, dispreferred: str) -> None:
+        i, j = self.response(prompt, preferred), self.response(prompt, dispreferred)
+        if i != j:
+            self._data[prompt]['pairs'].append((i, j))
+
+    def offer_sft(self, prompt: str, text: str, score: float = 0.0) -> None:
+        """Make ``text`` the SFT target unless one with an equal or higher score came first."""
+        self.response(prompt, text)
+        if prompt not in self._sft_score or score > self._sft_score[prompt]:
+            self._sft_score[prompt] = score
+            self._data[prompt]['sft_target'] = text
+
+    def finish(self) -> PromptData:
+        return self._data
+
+
+# ---------------------------------------------------------------------------
+# Anthropic HH
+# ---------------------------------------------------------------------------
+
+def split_hh_transcripts(chosen: str, rejected: str, where: str = 'row') -> Tuple[str, str, str]:
+    """Split an HH pair into (prompt, chosen_response, rejected_response).
+
+    The prompt is the longest common prefix of the two transcripts, cut back to the end of
+    the last complete '\\n\\nAssistant:' inside it.  Cutting each side at its own last
+    marker (as the DPO reference code does) breaks rows whose reply itself contains the
+    marker; the common prefix cannot.  By construction prompt + response reproduces each
+    transcript byte for byte.
+    """
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(ASSISTANT_MARKER, 0, n)
+    if cut < 0:
+        raise DatasetFormatError(f"{where}: chosen and rejected share no '\\n\\nAssistant:' turn, so the "
+                                 'prompt cannot be found. HH transcripts must read '
+                                 "'\\n\\nHuman: ...\\n\\nAssistant: reply'.")
+    end = cut + len(ASSISTANT_MARKER)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+_HH_SCHEMA = "HH rows need string columns 'chosen' and 'rejected' (whole transcripts)."
+
+
+def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
+           tokenizer=None) -> PromptData:
+    """Anthropic Helpful-Harmless (``Anthropic/hh-rlhf``).
+
+    Rows sharing a prompt are merged into one entry with several pairs; the SFT target is
+    the chosen response of the first such row.  Rows with chosen == rejected give no pair
+    (a pair (i, i) teaches nothing and has zero DPO gradient) but still contribute their
+    prompt and chosen reply for SFT.
+    """
+    table = _PromptTable()
+    for where, row in _rows('Anthropic/hh-rlhf', split, cache_dir, path, silent):
+        chosen = _field(row, 'chosen', str, where, _HH_SCHEMA)
+        rejected = _field(row, 'rejected', str, where, _HH_SCHEMA)
+        prompt, chosen_response, rejected_response = split_hh_transcripts(chosen, rejected, where)
+        table.offer_sft(prompt, chosen_response)
+        table.add_pair(prompt, chosen_response, rejected_response)
+    return table.finish()
+
+
+# ---------------------------------------------------------------------------
+# Stanford Human Preferences
+# ---------------------------------------------------------------------------
+
+_SHP_SCHEMA = ("SHP rows need 'history', 'human_ref_A', 'human_ref_B' (str), 'score_A', "
+               "'score_B' (int) and 'labels' (1 if A is preferred, 0 if B).")
+
+
+def _score_ratio(score_a: float, score_b: float) -> float:
+    """max/min of the two scores; SHP scores are >= 1, a non-positive one counts as unbounded."""
+    low, high = sorted((score_a, score_b))
+    return high / low if low > 0 else math.inf
+
+
+def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
+            tokenizer=None) -> PromptData:
+    """Stanford Human Preferences (``stanfordnlp/SHP``; splits train/validation/test).
+
+    Pairs whose score ratio is below 2 are dropped (recomputed from the scores, as the DPO
+    code does); a post all of whose pairs are dropped does not appear.  The SFT target is
+    the highest-scored response kept for the prompt.
+    """
+    table = _PromptTable()
+    for where, row in _rows('stanfordnlp/SHP', split, cache_dir, path, silent):
+        history = _field(row, 'history', str, where, _SHP_SCHEMA)
+        ref_a = _field(row, 'human_ref_A', str, where, _SHP_SCHEMA)
+        ref_b = _field(row, 'human_ref_B', str, where, _SHP_SCHEMA)
+        score_a = _field(row, 'score_A', (int, float), where, _SHP_SCHEMA)
+        score_b = _field(row, 'score_B', (int, float), where, _SHP_SCHEMA)
+        label = _field(row, 'labels', int, where, _SHP_SCHEMA)
+        if label not in (0, 1):
+            raise DatasetFormatError(f"{where}: column 'labels' must be 0 or 1, got {label}. {_SHP_SCHEMA}")
+        if _score_ratio(score_a, score_b) < SHP_MIN_SCORE_RATIO:
+            continue
+        prompt = HUMAN_MARKER + ' ' + history + ASSISTANT_MARKER
+        a, b = ' ' + ref_a, ' ' + ref_b
+        table.add_pair(prompt, *((a, b) if label == 1 else (b, a)))
+        table.offer_sft(prompt, a, score_a)
+        table.offer_sft(prompt, b, score_b)
+    return table.finish()
+
+
+# ---------------------------------------------------------------------------
+# StackExchange
+# ---------------------------------------------------------------------------
+
+class _HTMLToText(HTMLParser):
+    """Reduce StackExchange HTML to text: blocks separated by blank lines, <code> kept.
+
+    Code spans are kept as ``<code>...</code>`` (as the DPO code does, since they hold real
+    code); whitespace inside <pre> is preserved, elsewhere it is collapsed as a browser would.
+    """
+
+    BLOCKS = {'p', 'div', 'pre', 'blockquote', 'li', 'ul', 'ol', 'table', 'tr', 'hr',
+              'h1', 'h2', 'h3', 'h4', 'h5', 'h6'}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.blocks: List[str] = []
+        self.parts: List[str] = []
+        self.pre_depth = 0
+
+    def _flush(self):
+        text = ''.join(self.parts).strip()
+        self.parts = []
+        if text:
+            self.blocks.append(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == 'br':
+            self.parts.append('\n')
+            return
+        if tag in self.BLOCKS:
+            self._flush()
+        if tag == 'pre':
+            self.pre_depth += 1
+        elif tag == 'code':
+            self.parts.append('<code>')
+
+    def handle_endtag(self, tag):
+        if tag == 'code':
+            self.parts.append('</code>')
+        elif tag == 'pre':
+            self.pre_depth = max(0, self.pre_depth - 1)
+        if tag in self.BLOCKS:
+            self._flush()
+
+    def handle_data(self, data):
+        self.parts.append(data if self.pre_depth else re.sub(r'\s+', ' ', data))
+
+    def text(self) -> str:
+        self.close()
+        self._flush()
+        return '\n\n'.join(self.blocks)
+
+
+def html_to_text(html: str) -> str:
+    """Plain text of an HTML fragment, keeping ``<code>`` spans (no third-party parser)."""
+    parser = _HTMLToText()
+    parser.feed(html)
+    return parser.text()
+
+
+def se_split_indices(n_rows: int, split: str) -> np.ndarray:
+    """Row indices of the derived SE split, in the order the DPO code visits them.
+
+    The hub has only 'train'; the DPO code shuffles it with seed 42 and takes the first 1%
+    as 'test'.  ``datasets.Dataset.shuffle(seed=42)`` is the permutation of
+    ``np.random.default_rng(42)``, so this reproduces the same split without the hub.  A
+    tiny local copy still gets one test row (int(n * 1%) would be zero below 100 rows).
+    """
+    if split not in ('train', 'test'):
+        raise ValueError(f"StackExchange has splits 'train' and 'test' (derived), not '{split}'.")
+    n_test = max(int(n_rows * SE_TEST_FRACTION), 1 if n_rows > 1 else 0)
+    permutation = np.random.default_rng(SE_SPLIT_SEED).permutation(n_rows)
+    return permutation[:n_test] if split == 'test' else permutation[n_test:]
+
+
+_SE_SCHEMA = ("StackExchange rows need 'question' (HTML str) and 'answers' (a list of objects with "
+              "'text' (HTML str) and 'pm_score' (int)).")
+
+
+def _se_rows(split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
+    """SE rows of the derived split (hub 'train' shuffled with seed 42, 1% test)."""
+    hub_name = 'HuggingFaceH4/stack-exchange-preferences'
+    if path is not None and '{split}' in str(path):
+        yield from _rows(hub_name, split, cache_dir, path, silent)  # the files are already split
+        return
+    if path is None:
+        if not silent:
+            print(f'Loading {hub_name} (train split, {split} part) from the Hugging Face hub...')
+        dataset = _load_hub(hub_name, 'train', cache_dir)
+        keep = se_split_indices(len(dataset), split)
+        for index, row in zip(keep, dataset.select(keep)):
+            yield f'{hub_name} [train], row {int(index) + 1}', row
+        return
+    # a local copy is read whole; fine for samples, a full 10M-row copy needs a lot of memory
+    rows = [item for file in resolve_data_files(path, split, match_split=False) for item in read_rows(file)]
+    for index in se_split_indices(len(rows), split):
+        yield rows[index]
+
+
+def _se_answer(answer, where: str, number: int) -> Tuple[str, int]:
+    where = f'{where}, answer {number}'
+    if not isinstance(answer, dict):
+        raise DatasetFormatError(f'{where}: each answer must be an object, got {type(answer).__name__}. {_SE_SCHEMA}')
+    text = _field(answer, 'text', str, where, _SE_SCHEMA)
+    return ' ' + html_to_text(text), _field(answer, 'pm_score', int, where, _SE_SCHEMA)
+
+
+def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
+           tokenizer=None) -> PromptData:
+    """StackExchange preferences (``HuggingFaceH4/stack-exchange-preferences``).
+
+    Every two answers with different pm_score form a pair (higher preferred; ties carry no
+    preference and are skipped).  The SFT target is the highest-scored answer (first on
+    ties).  HTML is reduced to text with ``html_to_text``.
+    """
+    table = _PromptTable()
+    for where, row in _se_rows(split, cache_dir, path, silent):
+        question = _field(row, 'question', str, where, _SE_SCHEMA)
+        answers = _field(row, 'answers', list, where, _SE_SCHEMA)
+        prompt = HUMAN_MARKER + ' ' + html_to_text(question) + ASSISTANT_MARKER
+        scored = [_se_answer(a, where, k) for k, a in enumerate(answers, start=1)]
+        for text, score in scored:
+            table.offer_sft(prompt, text, score)
+        for i, (text_i, score_i) in enumerate(scored):
+            for text_j, score_j in scored[i + 1:]:
+                if score_i != score_j:
+                    table.add_pair(prompt, *((text_i, text_j) if score_i > score_j else (text_j, text_i)))
+    return table.finish()
+
+
+# ---------------------------------------------------------------------------
+# Synthetic dataset (embedded default: no downloads)
+# ---------------------------------------------------------------------------
+
+_SYNTHETIC_SEED = 20240601  # fixed: the dataset must not depend on the user's seed
+SYNTHETIC_SIZES = {'train': 6000, 'test': 400}
+_WORDS = ('cat', 'dog', 'sun', 'red', 'box', 'cup', 'map', 'pen', 'hat', 'bus',
+          'egg', 'fox', 'ice', 'jam', 'key', 'leg', 'mud', 'net', 'owl', 'pig')
+_LETTERS = 'abcdefghijklmnopqrstuvwxyz'
+
+
+def _swap_adjacent(items: List[str], rng: random.Random) -> List[str]:
+    """A copy with one random pair of neighbours exchanged (items are distinct)."""
+    k = rng.randrange(len(items) - 1)
+    out = list(items)
+    out[k], out[k + 1] = out[k + 1], out[k]
+    return out
+
+
+def _task_copy(rng: random.Random) -> Tuple[str, List[str], List[str]]:
+    words = rng.sample(_WORDS, rng.randint(3, 5))
+    if rng.random() < 0.5:
+        wrong = list(words)
+        del wrong[rng.randrange(len(words))]  # a dropped item
+    else:
+        wrong = _swap_adjacent(words, rng)
+    return 'Repeat the words: ' + ' '.join(words), words, wrong
+
+
+def _task_reverse(rng: random.Random) -> Tuple[str, List[str], List[str]]:
+    letters = rng.sample(_LETTERS, rng.randint(3, 6))
+    right = letters[::-1]
+    wrong = list(letters) if rng.random() < 0.5 else _swap_adjacent(right, rng)
+    return 'Reverse the letters: ' + ' '.join(letters), right, wrong
+
+
+def _task_sort(rng: random.Random) -> Tuple[str, List[str], List[str]]:
+    digits = rng.sample('0123456789', rng.randint(3, 5))
+    right = sorted(digits)
+    wrong = _swap_adjacent(right, rng) if rng.random() < 0.5 or digits == right else list(digits)
+    return 'Sort the digits: ' + ' '.join(digits), right, wrong
+
+
+def _task_add(rng: random.Random) -> Tuple[str, List[str], List[str]]:
+    a, b = rng.randrange(10), rng.randrange(10)
+    total = a + b
+    wrong = total + 1 if total == 0 or rng.random() < 0.5 else total - 1  # off by one
+    return f'What is {a} + {b}?', [str(total)], [str(wrong)]
+
+
+# addition has only 100 distinct prompts, so it is drawn less often than the open-ended tasks
+_SYNTHETIC_TASKS = ((_task_copy, 3), (_task_reverse, 3), (_task_sort, 3), (_task_add, 1))
+
+
+def _synthetic_examples() -> Dict[str, List[Tuple[str, str, str]]]:
+    """Deterministic (prompt, right, wrong) triples per split; test prompts are held out."""
+    rng = random.Random(_SYNTHETIC_SEED)
+    tasks, weights = zip(*_SYNTHETIC_TASKS)
+    wanted = sum(SYNTHETIC_SIZES.values())
+    examples, seen = [], set()
+    while len(examples) < wanted:
+        question, right, wrong = rng.choices(tasks, weights)[0](rng)
+        prompt = f'{HUMAN_MARKER} {question}{ASSISTANT_MARKER}'
+        if prompt not in seen:  # unique prompts, so a test prompt can never occur in train
+            seen.add(prompt)
+            examples.append((prompt, ' ' + ' '.join(right), ' ' + ' '.join(wrong)))
+    n_test = SYNTHETIC_SIZES['test']
+    return {'test': examples[:n_test], 'train': examples[n_test:]}
+
+
+_SYNTHETIC_CACHE: Dict[str, List[Tuple[str, str, str]]] = {}
+
+
+def _synthetic_split(split: str) -> List[Tuple[str, str, str]]:
+    if not _SYNTHETIC_CACHE:
+        _SYNTHETIC_CACHE.update(_synthetic_examples())
+    if split not in _SYNTHETIC_CACHE:
+        raise ValueError(f"the synthetic dataset has splits 'train' and 'test', not '{split}'.")
+    return _SYNTHETIC_CACHE[split]
+
+
+def get_synthetic(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
+                  tokenizer=None) -> PromptData:
+    """Synthetic preference data generated in code (no downloads, same on every machine).
+
+    Four short tasks whose right answer is a simple function of the prompt: repeat 3-5
+    words, reverse 3-6 letters, sort 3-5 distinct digits, add two single digits.  The
+    rejected answer is a plausible mistake: a dropped word, two neighbours swapped, the
+    unreversed/unsorted input, or a sum off by one.  One pair per prompt; the SFT target
+    is the right answer.  Train has 6000 prompts, test 400 prompts that never occur in
+    train.  The generator seed is fixed, independent of any training seed.
+    """
+    if path is not None:
+        raise ValueError("the synthetic dataset is generated in code and takes no path; "
+                         "remove the path for 'synthetic'.")
+    table = _PromptTable()
+    for prompt, right, wrong in _synthetic_split(split):
+        table.offer_sft(prompt, right)
+        table.add_pair(prompt, right, wrong)
+    return table.finish()
+
+
+def synthetic_corpus() -> List[str]:
+    """Every prompt+response text (right and wrong answers) of both synthetic splits.
+
+    Used to train the embedded byte-level BPE tokenizer.
+    """
+    return [prompt + response
+            for split in ('train', 'test')
+            for prompt, right, wrong in _synthetic_split(split)
+            for response in (right, wrong)]
+
+
+# ---------------------------------------------------------------------------
+# The user's own data: TRL preference format
+# ---------------------------------------------------------------------------
+
+_TRL_SCHEMA = ("Preference files need columns 'chosen' and 'rejected' and optionally 'prompt': "
+               "all strings, or all lists of {'role', 'content'} messages.")
+
+
+def _messages(value, column: str, where: str) -> List[dict]:
+    """Check a conversational column: a non-empty list of {role: str, content: str}."""
+    if not value:
+        raise DatasetFormatError(f"{where}: column '{column}' is an empty message list. {_TRL_SCHEMA}")
+    for k, message in enumerate(value, start=1):
+        ok = (isinstance(message, dict) and isinstance(message.get('role'), str)
+              and isinstance(message.get('content'), str))
+        if not ok:
+            raise DatasetFormatError(f"{where}: column '{column}', message {k} must be an object with "
+                                     f"string 'role' and 'content', got {message!r:.80}. {_TRL_SCHEMA}")
+    return value
+
+
+def _split_implicit_text(chosen: str, rejected: str) -> Tuple[str, str, str]:
+    """Prompt = common prefix, for rows without a prompt column.
+
+    HH-style transcripts are split after the last shared '\\n\\nAssistant:'; other text is
+    cut back to the last shared whitespace, so responses start with it and no word is split.
+    """
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if chosen.rfind(ASSISTANT_MARKER, 0, n) >= 0:
+        return split_hh_transcripts(chosen, rejected)
+    cut = max((chosen.rfind(space, 0, n) for space in (' ', '\n', '\t')), default=-1)
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: str) -> Tuple[str, str]:
+    """Render (prompt text, completion text) with the tokenizer's chat template.
+
+    The prompt is rendered with the generation prompt; the completion is the rendering of
+    the whole conversation minus that prefix.
+    """
+    if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
+        raise DatasetFormatError(f'{where}: conversational rows are rendered with a chat template; pass '
+                                 'tokenizer= a tokenizer whose chat_template is set.')
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    except Exception as e:  # jinja templates raise arbitrary errors (e.g. on role order)
+        raise DatasetFormatError(f'{where}: the chat template failed on this row ({type(e).__name__}: {e}).') from None
+    if not full_text.startswith(prompt_text):
+        raise DatasetFormatError(f'{where}: the chat template does not render the prompt (with generation '
+                                 'prompt) as a prefix of the whole conversation, so the completion cannot be '
+                                 'separated; use text columns instead.')
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _strip_shared_prompt(prompt: List[dict], completion: List[dict]) -> List[dict]:
+    """Drop the prompt messages when a completion repeats the whole conversation."""
+    if len(completion) > len(prompt) and completion[:len(prompt)] == prompt:
+        return completion[len(prompt):]
+    return completion
+
+
+def _conversational_triple(prompt, chosen, rejected, where, tokenizer) -> Tuple[str, str, str]:
+    chosen, rejected = _messages(chosen, 'chosen', where), _messages(rejected, 'rejected', where)
+    if prompt is None:  # implicit prompt: the shared leading messages
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise DatasetFormatError(f"{where}: without a 'prompt' column, chosen and rejected must share "
+                                     f'their leading (prompt) messages. {_TRL_SCHEMA}')
+        prompt = chosen[:shared]
+    else:
+        prompt = _messages(prompt, 'prompt', where)
+    chosen, rejected = _strip_shared_prompt(prompt, chosen), _strip_shared_prompt(prompt, rejected)
+    prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen, where)
+    _, rejected_text = _render_chat(tokenizer, prompt, rejected, where)
+    return prompt_text, chosen_text, rejected_text
+
+
+def preference_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) as text for one TRL-format row."""
+    chosen = _field(row, 'chosen', (str, list), where, _TRL_SCHEMA)
+    rejected = _field(row, 'rejected', (str, list), where, _TRL_SCHEMA)
+    # parquet/JSON tables with some implicit-prompt rows hold a null prompt there
+    prompt = _field(row, 'prompt', (str, list), where, _TRL_SCHEMA) if row.get('prompt') is not None else None
+    kinds = {type(v) for v in (prompt, chosen, rejected) if v is not None}
+    if len(kinds) > 1:
+        raise DatasetFormatError(f"{where}: mixes text and message lists across 'prompt', 'chosen' and "
+                                 f"'rejected'. {_TRL_SCHEMA}")
+    if isinstance(chosen, list):
+        return _conversational_triple(prompt, chosen, rejected, where, tokenizer)
+    if prompt is None:
+        return _split_implicit_text(chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
+                        tokenizer=None) -> PromptData:
+    """The user's preference data in TRL's format, from local file(s) at ``path``.
+
+    Formats (per row): standard (``prompt``, ``chosen``, ``rejected`` text; responses are
+    used as written, so include any separating space), implicit prompt (``chosen`` and
+    ``rejected`` only; the prompt is their common prefix) and conversational (lists of
+    ``{role, content}`` messages rendered with ``tokenizer.apply_chat_template``; chosen and
+    rejected may also repeat the prompt messages).  Rows sharing a prompt are merged; the
+    SFT target is the first row's chosen response.  ``{split}`` in ``path`` selects per-split
+    files, otherwise every split reads the same file.
+    """
+    if path is None:
+        raise ValueError('get_preference_file needs path= pointing at a .jsonl/.json/.parquet file.')
+    table = _PromptTable()
+    for file in resolve_data_files(path, split, match_split=False):
+        if not silent:
+            print(f'Reading preference data ({split} split) from {file}')
+        for where, row in read_rows(file):
+            prompt, chosen, rejected = preference_row_to_text(row, where, tokenizer)
+            table.offer_sft(prompt, chosen)
+            table.add_pair(prompt, chosen, rejected)
+    return table.finish()
+
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+
+DATASETS: Dict[str, Callable[..., PromptData]] = {
+    'hh': get_hh,
+    'shp': get_shp,
+    'se': get_se,
+    'synthetic': get_synthetic,
+}
+
+# how to shorten an over-long prompt; HH conversations keep their latest turns
+TRUNCATION_MODES = {'hh': 'keep_end'}
+
+
+def truncation_mode_for(name: str) -> str:
+    return TRUNCATION_MODES.get(name, 'keep_start')
+
+
+def _is_data_file_name(name: str, split: str) -> bool:
+    return _data_suffix(Path(name.replace('{split}', split))) is not None
+
+
+def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None,
+                path=None, tokenizer=None) -> PromptData:
+    """Load one split of a dataset as {prompt: {'responses', 'pairs', 'sft_target'}}.
+
+    Args:
+        name: a key of ``DATASETS`` or the path of a TRL-format preference file.
+        split: split name ('train', 'test', ...).
+        silent: suppress progress messages.
+        cache_dir: cache directory for hub downloads.
+        path: local copy of a named dataset (file or hub-like directory); None = the hub.
+            With an unregistered name, the TRL-format file to read.
+        tokenizer: needed only to render conversational (chat) rows.
+    """
+    if name in DATASETS:
+        loader = DATASETS[name]
+    elif path is not None or _is_data_file_name(name, split):
+        loader, path = get_preference_file, (path if path is not None else name)
+    else:
+        raise ValueError(f"unknown dataset '{name}'; known names: {', '.join(sorted(DATASETS))}. "
+                         'A path to a local .jsonl/.json/.parquet preference file is accepted too.')
+    data = loader(split, silent=silent, cache_dir=cache_dir, path=path, tokenizer=tokenizer)
+    if not data:
+        raise ValueError(f"dataset '{name}' split '{split}' has no usable prompts; check the split name "
+                         'and the data files.')
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Tokenisation
+# ---------------------------------------------------------------------------
+
+def _check_lengths(truncation_mode: str, max_length: int, max_prompt_length: int) -> None:
+    if truncation_mode not in ('keep_start', 'keep_end'):
+        raise ValueError(f"unknown truncation_mode '{truncation_mode}'; use 'keep_start' or 'keep_end'.")
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f'need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, '
+                         f'max_length={max_length}; otherwise no room is left for the response.')
+
+
+def _token_ids(tokenizer, texts: List[str]) -> List[List[int]]:
+    """Token ids of each text, without BOS/EOS (the DPO code adds only EOS, itself)."""
+    return tokenizer(texts, add_special_tokens=False)['input_ids']
+
+
+def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], chosen_ids: List[int],
+              rejected_ids: List[int], eos_token_id: int, truncation_mode: str, max_length: int,
+              max_prompt_length: int) -> Dict:
+    """Truncate and label one tokenised (prompt, chosen, rejected) triple."""
+    # a chat template may already end the turn with EOS; a second one would be trained on
+    chosen_ids = chosen_ids if chosen_ids[-1:] == [eos_token_id] else chosen_ids + [eos_token_id]
+    rejected_ids = rejected_ids if rejected_ids[-1:] == [eos_token_id] else rejected_ids + [eos_token_id]
+    longer = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longer > max_length:
+        prompt_ids = (prompt_ids[:max_prompt_length] if truncation_mode == 'keep_start'
+                      else prompt_ids[-max_prompt_length:])
+    if len(prompt_ids) + longer > max_length:
+        chosen_ids = chosen_ids[:max_length - max_prompt_length]
+        rejected_ids = rejected_ids[:max_length - max_prompt_length]
+    element = {'prompt': prompt, 'chosen': prompt + chosen, 'rejected': prompt + rejected,
+               'chosen_response_only': chosen, 'rejected_response_only': rejected}
+    for side, response_ids in (('chosen', chosen_ids), ('rejected', rejected_ids)):
+        ids = prompt_ids + response_ids
+        element[f'{side}_input_ids'] = ids
+        element[f'{side}_attention_mask'] = [1] * len(ids)
+        element[f'{side}_labels'] = [-100] * len(prompt_ids) + response_ids  # loss on the response only
+    element['prompt_input_ids'] = prompt_ids
+    element['prompt_attention_mask'] = [1] * len(prompt_ids)
+    return element
+
+
+def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_mode: str, tokenizer,
+                           max_length: int, max_prompt_length: int) -> Dict:
+    """Tokenise one (prompt, chosen response, rejected response) triple.
+
+    Prompt and responses are tokenised separately without special tokens, and EOS is
+    appended to each response.  If prompt + the longer response exceeds ``max_length`` the
+    prompt is cut to ``max_prompt_length`` tokens (keeping its end for 'keep_end', its
+    start for 'keep_start'); if that is still too long, both responses are cut to
+    ``max_length - max_prompt_length`` tokens.
+
+    Returns:
+        dict with ``{chosen,rejected}_{input_ids,attention_mask,labels}`` (prompt + response;
+        labels are the ids with prompt positions set to -100), ``prompt_input_ids``,
+        ``prompt_attention_mask`` (lists of ints) and the texts ``prompt``, ``chosen``,
+        ``rejected`` (prompt + response), ``chosen_response_only``, ``rejected_response_only``.
+    """
+    _check_lengths(truncation_mode, max_length, max_prompt_length)
+    prompt_ids, chosen_ids, rejected_ids = _token_ids(tokenizer, [prompt, chosen, rejected])
+    return _assemble(prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids,
+                     _eos_id(tokenizer), truncation_mode, max_length, max_prompt_length)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError('the tokenizer has no EOS token; set tokenizer.eos_token (responses end with it).')
+    return tokenizer.eos_token_id
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is None:
+        raise ValueError('the tokenizer has no pad token; set one, e.g. tokenizer.pad_token = '
+                         'tokenizer.eos_token (padding is masked out of the loss either way).')
+    return tokenizer.pad_token_id
+
+
+def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, max_length: int,
+                      max_prompt_length: int) -> Dict[str, list]:
+    """``datasets.map`` function (batched): tokenise the flattened pairs column-wise."""
+    texts = [batch['prompt'], batch['chosen_response'], batch['rejected_response']]
+    ids = [_token_ids(tokenizer, column) for column in texts]
+    eos = _eos_id(tokenizer)
+    out: Dict[str, list] = {}
+    for row in zip(*texts, *ids):
+        element = _assemble(*row, eos, truncation_mode, max_length, max_prompt_length)
+        element['length'] = len(element['chosen_input_ids']) + len(element['rejected_input_ids'])
+        for key, value in element.items():
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """Stable description of a tokenizer for cache keys (vocabulary, merges, special tokens)."""
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is not None:
+        description = backend.to_str()
+    else:
+        from datasets.fingerprint import Hasher
+        description = Hasher.hash(tokenizer)
+    extra = f'{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{getattr(tokenizer, "padding_side", "")}'
+    return hashlib.sha256((description + extra).encode('utf-8')).hexdigest()
+
+
+def _cache_key(columns: Dict[str, List[str]], tokenizer, truncation_mode: str, max_length: int,
+               max_prompt_length: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(f'v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|'.encode())
+    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    for name in sorted(columns):
+        for text in columns[name]:
+            encoded = text.encode('utf-8')
+            digest.update(len(encoded).to_bytes(8, 'little'))  # length prefix: no ambiguous joins
+            digest.update(encoded)
+    return digest.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """Temporarily silence datasets' progress bars, restoring the caller's setting after."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _default_cache_dir() -> str:
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / 'preference_tokenized')
+
+
+def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: str, max_length: int,
+                     max_prompt_length: int, cache_dir: Optional[str] = None,
+                     silent: bool = False) -> datasets.Dataset:
+    """Tokenise flattened (prompt, chosen_response, rejected_response) columns, once.
+
+    The result is written to an Arrow file under ``cache_dir/tokenized/`` named by a hash of
+    the texts, the tokenizer and the length settings, so later runs memory-map it instead
+    of tokenising again.  A file lock keeps concurrent ranks from writing it twice.
+    """
+    key = _cache_key(columns, tokenizer, truncation_mode, max_length, max_prompt_length)
+    directory = Path(cache_dir or _default_cache_dir()) / 'tokenized'
+    directory.mkdir(parents=True, exist_ok=True)
+    cache_file = directory / f'{key}.arrow'
+    with FileLock(str(cache_file) + '.lock'), _progress_bars(not silent):
+        if cache_file.exists():
+            return datasets.Dataset.from_file(str(cache_file))
+        flat = datasets.Dataset.from_dict(columns)
+        return flat.map(_tokenize_columns, batched=True, batch_size=1000, remove_columns=flat.column_names,
+                        fn_kwargs=dict(tokenizer=tokenizer, truncation_mode=truncation_mode,
+                                       max_length=max_length, max_prompt_length=max_prompt_length),
+                        cache_file_name=str(cache_file), new_fingerprint=key, desc='Tokenising')
+
+
+# ---------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------
+
+def _pad_value(key: str, pad_token_id: int) -> int:
+    if key.endswith('_input_ids'):
+        return pad_token_id
+    if key.endswith('_labels'):
+        return -100  # ignored by the log-prob gather
+    return 0  # attention masks
+
+
+def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
+    """Stack elements into a batch: token lists become right-padded LongTensors.
+
+    Each key is padded to its own longest sequence, so chosen and rejected (run as two
+    forward passes) are not padded to the longer of the two.  Text fields stay lists.
+    """
+    batch = {}
+    for key in elements[0]:
+        values = [element[key] for element in elements]
+        if key.endswith(('_input_ids', '_attention_mask', '_labels')):
+            batch[key] = pad_sequence([torch.tensor(v, dtype=torch.long) for v in values],
+                                      batch_first=True, padding_value=_pad_value(key, pad_token_id))
+        else:
+            batch[key] = values
+    return batch
+
+
+def get_collate_fn(tokenizer) -> Callable[[Sequence[Dict]], Dict]:
+    """``collate`` bound to the tokenizer's pad id (raises if the tokenizer has none)."""
+    pad_token_id = _pad_id(tokenizer)
+    return lambda elements: collate(elements, pad_token_id)
+
+
+def _flatten(data: PromptData, sft_mode: bool) -> Tuple[Dict[str, List[str]], List[int]]:
+    """One row per training element, and how many consecutive rows each prompt owns.
+
+    DPO mode: one row per pair.  SFT mode: one row per prompt whose chosen and rejected are
+    both the SFT target (the keys stay present; only chosen_* is meaningful).
+    """
+    columns = {'prompt': [], 'chosen_response': [], 'rejected_response': []}
+    group_sizes = []
+    for prompt, entry in data.items():
+        responses = entry['responses']
+        pairs = ([(entry['sft_target'],) * 2] if sft_mode
+                 else [(responses[i], responses[j]) for i, j in entry['pairs']])
+        for chosen, rejected in pairs:
+            columns['prompt'].append(prompt)
+            columns['chosen_response'].append(chosen)
+            columns['rejected_response'].append(rejected)
+        if pairs:
+            group_sizes.append(len(pairs))
+    return columns, group_sizes
+
+
+def _epoch_batches(epoch: int, group_sizes: np.ndarray, lengths: np.ndarray, batch_size: int,
+                   shuffle: bool, seed: int, group_by_length: bool) -> np.ndarray:
+    """Element indices of every full batch of one epoch, shape (n_batches, batch_size).
+
+    Prompts are shuffled as units (a prompt's pairs stay adjacent, as in the DPO code), with
+    a generator seeded by (seed, epoch): any epoch can be rebuilt without replaying earlier
+    ones, which makes resuming exact.  The trailing partial batch is dropped, as in the DPO
+    code, so every batch has the same size.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.concatenate([[0], np.cumsum(group_sizes)[:-1]])
+    order = rng.permutation(len(group_sizes)) if shuffle else np.arange(len(group_sizes))
+    sizes = group_sizes[order]
+    # element indices of the groups in `order`: each group's start plus 0..size-1
+    offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    elements = np.repeat(starts[order], sizes) + offsets
+    if group_by_length:
+        chunk = GROUP_BY_LENGTH_CHUNK * batch_size
+        elements = np.concatenate([
+            part[np.argsort(-lengths[part], kind='stable')]
+            for part in np.array_split(elements, range(chunk, len(elements), chunk))])
+    n_batches = len(elements) // batch_size
+    batches = elements[:n_batches * batch_size].reshape(n_batches, batch_size)
+    if group_by_length and shuffle:  # similar lengths within a batch, batches in random order
+        batches = batches[rng.permutation(n_batches)]
+    return batches
+
+
+def _batch_schedule(group_sizes: np.ndarray, lengths: np.ndarray, batch_size: int, shuffle: bool,
+                    seed: int, group_by_length: bool, n_epochs: Optional[int],
+                    n_examples: Optional[int]) -> Iterator[np.ndarray]:
+    """Element indices of each batch, across epochs, until n_epochs or n_examples is reached.
+
+    With n_examples the DPO code stops after the batch that reaches it, i.e. after
+    ceil(n_examples / batch_size) batches.
+    """
+    max_batches = math.ceil(n_examples / batch_size) if n_examples is not None else None
+    produced, epoch = 0, 0
+    while n_epochs is None or epoch < n_epochs:
+        for batch in _epoch_batches(epoch, group_sizes, lengths, batch_size, shuffle, seed, group_by_length):
+            if max_batches is not None and produced >= max_batches:
+                return
+            produced += 1
+            yield batch
+        epoch += 1
+
+
+def _check_iterator_args(batch_size, n_epochs, n_examples, skip_batches) -> None:
+    if (n_epochs is None) == (n_examples is None):
+        raise ValueError(f'set exactly one of n_epochs and n_examples (got n_epochs={n_epochs}, '
+                         f'n_examples={n_examples}).')
+    for label, value in (('batch_size', batch_size), ('n_epochs', n_epochs), ('n_examples', n_examples)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f'{label} must be a positive integer, got {value!r}.')
+    if not isinstance(skip_batches, int) or skip_batches < 0:
+        raise ValueError(f'skip_batches must be a non-negative integer, got {skip_batches!r}.')
+
+
+def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_length, silent,
+                    cache_dir, paths) -> Tuple[datasets.Dataset, np.ndarray]:
+    """Tokenised elements of all named datasets, and the element count of each prompt."""
+    parts, group_sizes = [], []
+    for name in names:
+        data = get_dataset(name, split, silent=silent, cache_dir=cache_dir,
+                           path=(paths or {}).get(name), tokenizer=tokenizer)
+        columns, sizes = _flatten(data, sft_mode)
+        if not sizes:
+            raise ValueError(f"dataset '{name}' split '{split}' has no preference pairs to train on.")
+        parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
+                                      max_prompt_length, cache_dir=cache_dir, silent=silent))
+        group_sizes.extend(sizes)
+    tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return tokenized, np.asarray(group_sizes, dtype=np.int64)
+
+
+def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,
+                       shuffle: bool = True, max_length: int = 512, max_prompt_length: int = 128,
+                       sft_mode: bool = False, n_epochs: Optional[int] = None,
+                       n_examples: Optional[int] = None, seed: int = 0, silent: bool = False,
+                       cache_dir: Optional[str] = None, paths: Optional[Dict[str, str]] = None,
+                       group_by_length: bool = False, skip_batches: int = 0) -> Iterator[Dict]:
+    """Iterator over padded batches of the named datasets.
+
+    Data is loaded and tokenised (or read from the tokenisation cache) when this is called,
+    so configuration errors surface immediately; batches are produced lazily.
+
+    Args:
+        names: dataset names (keys of ``DATASETS``) or paths of TRL-format preference files.
+        tokenizer: Hugging Face tokenizer with EOS and pad tokens.
+        split: split to read.
+        batch_size: elements per batch; a trailing partial batch of each epoch is dropped.
+        shuffle: shuffle prompts each epoch (seeded by ``seed`` and the epoch number).
+        max_length: max tokens of prompt + response.
+        max_prompt_length: prompt length after truncation of over-long elements.
+        sft_mode: one element per prompt with the SFT target (in chosen_* and rejected_*).
+        n_epochs: stop after this many epochs. Exactly one of n_epochs/n_examples is set.
+        n_examples: stop after the batch reaching this many elements.
+        seed: seed of the data order; same seed, same order.
+        silent: no progress messages.
+        cache_dir: hub download cache and tokenisation cache directory.
+        paths: dataset name -> local file/directory (missing or None: the hub).
+        group_by_length: batch elements of similar length (sorted within seeded chunks of
+            ~50 batches, batch order then shuffled).
+        skip_batches: skip the first k batches (cheaply, without collating), for exact resume.
+
+    Yields:
+        dict of right-padded LongTensors ``{chosen,rejected}_{input_ids,attention_mask,labels}``
+        of shape (batch, own max length), ``prompt_{input_ids,attention_mask}``, and lists of
+        strings ``prompt``, ``chosen``, ``rejected``, ``chosen_response_only``,
+        ``rejected_response_only``.
+    """
+    _check_iterator_args(batch_size, n_epochs, n_examples, skip_batches)
+    _check_lengths('keep_start', max_length, max_prompt_length)
+    pad_token_id, _ = _pad_id(tokenizer), _eos_id(tokenizer)
+    tokenized, group_sizes = _load_tokenized(names, tokenizer, split, sft_mode, max_length,
+                                             max_prompt_length, silent, cache_dir, paths)
+    if len(tokenized) < batch_size:
+        raise ValueError(f'split {split!r} of {names} has {len(tokenized)} elements, fewer than '
+                         f'batch_size={batch_size}, so no full batch can be formed; lower batch_size.')
+    lengths = np.asarray(tokenized.data.column('length'))
+    schedule = _batch_schedule(group_sizes, lengths, batch_size, shuffle, seed, group_by_length,
+                               n_epochs, n_examples)
+    columns = [c for c in tokenized.column_names if c != 'length']
+    return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id)
+
+
+def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_batches: int,
+              pad_token_id: int) -> Iterator[Dict]:
+    for _ in range(skip_batches):  # index arrays only: skipping costs no tokenising or padding
+        if next(schedule, None) is None:
+            return
+    for indices in schedule:
+        rows = tokenized[indices.tolist()]
+        keys = list(rows)
+        yield collate([dict(zip(keys, values)) for values in zip(*rows.values())], pad_token_id)

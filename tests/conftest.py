@@ -1,0 +1,60 @@
+"""Shared fixtures: compose configs with Hydra's compose API and run train.py in or out of process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+# Small, fast settings for the embedded model; each test adds its own overrides.
+FAST = ["n_examples=64", "batch_size=8", "eval_batch_size=16", "n_eval_examples=32",
+        "eval_every=32", "sample_during_eval=false", "wandb.enabled=false",
+        "minimum_log_interval_secs=0", "warmup_steps=2"]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    import train  # registers the resolver
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_in_process(overrides):
+    """Compose and run train.run(); returns the run directory."""
+    import train
+    config = compose(overrides)
+    train.run(config)
+    return Path(config.local_run_dir)
+
+
+def run_subprocess(args, timeout=600, env=None):
+    """`python -u train.py ARGS` in the repository root; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-u", "train.py", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Keep the embedded tokenizer and dataset caches out of the user's home during tests."""
+    cache = os.environ.get("DPO_TEST_CACHE") or str(tmp_path_factory.mktemp("xdg-cache"))
+    os.environ["XDG_CACHE_HOME"] = cache
+    os.environ["HF_DATASETS_CACHE"] = str(Path(cache) / "hf-datasets")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    import utils
+    return utils.build_tokenizer("embedded")
