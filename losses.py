@@ -393,53 +393,94 @@ def _accumulate_linear_grads(d: torch.Tensor, rows: torch.Tensor, weight: torch.
                              grad_b: Optional[torch.Tensor]) -> None:
     """Backprop d (R, V') = dL/dlogits through logits = rows @ weight.T + bias, into the given buffers."""
     d_in = d.to(weight.dtype)
+    # addmm_ accumulates inside the GEMM: no (R, H) / (V, H) temporary and no extra pass over it
     if grad_rows is not None:
-        grad_rows.add_((d_in @ weight).to(grad_rows.dtype))
+        if grad_rows.dtype == d_in.dtype:
+            grad_rows.addmm_(d_in, weight)
+        else:
+            grad_rows.add_((d_in @ weight).to(grad_rows.dtype))
     if grad_w is not None:
-        grad_w.add_((d_in.t() @ rows).to(grad_w.dtype))
+        if grad_w.dtype == d_in.dtype:
+            grad_w.addmm_(d_in.t(), rows)
+        else:
+            grad_w.add_((d_in.t() @ rows).to(grad_w.dtype))
     if grad_b is not None:
         grad_b.add_(d.sum(0).to(grad_b.dtype))
 
 
-class _TokenLogpFunction(torch.autograd.Function):
-    """Per-row log softmax(rows @ W.T + b)[target], chunked over rows.
+# On CPU, blocks of at most this many logits (16 MiB in float32) are served from the allocator's
+# free lists; larger ones are fresh mmaps whose page faults cost as much as the arithmetic on them.
+CPU_BLOCK_ELEMENTS = 1 << 22
 
-    Saves only the inputs and one logsumexp per row; backward recomputes the chunk's logits.
+
+def _blocks(n: int, vocab: int, chunk_size: int, device: torch.device):
+    """Row ranges the output layer is computed in: chunk_size rows, on CPU also at most
+    CPU_BLOCK_ELEMENTS logits."""
+    rows = chunk_size
+    if device.type == 'cpu':
+        rows = max(1, min(rows, CPU_BLOCK_ELEMENTS // vocab))
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _in_place(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """fn(x, -1) written over x (no new (rows, V) allocation) where the kernel accepts it."""
+    try:
+        return fn(x, -1, out=x)
+    except RuntimeError:
+        return fn(x, -1)
+
+
+def _target_logps(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  targets: torch.Tensor, chunk_size: int, keep_rows: int):
+    """(per-row log-probs of the targets, {block start: log-softmax} of the blocks within the
+    first keep_rows rows), computed block by block."""
+    cdt = _compute_dtype(rows, weight, bias)
+    n = rows.shape[0]
+    logps = torch.empty(n, dtype=cdt, device=rows.device)
+    kept = {}
+    for s, e in _blocks(n, weight.shape[0], chunk_size, rows.device):
+        # one fused pass per row (max, sum, write) instead of logsumexp's separate passes
+        log_probs = _in_place(torch.log_softmax, _chunk_logits(rows[s:e], weight, bias, cdt))
+        logps[s:e] = log_probs.gather(1, targets[s:e, None]).squeeze(1)
+        if e <= keep_rows:
+            kept[s] = log_probs
+        del log_probs
+    return logps, kept
+
+
+class _TokenLogpFunction(torch.autograd.Function):
+    """Per-row log softmax(rows @ W.T + b)[target], in blocks of rows.
+
+    Keeps the log-softmax of the first chunk_size rows (all of them when they fit) for
+    backward, which recomputes the logits of the rest only; with everything kept the output
+    layer costs three matrix products instead of four.
     """
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk_size):
-        cdt = _compute_dtype(rows, weight, bias)
-        n = rows.shape[0]
-        logps = torch.empty(n, dtype=cdt, device=rows.device)
-        lse = torch.empty(n, dtype=cdt, device=rows.device)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            logits = _chunk_logits(rows[s:e], weight, bias, cdt)
-            lse[s:e] = torch.logsumexp(logits, -1)
-            logps[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
-            del logits
-        ctx.save_for_backward(rows, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
+        logps, ctx.kept = _target_logps(rows, weight, bias, targets, chunk_size, keep_rows=chunk_size)
+        ctx.save_for_backward(rows, weight, bias, targets)
+        ctx.chunk_size, ctx.cdt = chunk_size, logps.dtype
         return logps
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logps):
-        rows, weight, bias, targets, lse = ctx.saved_tensors
+        rows, weight, bias, targets = ctx.saved_tensors
         need_rows, need_w, need_b = ctx.needs_input_grad[:3]
-        cdt = lse.dtype
+        cdt = ctx.cdt
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
-        n, cs = rows.shape[0], ctx.chunk_size
-        for s in range(0, n, cs):
-            e = min(s + cs, n)
+        kept, ctx.kept = ctx.kept, {}  # consumed in place; a second backward recomputes
+        for s, e in _blocks(rows.shape[0], weight.shape[0], ctx.chunk_size, rows.device):
             g = grad_logps[s:e].to(cdt)
-            logits = _chunk_logits(rows[s:e], weight, bias, cdt)
+            d = kept.pop(s, None)
+            if d is not None:
+                d = d.exp_()
+            else:
+                d = _in_place(torch.softmax, _chunk_logits(rows[s:e], weight, bias, cdt))
             # d logp[target] / d logits = onehot(target) - softmax
-            d = torch.exp(logits - lse[s:e, None])
-            del logits
             d.mul_(-g[:, None])
             d.scatter_add_(1, targets[s:e, None], g[:, None])
             sub_rows = grad_rows[s:e] if grad_rows is not None else None
@@ -594,9 +635,11 @@ def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.L
                      chunk_size: int = 1024) -> torch.Tensor:
     """`get_batch_logps(hidden @ weight.T + bias, labels)` without materialising the logits.
 
-    Only positions whose shifted label is not -100 are processed, `chunk_size`
-    rows at a time, so at most a (chunk_size, V) logits block exists at once
-    (twice that in backward). Gradients flow to hidden, weight and bias.
+    Only positions whose shifted label is not -100 are processed, at most
+    `chunk_size` rows at a time (smaller blocks on CPU). With gradients, the
+    log-softmax of the first `chunk_size` rows is kept for backward, which
+    recomputes the rest; so at most (chunk_size, V) values are kept, plus one
+    block in flight. Gradients flow to hidden, weight and bias.
 
     Args:
         hidden: (B, T, H) final hidden states (after the final norm).
@@ -614,7 +657,12 @@ def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.L
         hidden = hidden.to(weight.dtype)
     seq, pos, targets, counts = _completion_rows(hidden, labels)
     rows = hidden[seq, pos]
-    per_row = _TokenLogpFunction.apply(rows, weight, bias, targets, int(chunk_size))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, weight, bias))
+    if needs_grad:
+        per_row = _TokenLogpFunction.apply(rows, weight, bias, targets, int(chunk_size))
+    else:  # reference / evaluation: nothing saved for a backward that never comes
+        per_row, _ = _target_logps(rows, weight, bias, targets, int(chunk_size), keep_rows=0)
     return _per_sequence(per_row, seq, counts, hidden.shape[0], average_log_prob)
 
 

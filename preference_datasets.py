@@ -28,8 +28,10 @@ Lines) or row (JSON arrays, parquet) and the problem.
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import math
+import os
 import random
 import re
 from html.parser import HTMLParser
@@ -241,7 +243,7 @@ class _PromptTable:
 
     def response(self, prompt: str, text: str) -> int:
         """Index of ``text`` among the prompt's responses, adding it if new."""
-        entry, index = self._entry(prompt), self._index.setdefault(prompt, {})
+        entry, index = self._entry(prompt), self._index[prompt]
         if text not in index:
             index[text] = len(entry['responses'])
             entry['responses'].append(text)
@@ -251,6 +253,11 @@ class _PromptTable:
         i, j = self.response(prompt, preferred), self.response(prompt, dispreferred)
         if i != j:
             self._data[prompt]['pairs'].append((i, j))
+
+    def add_row(self, prompt: str, chosen: str, rejected: str) -> None:
+        """One chosen/rejected row; the first row's chosen response is the SFT target."""
+        self.offer_sft(prompt, chosen)
+        self.add_pair(prompt, chosen, rejected)
 
     def offer_sft(self, prompt: str, text: str, score: float = 0.0) -> None:
         """Make ``text`` the SFT target unless one with an equal or higher score came first."""
@@ -267,6 +274,18 @@ class _PromptTable:
 # Anthropic HH
 # ---------------------------------------------------------------------------
 
+def _common_prefix_length(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search: slice compares run in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def split_hh_transcripts(chosen: str, rejected: str, where: str = 'row') -> Tuple[str, str, str]:
     """Split an HH pair into (prompt, chosen_response, rejected_response).
 
@@ -276,11 +295,7 @@ def split_hh_transcripts(chosen: str, rejected: str, where: str = 'row') -> Tupl
     marker; the common prefix cannot.  By construction prompt + response reproduces each
     transcript byte for byte.
     """
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(ASSISTANT_MARKER, 0, n)
+    cut = chosen.rfind(ASSISTANT_MARKER, 0, _common_prefix_length(chosen, rejected))
     if cut < 0:
         raise DatasetFormatError(f"{where}: chosen and rejected share no '\\n\\nAssistant:' turn, so the "
                                  'prompt cannot be found. HH transcripts must read '
@@ -305,9 +320,7 @@ def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
     for where, row in _rows('Anthropic/hh-rlhf', split, cache_dir, path, silent):
         chosen = _field(row, 'chosen', str, where, _HH_SCHEMA)
         rejected = _field(row, 'rejected', str, where, _HH_SCHEMA)
-        prompt, chosen_response, rejected_response = split_hh_transcripts(chosen, rejected, where)
-        table.offer_sft(prompt, chosen_response)
-        table.add_pair(prompt, chosen_response, rejected_response)
+        table.add_row(*split_hh_transcripts(chosen, rejected, where))
     return table.finish()
 
 
@@ -472,7 +485,9 @@ def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
     table = _PromptTable()
     for where, row in _se_rows(split, cache_dir, path, silent):
         question = _field(row, 'question', str, where, _SE_SCHEMA)
-        answers = _field(row, 'answers', list, where, _SE_SCHEMA)
+        answers = _field(row, 'answers', (list, dict), where, _SE_SCHEMA)
+        if isinstance(answers, dict):  # a `datasets` Sequence of structs arrives as columns
+            answers = [dict(zip(answers, values)) for values in zip(*answers.values())]
         prompt = HUMAN_MARKER + ' ' + html_to_text(question) + ASSISTANT_MARKER
         scored = [_se_answer(a, where, k) for k, a in enumerate(answers, start=1)]
         for text, score in scored:
@@ -581,8 +596,7 @@ def get_synthetic(split: str, silent: bool = False, cache_dir: Optional[str] = N
                          "remove the path for 'synthetic'.")
     table = _PromptTable()
     for prompt, right, wrong in _synthetic_split(split):
-        table.offer_sft(prompt, right)
-        table.add_pair(prompt, right, wrong)
+        table.add_row(prompt, right, wrong)
     return table.finish()
 
 
@@ -624,9 +638,7 @@ def _split_implicit_text(chosen: str, rejected: str) -> Tuple[str, str, str]:
     HH-style transcripts are split after the last shared '\\n\\nAssistant:'; other text is
     cut back to the last shared whitespace, so responses start with it and no word is split.
     """
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = _common_prefix_length(chosen, rejected)
     if chosen.rfind(ASSISTANT_MARKER, 0, n) >= 0:
         return split_hh_transcripts(chosen, rejected)
     cut = max((chosen.rfind(space, 0, n) for space in (' ', '\n', '\t')), default=-1)
@@ -716,9 +728,7 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
         if not silent:
             print(f'Reading preference data ({split} split) from {file}')
         for where, row in read_rows(file):
-            prompt, chosen, rejected = preference_row_to_text(row, where, tokenizer)
-            table.offer_sft(prompt, chosen)
-            table.add_pair(prompt, chosen, rejected)
+            table.add_row(*preference_row_to_text(row, where, tokenizer))
     return table.finish()
 
 
@@ -776,9 +786,12 @@ def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional
 # Tokenisation
 # ---------------------------------------------------------------------------
 
-def _check_lengths(truncation_mode: str, max_length: int, max_prompt_length: int) -> None:
+def _check_truncation_mode(truncation_mode: str) -> None:
     if truncation_mode not in ('keep_start', 'keep_end'):
         raise ValueError(f"unknown truncation_mode '{truncation_mode}'; use 'keep_start' or 'keep_end'.")
+
+
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f'need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, '
                          f'max_length={max_length}; otherwise no room is left for the response.')
@@ -831,7 +844,8 @@ def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_m
         ``prompt_attention_mask`` (lists of ints) and the texts ``prompt``, ``chosen``,
         ``rejected`` (prompt + response), ``chosen_response_only``, ``rejected_response_only``.
     """
-    _check_lengths(truncation_mode, max_length, max_prompt_length)
+    _check_truncation_mode(truncation_mode)
+    _check_lengths(max_length, max_prompt_length)
     prompt_ids, chosen_ids, rejected_ids = _token_ids(tokenizer, [prompt, chosen, rejected])
     return _assemble(prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids,
                      _eos_id(tokenizer), truncation_mode, max_length, max_prompt_length)
@@ -904,7 +918,9 @@ def _progress_bars(enabled: bool):
 
 
 def _default_cache_dir() -> str:
-    return str(Path(datasets.config.HF_DATASETS_CACHE) / 'preference_tokenized')
+    # read the variable now: `datasets` froze its copy at import, before callers could set it
+    root = os.environ.get('HF_DATASETS_CACHE') or datasets.config.HF_DATASETS_CACHE
+    return str(Path(root) / 'preference_tokenized')
 
 
 def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: str, max_length: int,
@@ -1033,15 +1049,16 @@ def _batch_schedule(group_sizes: np.ndarray, lengths: np.ndarray, batch_size: in
         epoch += 1
 
 
-def _check_iterator_args(batch_size, n_epochs, n_examples, skip_batches) -> None:
+def _check_iterator_args(batch_size, n_epochs, n_examples, seed, skip_batches) -> None:
     if (n_epochs is None) == (n_examples is None):
         raise ValueError(f'set exactly one of n_epochs and n_examples (got n_epochs={n_epochs}, '
                          f'n_examples={n_examples}).')
     for label, value in (('batch_size', batch_size), ('n_epochs', n_epochs), ('n_examples', n_examples)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f'{label} must be a positive integer, got {value!r}.')
-    if not isinstance(skip_batches, int) or skip_batches < 0:
-        raise ValueError(f'skip_batches must be a non-negative integer, got {skip_batches!r}.')
+    for label, value in (('seed', seed), ('skip_batches', skip_batches)):
+        if not isinstance(value, (int, np.integer)) or value < 0:  # numpy seeds must be >= 0
+            raise ValueError(f'{label} must be a non-negative integer, got {value!r}.')
 
 
 def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_length, silent,
@@ -1097,9 +1114,10 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
         strings ``prompt``, ``chosen``, ``rejected``, ``chosen_response_only``,
         ``rejected_response_only``.
     """
-    _check_iterator_args(batch_size, n_epochs, n_examples, skip_batches)
-    _check_lengths('keep_start', max_length, max_prompt_length)
-    pad_token_id, _ = _pad_id(tokenizer), _eos_id(tokenizer)
+    _check_iterator_args(batch_size, n_epochs, n_examples, seed, skip_batches)
+    _check_lengths(max_length, max_prompt_length)
+    pad_token_id = _pad_id(tokenizer)
+    _eos_id(tokenizer)  # fail now rather than half-way through tokenising
     tokenized, group_sizes = _load_tokenized(names, tokenizer, split, sft_mode, max_length,
                                              max_prompt_length, silent, cache_dir, paths)
     if len(tokenized) < batch_size:
@@ -1114,10 +1132,8 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
 
 def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_batches: int,
               pad_token_id: int) -> Iterator[Dict]:
-    for _ in range(skip_batches):  # index arrays only: skipping costs no tokenising or padding
-        if next(schedule, None) is None:
-            return
-    for indices in schedule:
+    # the schedule holds only index arrays, so skipping costs no row reads or padding
+    for indices in itertools.islice(schedule, skip_batches, None):
         rows = tokenized[indices.tolist()]
         keys = list(rows)
         yield collate([dict(zip(keys, values)) for values in zip(*rows.values())], pad_token_id)

@@ -4,9 +4,17 @@ Validates the whole config before any model is built, writes the resolved config
 directory, builds the tokenizer, the policy and (when the loss needs one) the reference model, and
 hands them to the trainer named by `trainer`. Multi-process trainers run under torchrun.
 """
-import copy
 import os
+
+# Bitwise-reproducible CPU math, so a resumed run ends with the same weights as an uninterrupted
+# one: MKL otherwise varies its thread count with machine load and picks code paths by memory
+# alignment, which changes summation order from run to run. Set before torch loads MKL.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import copy
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -82,13 +90,15 @@ def validate_config(config: DictConfig, world_size: int):
     _require(config.max_prompt_length < config.max_length,
              f"max_prompt_length={config.max_prompt_length} must be less than "
              f"max_length={config.max_length}")
-    per_update = config.gradient_accumulation_steps * world_size
+    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
+    data_procs = 1 if config.trainer == "TensorParallelTrainer" else world_size
+    per_update = config.gradient_accumulation_steps * data_procs
     _require(config.batch_size % per_update == 0,
              f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
-             f"({config.gradient_accumulation_steps}) x processes ({world_size}) = {per_update}")
-    _require(config.eval_batch_size % world_size == 0,
+             f"({config.gradient_accumulation_steps}) x processes ({data_procs}) = {per_update}")
+    _require(config.eval_batch_size % data_procs == 0,
              f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
-             f"processes ({world_size})")
+             f"processes ({data_procs})")
     _require(config.trainer in TRAINERS,
              f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
     optimizer = getattr(torch.optim, str(config.optimizer), None)
@@ -204,6 +214,10 @@ def run(config: DictConfig):
         _require(world_size == 1, "trainer=BasicTrainer runs as one process; launch it with python, "
                  "or use trainer=FSDPTrainer / TensorParallelTrainer under torchrun")
     OmegaConf.resolve(config)
+    if config.trainer != "BasicTrainer" and world_size == 1 and torch.cuda.device_count() > 1:
+        # The DPO repository's single-command launch: one process per local GPU.
+        validate_config(config, torch.cuda.device_count())
+        return spawn_local_workers(config, torch.cuda.device_count())
     validate_config(config, world_size)
     if world_size > 1:
         utils.init_distributed(rank, world_size, local_rank)
@@ -220,6 +234,31 @@ def run(config: DictConfig):
         raise
 
 
+def spawn_local_workers(config: DictConfig, n_procs: int):
+    """Run `config` in n_procs processes started with 'spawn' (fork would deadlock once torch has
+    run), rendezvousing on config.fsdp_port or a free port. A worker's exit code becomes ours."""
+    port = config.fsdp_port or free_port()
+    utils.rank0_print(f"starting {n_procs} processes, one per GPU (port {port})")
+    try:
+        torch.multiprocessing.spawn(local_worker, args=(n_procs, port, config), nprocs=n_procs,
+                                    join=True)
+    except torch.multiprocessing.ProcessExitedException as e:
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # <0: killed by a signal
+
+
+def local_worker(local_rank: int, n_procs: int, port: int, config: DictConfig):
+    # The environment torchrun would set; main() then takes the ordinary multi-process path.
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(n_procs),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    main(config)  # hydra.main passes a given config straight through
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def build_and_train(config: DictConfig, rank: int, world_size: int):
     if rank == 0:
         utils.rank0_print(f"run directory: {prepare_run_dir(config)}")
@@ -230,6 +269,8 @@ def build_and_train(config: DictConfig, rank: int, world_size: int):
     trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
                             reference_model=reference, rank=rank, world_size=world_size,
                             tokenizer=tokenizer)
+    # The trainer owns the models now; with precompute_ref_log_probs it frees the reference.
+    del policy, reference
     trainer.train()
 
 

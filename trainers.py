@@ -5,6 +5,8 @@ per-token with position KL, with or without a reference) and turns them into a l
 Subclasses only change how models are placed, gradients clipped, state gathered and saved.
 """
 import contextlib
+import gc
+import hashlib
 import json
 import math
 import os
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import losses
 import preference_datasets
 from utils import (ConfigError, all_gather_cat, get_rng_state, rank0_print, safe_torch_load,
-                   set_rng_state)
+                   save_hf_format, set_rng_state)
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,6 +147,86 @@ def atomic_replace_dir(tmp: Path, final: Path):
         os.replace(tmp, final)
 
 
+# ----------------------------------------------------------------------------- reference cache
+# precompute_ref_log_probs=true: the reference scores every sequence once; the log-probs are kept
+# on disk (reused by any run with the same reference weights and the same tokenised sequences) and
+# looked up by a hash of each sequence, so no reference model stays in memory during training.
+
+REFERENCE_CACHE_VERSION = 1
+
+
+class ReferenceCacheMiss(RuntimeError):
+    """A batch holds a sequence whose reference log-prob was not precomputed."""
+
+
+def reference_cache_dir() -> Path:
+    from utils import default_cache_dir
+    return default_cache_dir() / "ref-logps"
+
+
+def model_fingerprint(model) -> str:
+    """Hash of a model's config and every weight's name, dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def sequence_keys(batch: Dict, side: str) -> List[bytes]:
+    """16-byte hash per row of a side's token ids and labels, padding excluded (a sequence gets
+    the same key however its batch was padded)."""
+    ids, mask, labels = (batch[f"{side}_{k}"].detach().cpu()
+                         for k in ("input_ids", "attention_mask", "labels"))
+    keys = []
+    for row_ids, row_mask, row_labels in zip(ids, mask.bool(), labels):
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(row_ids[row_mask].to(torch.int32).numpy().tobytes())
+        digest.update(row_labels[row_mask].to(torch.int32).numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
+
+
+def reference_cache_path(fingerprint: str, keys) -> Path:
+    """The cache file for these reference weights and exactly this set of sequences."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"v{REFERENCE_CACHE_VERSION}|{fingerprint}|".encode())
+    for key in sorted(keys):
+        digest.update(key)
+    return reference_cache_dir() / f"ref-logps-{digest.hexdigest()}.pt"
+
+
+def save_reference_cache(path: Path, entries: Dict[bytes, tuple], dtype: torch.dtype):
+    keys = sorted(entries)
+    data = {"version": REFERENCE_CACHE_VERSION,
+            "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(-1, 16),
+            "sum": torch.tensor([entries[k][0] for k in keys], dtype=dtype),
+            "mean": torch.tensor([entries[k][1] for k in keys], dtype=dtype)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def load_reference_cache(path: Path):
+    """({sequence key: (sum, mean)}, dtype), or None when the file is missing or unreadable."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("version") != REFERENCE_CACHE_VERSION:
+            return None
+        keys = [bytes(row) for row in data["keys"].numpy()]
+        entries = dict(zip(keys, zip(data["sum"].tolist(), data["mean"].tolist())))
+        return entries, data["sum"].dtype
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # damaged: computed again and rewritten
+        rank0_print(f"precompute_ref_log_probs: ignoring unreadable cache {path} "
+                    f"({type(e).__name__}: {e})")
+        return None
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 class BasicTrainer:
@@ -162,6 +244,11 @@ class BasicTrainer:
         self.loss_generator = torch.Generator().manual_seed(seed)
         self.policy = policy
         self.reference_model = reference_model
+        # Hashed before setup_models moves or shards it: the reference cache is keyed by it.
+        self.reference_cache = None
+        self.reference_fingerprint = (model_fingerprint(reference_model)
+                                      if config.precompute_ref_log_probs and reference_model is not None
+                                      else None)
         self.setup_models()
         self.example_counter = 0
         self.batch_counter = 0
@@ -253,10 +340,116 @@ class BasicTrainer:
     # -- one batch -----------------------------------------------------------------------------
 
     def reference_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
+        if self.reference_cache is not None:
+            return self.cached_reference_logps(batch, side, average)
         with torch.no_grad():
             return sequence_logps(self.reference_model, batch[f"{side}_input_ids"],
                                   batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
                                   average, self.config.logps_chunk_size)
+
+    # -- precomputed reference log-probs ---------------------------------------------------------
+
+    def cached_reference_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
+        entries, dtype = self.reference_cache
+        try:
+            values = [entries[key][1 if average else 0] for key in sequence_keys(batch, side)]
+        except KeyError:
+            raise ReferenceCacheMiss(
+                f"precompute_ref_log_probs: a {side} sequence of this batch has no precomputed "
+                f"reference log-prob in {self.reference_cache_file}, which covers only the "
+                "training and evaluation data this trainer was set up with; score it with the "
+                "reference model (precompute_ref_log_probs=false) or rebuild the trainer") from None
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def reference_cache_batches(self):
+        """(global batch, micro-batches per batch) for every batch that training (the whole
+        schedule, from the first batch, whatever a resume skips) and evaluation will score."""
+        done, self.batch_counter = self.batch_counter, 0
+        try:
+            train_batches = self.train_iterator()
+        finally:
+            self.batch_counter = done
+        for batch in train_batches:
+            yield batch, self.config.gradient_accumulation_steps
+        for batch in self.eval_batches:
+            yield batch, 1
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: ranks must run the same forwards."""
+        if not (dist.is_initialized() and self.world_size > 1):
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def merge_across_ranks(self, entries: Dict[bytes, tuple]) -> Dict[bytes, tuple]:
+        if not (dist.is_initialized() and self.world_size > 1):
+            return entries
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, entries)
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def compute_reference_cache(self, n_batches: int):
+        """({sequence key: (sum, mean)}, dtype): each sequence scored once, on the same
+        micro-batches (so the same padding) as training and evaluation; each rank scores its own
+        share, then the shares are merged."""
+        self.reference_model.eval()
+        entries, sides = {}, ("chosen", "rejected") if self.loss.paired else ("chosen",)
+        dtype = None
+        for batch, n_parts in tqdm.tqdm(self.reference_cache_batches(), total=n_batches,
+                                        desc="Scoring with the reference", disable=self.rank != 0):
+            for part in range(n_parts):
+                micro = self.rank_slice(batch, part, n_parts)
+                for side in sides:
+                    keys = sequence_keys(micro, side)
+                    if not self.any_rank(any(k not in entries for k in keys)):
+                        continue
+                    sums = self.reference_logps(micro, side, average=False)
+                    counts = (micro[f"{side}_labels"][:, 1:] != losses.IGNORE_INDEX).sum(-1)
+                    # the same division the average=True path does, so the means are identical
+                    means = sums / counts.clamp(min=1).to(sums.dtype)
+                    entries.update(zip(keys, zip(sums.tolist(), means.tolist())))
+                    dtype = sums.dtype
+        return self.merge_across_ranks(entries), dtype
+
+    def prepare_reference_cache(self):
+        """With precompute_ref_log_probs: load the reference log-probs of all training and
+        evaluation sequences from the cache file, or compute and save them, then drop the
+        reference model. Called by train() before the first step; a no-op otherwise."""
+        if not self.config.precompute_ref_log_probs or self.reference_cache is not None:
+            return
+        if self.reference_model is None or self.reference_fingerprint is None:
+            raise ConfigError("precompute_ref_log_probs=true needs the trainer to be given the "
+                              "reference model (train.build_models builds it)")
+        needed, n_batches = set(), 0
+        sides = ("chosen", "rejected") if self.loss.paired else ("chosen",)
+        for batch, _ in self.reference_cache_batches():
+            n_batches += 1
+            for side in sides:
+                needed.update(sequence_keys(batch, side))
+        path = reference_cache_path(self.reference_fingerprint, needed)
+        self.reference_cache_file = path
+        loaded = load_reference_cache(path)
+        if loaded is not None and needed.issubset(loaded[0]):
+            rank0_print(f"precompute_ref_log_probs: loaded the reference log-probs of "
+                        f"{len(needed)} sequences from {path}")
+        else:
+            rank0_print(f"precompute_ref_log_probs: scoring {len(needed)} sequences with the "
+                        "reference model once")
+            loaded = self.compute_reference_cache(n_batches)
+            if self.rank == 0:
+                save_reference_cache(path, *loaded)
+                rank0_print(f"precompute_ref_log_probs: saved them to {path}")
+            self.barrier()
+        self.reference_cache = loaded
+        # Training never needs the reference model again.
+        self.reference_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def batch_logps(self, batch: Dict) -> Dict[str, torch.Tensor]:
         """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects."""
@@ -469,17 +662,21 @@ class BasicTrainer:
         self.loss_generator.set_state(state["loss_generator"])
         set_rng_state(state["rng"])
         self.wandb_run_id = state["wandb_run_id"]
-        self.truncate_metrics_log()
         return state["finished"]
 
-    def truncate_metrics_log(self):
-        """Drop lines logged after the checkpoint being resumed, so metrics.jsonl reads as one run."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
+    def truncate_logs(self):
+        """Drop log lines written after the checkpoint being resumed (all of them when starting
+        from scratch), so metrics.jsonl and samples.jsonl read as one uninterrupted run."""
+        if self.rank != 0:
             return
-        lines = path.read_text().splitlines()
-        kept = [l for l in lines if json.loads(l).get("counters/examples", 0) <= self.example_counter]
-        path.write_text("".join(l + "\n" for l in kept))
+        for name, key in (("metrics.jsonl", "counters/examples"), ("samples.jsonl", "step")):
+            path = self.run_dir / name
+            if path.exists():
+                lines = path.read_text().splitlines()
+                kept = [l for l in lines if self.resumed and json.loads(l)[key] <= self.example_counter]
+                path.write_text("".join(l + "\n" for l in kept))
+        for stale in list(self.run_dir.glob(".tmp-*")) + list(self.run_dir.glob(".old-*")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crash during a save
 
     def find_resume_checkpoint(self) -> Optional[Path]:
         if self.config.resume_from:
@@ -505,6 +702,7 @@ class BasicTrainer:
         self.build_optimizer()
         self.next_eval = 0 if c.do_first_eval else c.eval_every
         resume = self.find_resume_checkpoint()
+        self.resumed = resume is not None
         if resume is not None:
             finished = self.restore(resume)
             rank0_print(f"resuming from {resume} at {self.example_counter} examples "
@@ -512,8 +710,10 @@ class BasicTrainer:
             if finished:
                 rank0_print(f"run in {self.run_dir} already finished; nothing to do")
                 return
+        self.truncate_logs()
         if self.reference_model is not None:
             self.reference_model.eval()
+        self.prepare_reference_cache()
         self.init_wandb()
         last_log, metrics = 0.0, {}
         progress = tqdm.tqdm(self.train_iterator(), desc="Training", disable=self.rank != 0,
@@ -531,6 +731,8 @@ class BasicTrainer:
 
     def evaluate_and_save(self, first: bool, final: bool = False):
         eval_metrics = self.evaluate()
+        # Never save weights whose evaluation loss is not finite over the last good checkpoint.
+        self.check_finite([eval_metrics["loss/eval"]], 0.0)
         eval_metrics.update({"counters/examples": self.example_counter,
                              "counters/updates": self.batch_counter})
         self.log(eval_metrics)
@@ -569,17 +771,436 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def save_hf_format(model, state_dict: Dict[str, torch.Tensor], tokenizer, out_dir: Path):
-    """config.json + safetensors weights + tokenizer, loadable with from_pretrained anywhere."""
-    model.config.save_pretrained(out_dir)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
-    from safetensors.torch import save_file
-    # Tied weights share storage; safetensors refuses shared tensors, so store distinct copies of
-    # what the model does not tie on load.
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    tensors = {k: v.contiguous().clone() for k, v in state_dict.items()
-               if not (k in tied and model.config.tie_word_embeddings)}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+# --- multi-process trainers ---
+# FSDPTrainer shards with PyTorch's FSDP2 (`fully_shard`); TensorParallelTrainer splits the block
+# projections with PyTorch's native tensor parallelism (DeviceMesh + `parallelize_module`). Both run
+# one process per device under torchrun (train.py also spawns them itself over several local GPUs)
+# and as a single process with a one-rank process group.
+import types
+
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel,
+                                               parallelize_module)
+
+# Full state dicts gathered to rank 0 on the CPU (the other ranks take part and get {}).
+FULL_STATE_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Every rank loads the same full state from disk and keeps its own shard of it.
+FULL_STATE_LOAD = StateDictOptions(full_state_dict=True)
+
+
+def ensure_process_group():
+    """A single process (e.g. `python train.py trainer=FSDPTrainer` on one device) still needs a
+    process group for the mesh; an in-memory store needs no port."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def local_device() -> torch.device:
+    # utils.init_distributed has already selected this rank's GPU.
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def find_blocks(model, block_name: str) -> List[torch.nn.Module]:
+    # By class name, including base classes: FSDP2 swaps a sharded module's class for a subclass.
+    blocks = [m for m in model.modules()
+              if any(c.__name__ == block_name for c in type(m).__mro__)]
+    if not blocks:
+        classes = sorted({type(m).__name__ for m in model.modules() if "Layer" in type(m).__name__
+                          or "Block" in type(m).__name__})
+        raise ConfigError(f"model.block_name={block_name}: {type(model).__name__} has no module of "
+                          f"that class; candidates: {', '.join(classes) or 'none'}")
+    return blocks
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each block in backward. Transformers checkpoints exactly its decoder layers (the
+    blocks); the non-reentrant variant is the one that composes with FSDP2's and DTensor's hooks."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def clip_grad_norm_mixed(parameters, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for parameters that may be DTensors on different meshes or
+    placements mixed with plain tensors (which clip_grad_norm_ refuses to combine).
+
+    Squared norms are summed per group of identical layout: a sharded group's local sums are added
+    over its mesh, a replicated group (or plain tensors, identical on every rank) counts once. The
+    clip coefficient is clip_grad_norm_'s."""
+    groups = defaultdict(list)
+    for p in parameters:
+        if p.grad is None:
+            continue
+        g = p.grad
+        if isinstance(g, DTensor):
+            groups[(g.device_mesh, tuple(g.placements))].append(g.to_local())
+        else:
+            groups[None].append(g)
+    total = None
+    for key, grads in groups.items():
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+        if key is not None:
+            mesh, placements = key
+            for dim, placement in enumerate(placements):
+                if placement.is_shard():
+                    dist.all_reduce(sq, group=mesh.get_group(dim))
+                elif not placement.is_replicate():
+                    raise RuntimeError(f"cannot clip gradients with placement {placement}")
+        total = sq if total is None else total + sq.to(total.device)
+    if total is None:
+        return 0.0
+    norm = total.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    with torch.no_grad():
+        for grads in groups.values():
+            for g in grads:  # a DTensor's local tensor: scaling it scales the DTensor
+                g.mul_(coef.to(g.device))
+    return norm.item()
+
+
+class FSDPTrainer(BasicTrainer):
+    """Fully sharded data parallelism with FSDP2: every `model.block_name` block is its own FSDP
+    unit, the rest (embeddings, final norm, output layer) forms the root unit; each rank trains on
+    batch_size / (gradient_accumulation_steps x world_size) examples per micro-batch."""
+
+    def setup_models(self):
+        ensure_process_group()
+        self.device = local_device()
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        mp_name = self.config.model.fsdp_policy_mp
+        # Compute in the low-precision dtype, reduce gradients in float32 and keep float32 sharded
+        # parameters for the optimizer (the FSDP2 tutorial's mixed-precision recipe,
+        # docs.pytorch.org/tutorials/intermediate/FSDP_tutorial.html).
+        mp = (dict(param_dtype=getattr(torch, mp_name), reduce_dtype=torch.float32)
+              if mp_name else {})
+        if self.config.activation_checkpointing:
+            enable_activation_checkpointing(self.policy)
+        self.policy = fsdp_shard(self.policy, mesh, self.config.model.block_name, mp)
+        if self.reference_model is not None:
+            # Inference only, in its own dtype, as the DPO repository shards it.
+            self.reference_model = fsdp_shard(self.reference_model, mesh,
+                                              self.config.model.block_name, {})
+
+    # BasicTrainer computes log-probs from the backbone's hidden states and the output layer's
+    # weight, never calling the model's own forward, so FSDP's root pre-forward hook would not
+    # gather the root unit (embeddings, final norm, output layer). The policy's whole log-prob
+    # computation therefore runs as a registered forward method of the root (fsdp_shard), so FSDP
+    # gathers the root parameters before it, keeps them for backward and reduce-scatters their
+    # gradients after it exactly as for a plain forward; the weight handed to
+    # losses.completion_logps is the gathered full tensor, whose gradient FSDP reduces into the
+    # shard. The reference model has no backward: its root is gathered explicitly for the step and
+    # resharded after it.
+    def batch_logps(self, batch: Dict) -> Dict[str, torch.Tensor]:
+        self.gather_reference_root()  # token-level losses use its output layer directly
+        return self.policy.run_in_forward(super().batch_logps, batch)
+
+    def reference_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
+        self.gather_reference_root()  # also called alone, to precompute reference log-probs
+        return super().reference_logps(batch, side, average)
+
+    def gather_reference_root(self):
+        if self.reference_model is not None:
+            self.reference_model.unshard()  # a no-op while it is gathered
+
+    def train_step(self, batch: Dict) -> Dict[str, float]:
+        try:
+            return super().train_step(batch)
+        finally:
+            self.reshard_roots()
+
+    def evaluate(self) -> Dict[str, float]:
+        try:
+            return super().evaluate()
+        finally:
+            self.reshard_roots()
+
+    def reshard_roots(self):
+        # Without a backward (evaluation, the reference) FSDP keeps a root unit gathered after
+        # forward; free it once the step is over.
+        for model in (self.policy, self.reference_model):
+            if model is not None:
+                model.reshard()
+
+    def clip_gradient(self) -> float:
+        return clip_grad_norm_mixed(self.policy.parameters(), self.config.max_grad_norm)
+
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        return get_model_state_dict(self.policy, options=FULL_STATE_SAVE)
+
+    def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
+        set_model_state_dict(self.policy, state, options=FULL_STATE_LOAD)
+
+    def optimizer_state_dict(self) -> dict:
+        state = get_optimizer_state_dict(self.policy, self.optimizer, options=FULL_STATE_SAVE)
+        return optimizer_state_by_index(self.policy, state) if state else state
+
+    def load_optimizer_state_dict(self, state: dict):
+        set_optimizer_state_dict(self.policy, self.optimizer,
+                                 optimizer_state_by_name(self.policy, state), options=FULL_STATE_LOAD)
+
+
+def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict):
+    """fully_shard each block, then the root; registers `run_in_forward` on the root."""
+    for block in find_blocks(model, block_name):
+        fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed_precision))
+    # The root's inputs are token ids, or (run_in_forward) a batch whose float tensors, if any,
+    # must keep their precision; the blocks cast their own inputs.
+    fully_shard(model, mesh=mesh,
+                mp_policy=MixedPrecisionPolicy(**mixed_precision, cast_forward_inputs=False))
+    model.run_in_forward = types.MethodType(_call, model)
+    register_fsdp_forward_method(model, "run_in_forward")
+    # FSDP picks its root as the first unit to run forward; run the root once now so that a later
+    # direct call of the backbone or a block cannot claim that role.
+    with torch.no_grad():
+        model.run_in_forward(lambda: None)
+    model.reshard()
+    return model
+
+
+def _call(module, fn, *args, **kwargs):
+    """A model method that runs `fn`; registered as an FSDP forward method (see FSDPTrainer)."""
+    return fn(*args, **kwargs)
+
+
+def optimizer_state_by_index(model, state: dict) -> dict:
+    """A name-keyed optimizer state (torch.distributed.checkpoint's full form) keyed by parameter
+    index instead, as a plain optimizer.state_dict() is, so checkpoints resume across trainers."""
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {"state": {index[name]: v for name, v in state["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]])
+                             for g in state["param_groups"]]}
+
+
+def optimizer_state_by_name(model, state: dict) -> dict:
+    names = [name for name, _ in model.named_parameters()]
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                             for g in state["param_groups"]]}
+
+
+class TensorParallelTrainer(BasicTrainer):
+    """Tensor parallelism over all ranks: the attention and MLP projections of every block are
+    split column- then row-wise (Megatron-LM's layout), everything else is replicated. Every rank
+    sees the same data, so the batch is not split between ranks and metrics are not gathered."""
+
+    @property
+    def data_parallel_size(self) -> int:
+        return 1
+
+    @property
+    def data_rank(self) -> int:
+        return 0
+
+    def setup_models(self):
+        ensure_process_group()
+        self.device = local_device()
+        self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        for name in ("policy", "reference_model"):
+            model = getattr(self, name)
+            if model is not None:
+                setattr(self, name, tensor_parallelize(model.to(self.device), self.mesh,
+                                                       self.config.model.block_name))
+        if self.config.activation_checkpointing:
+            enable_activation_checkpointing(self.policy)
+
+    def clip_gradient(self) -> float:
+        return clip_grad_norm_mixed(self.policy.parameters(), self.config.max_grad_norm)
+
+    def generation_context(self):
+        # Every rank must sample the same tokens: the row-wise layers all-reduce at each step, so
+        # ranks that diverged would mix different sequences (or wait on each other forever).
+        return seeded_rng(self.seed + self.example_counter, self.device)
+
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        state = get_model_state_dict(self.policy, options=FULL_STATE_SAVE)
+        return {k: unfuse_columns(self.policy, k, v) for k, v in state.items()}
+
+    def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
+        state = {k: fuse_columns(self.policy, k, v) for k, v in state.items()}
+        set_model_state_dict(self.policy, state, options=FULL_STATE_LOAD)
+
+    def optimizer_state_dict(self) -> dict:
+        state = get_optimizer_state_dict(self.policy, self.optimizer, options=FULL_STATE_SAVE)
+        if not state:
+            return state
+        state["state"] = {name: {k: unfuse_columns(self.policy, name, v) for k, v in s.items()}
+                          for name, s in state["state"].items()}
+        return optimizer_state_by_index(self.policy, state)
+
+    def load_optimizer_state_dict(self, state: dict):
+        state = optimizer_state_by_name(self.policy, state)
+        state["state"] = {name: {k: fuse_columns(self.policy, name, v) for k, v in s.items()}
+                          for name, s in state["state"].items()}
+        set_optimizer_state_dict(self.policy, self.optimizer, state, options=FULL_STATE_LOAD)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# Which projections of a block are split how. Llama and GPT-NeoX (and most decoder models) carry
+# their plan in transformers' config.base_model_tp_plan ("layers.*.self_attn.q_proj": "colwise",
+# ...); GPT-2 has none, as its projections are transformers' Conv1D (weights stored in x out) and its
+# query/key/value projection is fused, so it gets its own.
+GPT2_BLOCK_PLAN = {"attn.c_attn": "colwise_qkv", "attn.c_proj": "rowwise",
+                   "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
+
+
+def block_tp_plan(model) -> Dict[str, str]:
+    """{path inside a block: 'colwise' | 'rowwise' | 'colwise_qkv'}."""
+    cfg = model.config
+    if cfg.model_type == "gpt2":
+        return dict(GPT2_BLOCK_PLAN)
+    plan = getattr(cfg, "base_model_tp_plan", None) or {}
+    block_plan = {}
+    for path, kind in plan.items():
+        if "*." not in path:
+            continue  # not inside a block (embeddings, norms); those stay replicated
+        if kind not in ("colwise", "rowwise"):
+            raise ConfigError(f"trainer=TensorParallelTrainer: {cfg.model_type}'s tensor-parallel "
+                              f"plan shards {path} as {kind!r}; only colwise/rowwise are supported")
+        block_plan[path.split("*.", 1)[1]] = kind
+    if not block_plan:
+        raise ConfigError(f"trainer=TensorParallelTrainer has no tensor-parallel plan for "
+                          f"model_type={cfg.model_type} (supported: llama, gpt_neox, gpt2 and models "
+                          "whose transformers config has a base_model_tp_plan); use trainer=FSDPTrainer")
+    return block_plan
+
+
+def tensor_parallelize(model, mesh, block_name: str):
+    """Split each block's projections over `mesh` (after Megatron-LM: query/key/value, gate/up and
+    fc column-wise, the output projections row-wise, so each block needs one all-reduce in
+    attention and one in the MLP; docs.pytorch.org/tutorials/intermediate/TP_tutorial.html)."""
+    tp = mesh.size()
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ConfigError(f"trainer=TensorParallelTrainer: {heads} attention heads "
+                          f"({kv_heads} key/value heads) cannot be split over {tp} processes")
+    plan = block_tp_plan(model)
+    for block in find_blocks(model, block_name):
+        styles = {}
+        for path, kind in plan.items():
+            module = block.get_submodule(path)
+            # The split dimension: output features column-wise, input features row-wise
+            # (nn.Linear stores its weight out x in, Conv1D in x out).
+            out_dim = 1 if type(module).__name__ == "Conv1D" else 0
+            size = module.weight.shape[1 - out_dim if kind == "rowwise" else out_dim]
+            if size % tp:
+                raise ConfigError(f"trainer=TensorParallelTrainer: {path} has {size} features, "
+                                  f"not divisible by {tp} processes")
+            styles[path] = tp_style(module, kind)
+        parallelize_module(block, mesh, styles)
+        if cfg.model_type == "gpt2":
+            # GPT-2 splits the fused projection's output at split_size; each rank now holds its
+            # own heads' query/key/value, each split_size / tp wide.
+            block.attn.split_size //= tp
+    # The split parameters were scattered from rank 0; the replicated ones must be identical too.
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if not isinstance(tensor, DTensor):
+                dist.broadcast(tensor.data, src=0)
+    return model
+
+
+def tp_style(module, kind: str) -> ParallelStyle:
+    if type(module).__name__ == "Conv1D":
+        return Conv1DParallel(kind)
+    if kind == "colwise":
+        return ColwiseParallel()
+    if kind == "rowwise":
+        return RowwiseParallel()
+    raise ConfigError(f"tensor-parallel style {kind!r} needs a Conv1D module")
+
+
+class Conv1DParallel(ParallelStyle):
+    """Column- or row-wise split of transformers' Conv1D (y = x @ W + b with W stored in x out),
+    which torch's ColwiseParallel / RowwiseParallel do not accept (nn.Linear and nn.Embedding
+    only). 'colwise_qkv' splits a fused [query | key | value] output so that each rank gets its
+    own heads of all three: the columns are reordered to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] before
+    an ordinary Shard; the reordering is undone in full state dicts (unfuse_columns)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def _apply(self, module, device_mesh):
+        tp = device_mesh.size()
+        rowwise = self.kind == "rowwise"
+
+        def partition(name, mod, mesh):
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                data = param.data
+                if rowwise:
+                    placement = Shard(0) if pname == "weight" else Replicate()
+                else:
+                    dim = 1 if pname == "weight" else 0
+                    placement = Shard(dim)
+                    if self.kind == "colwise_qkv":
+                        order = fused_column_order(data.shape[dim], 3, tp)
+                        data = data.index_select(dim, order)
+                        mod._tp_fused_columns = (3, tp)
+                dt = distribute_tensor(data, mesh, [placement], src_data_rank=self.src_data_rank)
+                mod.register_parameter(pname, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
+
+        def prepare_input(mod, inputs, mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, [Shard(-1) if rowwise else Replicate()],
+                                       run_check=False)
+            return x
+
+        def prepare_output(mod, output, mesh):
+            want = Replicate() if rowwise else Shard(output.ndim - 1)
+            if tuple(output.placements) != (want,):
+                output = output.redistribute(placements=[want])
+            return output.to_local()
+
+        return distribute_module(module, device_mesh, partition, prepare_input, prepare_output)
+
+
+def fused_column_order(width: int, parts: int, tp: int) -> torch.Tensor:
+    """Column order [part 0 of rank 0, part 1 of rank 0, ..., part 0 of rank 1, ...] for a width
+    made of `parts` equal parts, each split over `tp` ranks."""
+    return torch.arange(width).view(parts, tp, width // (parts * tp)).transpose(0, 1).reshape(-1)
+
+
+def _fused_module(model, name: str):
+    module_name, _, pname = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None, None
+    fused = getattr(module, "_tp_fused_columns", None)
+    return (fused, (1 if pname == "weight" else 0)) if fused else (None, None)
+
+
+def unfuse_columns(model, name: str, tensor):
+    """The plain model's layout of a full tensor (state or optimizer state) of parameter `name`."""
+    fused, dim = _fused_module(model, name)
+    if fused is None or not torch.is_tensor(tensor) or tensor.ndim <= dim:
+        return tensor
+    order = fused_column_order(tensor.shape[dim], *fused)
+    return tensor.index_select(dim, torch.argsort(order))
+
+
+def fuse_columns(model, name: str, tensor):
+    fused, dim = _fused_module(model, name)
+    if fused is None or not torch.is_tensor(tensor) or tensor.ndim <= dim:
+        return tensor
+    return tensor.index_select(dim, fused_column_order(tensor.shape[dim], *fused))

@@ -243,3 +243,19 @@ def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def save_hf_format(model, state_dict: Dict[str, torch.Tensor], tokenizer, out_dir):
+    """config.json + safetensors weights + tokenizer, loadable with from_pretrained anywhere."""
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    from safetensors.torch import save_file
+    # Tied weights share storage; safetensors refuses shared tensors, so store distinct copies of
+    # what the model does not tie on load.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tensors = {k: v.contiguous().clone() for k, v in state_dict.items()
+               if not (k in tied and model.config.tie_word_embeddings)}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

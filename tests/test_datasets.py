@@ -261,6 +261,15 @@ def test_se_split_matches_datasets_shuffle():
     assert list(pdx.se_split_indices(500, 'train')) == shuffled[5:]
 
 
+def test_se_answers_given_as_columns(tmp_path):
+    """datasets' legacy Sequence-of-struct features yield answers as a dict of lists."""
+    rows = jsonl_rows(FIXTURES / 'se' / 'se_sample.jsonl')
+    for row in rows:
+        row['answers'] = {key: [a[key] for a in row['answers']] for key in row['answers'][0]}
+    path = write_jsonl(tmp_path / 'se.jsonl', rows)
+    assert pdx.get_dataset('se', 'train', silent=True, path=str(path)) == SE_EXPECTED_TRAIN
+
+
 def test_se_parquet_hub_layout(tmp_path):
     rows = jsonl_rows(FIXTURES / 'se' / 'se_sample.jsonl')
     for site, part in (('askubuntu.com', rows[:3]), ('cooking.stackexchange.com', rows[3:])):
@@ -383,14 +392,14 @@ BAD_ROWS = [  # (loader, file name, lines, expected message fragments)
     ('user', 'p.json', ['[{"prompt": "p", "chosen": " a", "rejected": " b"},', '{"prompt": "p", "rejected": " b"}]'],
      ['row 2', "missing column 'chosen'"]),
     ('user', 'p.json', ['[{"prompt": "p",'], ['line 2', 'not valid JSON']),  # truncated: fails at the end
-    ('hh', 'hh.jsonl', ['{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}',
-                        '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b"}'], ['line 2', "missing column 'rejected'"]),
+    ('hh', 'hh.jsonl', [json.dumps({'chosen': H + 'a' + A + ' b', 'rejected': H + 'a' + A + ' c'}),
+                        json.dumps({'chosen': H + 'a' + A + ' b'})], ['line 2', "missing column 'rejected'"]),
     ('hh', 'hh.jsonl', ['{"chosen": "Hello there", "rejected": "Hello you"}'], ['line 1', 'share no']),
     ('shp', 'train.json', ['{"history": "h", "human_ref_A": "a", "human_ref_B": "b", "score_A": 9, '
                            '"score_B": 1, "labels": 2}'], ['line 1', "'labels' must be 0 or 1"]),
     ('shp', 'train.json', ['{"history": "h", "human_ref_A": "a", "human_ref_B": "b", "score_A": "9", '
                            '"score_B": 1, "labels": 1}'], ['line 1', "'score_A' must be int or float, got str"]),
-    ('se', 'se.jsonl', ['{"question": "<p>q</p>", "answers": "none"}'], ['line 1', "'answers' must be list"]),
+    ('se', 'se.jsonl', ['{"question": "<p>q</p>", "answers": "none"}'], ['line 1', "'answers' must be list or dict"]),
     ('se', 'se.jsonl', ['{"question": "<p>q</p>", "answers": [{"text": "a", "pm_score": 1}, {"text": "b"}]}'],
      ['line 1, answer 2', "missing column 'pm_score'"]),
 ]
@@ -410,7 +419,8 @@ def test_bad_rows_name_file_and_line(tmp_path, tok, loader, file_name, lines, fr
 def test_bad_parquet_row_and_bad_gzip(tmp_path):
     rows = [{'prompt': 'p', 'chosen': ' a', 'rejected': ' b'}] * 2 + [{'prompt': 'p', 'chosen': None, 'rejected': ' b'}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / 'p.parquet')
-    with pytest.raises(DatasetFormatError, match=r'p\.parquet, row 3: column .chosen. must be str or list, got NoneType'):
+    expected = r'p\.parquet, row 3: column .chosen. must be str or list, got NoneType'
+    with pytest.raises(DatasetFormatError, match=expected):
         pdx.get_dataset(str(tmp_path / 'p.parquet'), 'train', silent=True)
     (tmp_path / 'p.jsonl.gz').write_bytes(b'not gzip at all')
     with pytest.raises(DatasetFormatError, match=r'p\.jsonl\.gz: cannot read'):
@@ -425,6 +435,9 @@ def test_registry_and_unknown_names(tmp_path):
     assert pdx.DATASETS == {'hh': pdx.get_hh, 'shp': pdx.get_shp, 'se': pdx.get_se, 'synthetic': pdx.get_synthetic}
     with pytest.raises(ValueError, match="unknown dataset 'hhh'; known names: hh, se, shp, synthetic.*local"):
         pdx.get_dataset('hhh', 'train')
+    # an unregistered name with a path reads that path as a TRL-format preference file
+    assert pdx.get_dataset('mine', 'train', silent=True, path=str(FIXTURES / 'trl_standard.jsonl')) == \
+        TRL_STANDARD_EXPECTED
     with pytest.raises(ValueError, match='does not exist'):
         pdx.get_dataset(str(tmp_path / 'missing.jsonl'), 'train')
     with pytest.raises(ValueError, match="no data files whose name contains 'validation'"):
@@ -484,9 +497,13 @@ def source(request):
     return {'names': ['synthetic'], 'paths': None, 'split': 'test', 'mode': 'keep_start'}
 
 
-def first_pair(source):
+def load_source(source):
     name = source['names'][0]
-    data = pdx.get_dataset(name, source['split'], silent=True, path=(source['paths'] or {}).get(name))
+    return pdx.get_dataset(name, source['split'], silent=True, path=(source['paths'] or {}).get(name))
+
+
+def first_pair(source):
+    data = load_source(source)
     prompt, entry = next((p, e) for p, e in data.items() if e['pairs'])
     i, j = entry['pairs'][0]
     return prompt, entry['responses'][i], entry['responses'][j]
@@ -554,8 +571,7 @@ def order(batch_list):
 
 
 def n_elements(source, sft_mode=False):
-    name = source['names'][0]
-    data = pdx.get_dataset(name, source['split'], silent=True, path=(source['paths'] or {}).get(name))
+    data = load_source(source)
     return len(data) if sft_mode else sum(len(e['pairs']) for e in data.values())
 
 
@@ -614,6 +630,8 @@ def test_n_examples_and_n_epochs(tok, cache, source):
             batches(source, tok, cache, **bad)
     with pytest.raises(ValueError, match='fewer than batch_size'):
         batches(source, tok, cache, batch_size=n + 1)
+    with pytest.raises(ValueError, match='seed must be a non-negative integer'):
+        batches(source, tok, cache, seed=-1)
 
 
 def test_group_by_length(tok, cache, source):
@@ -644,8 +662,7 @@ def test_skip_batches_resumes_exactly(tok, cache, source, group_by_length):
 def test_sft_mode(tok, cache, source):
     sft = batches(source, tok, cache, sft_mode=True, batch_size=4, shuffle=False)
     assert len(sft) == n_elements(source, sft_mode=True) // 4
-    name = source['names'][0]
-    data = pdx.get_dataset(name, source['split'], silent=True, path=(source['paths'] or {}).get(name))
+    data = load_source(source)
     first = sft[0]
     assert set(first) == TOKEN_KEYS | TEXT_KEYS  # rejected_* kept, holding the SFT target too
     assert first['prompt'] == list(data)[:4]

@@ -1,0 +1,373 @@
+"""FSDPTrainer and TensorParallelTrainer against BasicTrainer: two CPU processes (gloo) under
+torchrun train on the same global batches as one process and must log the same per-step losses,
+end with the same weights and write checkpoints that load into a plain model and resume.
+
+Every multi-process run is a `python -m torch.distributed.run` subprocess in its own session, killed
+whole on a timeout, so a rank that hangs cannot hang the suite."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, compose, read_metrics, run_in_process
+
+# Four DPO updates of 8 examples in 2 micro-batches, clipped at every step (grad norms are ~0.5),
+# evaluated at 0, 16 and 32 examples (a step-16 checkpoint to resume from).
+COMMON = ["loss=dpo", "loss.beta=0.1", "n_examples=32", "batch_size=8",
+          "gradient_accumulation_steps=2", "eval_batch_size=16", "n_eval_examples=16",
+          "eval_every=16", "sample_during_eval=false", "wandb.enabled=false",
+          "minimum_log_interval_secs=0", "max_grad_norm=0.2", "warmup_steps=0"]
+RUN_TIMEOUT = 240
+
+LOSS_RTOL_FP32 = 1e-5
+LOSS_RTOL_BF16 = 5e-3
+WEIGHT_ATOL = 1e-4
+BF16_WEIGHT_ATOL = 5e-3
+
+
+def torchrun(script_and_args, tmp_dir: Path, nproc: int = 2, timeout: int = RUN_TIMEOUT):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N ...` in the repository
+    root; the whole process group is killed if it outlives `timeout`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *script_and_args]
+    return run_killable(cmd, tmp_dir, timeout)
+
+
+def run_killable(cmd, tmp_dir: Path, timeout: int = RUN_TIMEOUT):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{' '.join(cmd[-3:])} hung for {timeout}s; log: {log.read_text()[-3000:]}")
+    return proc.returncode, log.read_text()
+
+
+def train_2proc(trainer: str, run_dir: Path, *extra) -> str:
+    rc, output = torchrun(["train.py", *COMMON, f"trainer={trainer}", f"local_run_dir={run_dir}",
+                           *extra], run_dir.parent)
+    assert rc == 0, output[-4000:]
+    return output
+
+
+def column(run_dir: Path, key: str):
+    return [m[key] for m in read_metrics(run_dir) if key in m]
+
+
+def policy_state(run_dir: Path, name: str = "LATEST"):
+    return torch.load(run_dir / name / "policy.pt", weights_only=True)["state"]
+
+
+def assert_same_losses(run_dir: Path, base_dir: Path, rtol: float) -> float:
+    """The largest relative difference of the logged train and eval losses."""
+    overall = 0.0
+    for key in ("loss/train", "loss/eval"):
+        got, want = column(run_dir, key), column(base_dir, key)
+        assert len(got) == len(want) and want, key
+        worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
+        assert worst <= rtol, f"{key}: {got} vs {want} (max relative difference {worst:.2e})"
+        overall = max(overall, worst)
+    return overall
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The single-process BasicTrainer run every multi-process run is compared with."""
+    run_dir = run_in_process([*COMMON, f"local_run_dir={tmp_path_factory.mktemp('basic')}/run"])
+    losses = column(run_dir, "loss/train")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert min(column(run_dir, "grad_norm")) > 0.2  # clipping active at every step
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tokenizer):
+    import train
+    from omegaconf import OmegaConf
+    config = compose([*COMMON, "local_run_dir=/tmp/unused"])
+    OmegaConf.resolve(config)
+    policy, _ = train.build_models(config, tokenizer)
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def check_against_baseline(run_dir: Path, baseline: Path, initial: dict, tokenizer,
+                           rtol=LOSS_RTOL_FP32, atol=WEIGHT_ATOL):
+    loss_diff = assert_same_losses(run_dir, baseline, rtol)
+    got, want = policy_state(run_dir), policy_state(baseline)
+    diff = max_weight_diff(got, want)
+    assert diff <= atol, f"final weights differ by {diff:.2e}"
+    print(f"{run_dir.name}: max relative loss difference {loss_diff:.2e}, "
+          f"max weight difference {diff:.2e}")
+    assert max_weight_diff(want, initial) > 10 * WEIGHT_ATOL  # the weights did move
+    # A full, unprefixed state dict that loads into a plain model, as does the Hugging Face copy.
+    import transformers
+    import utils
+    config = compose([])
+    plain = utils.build_model(None, dict(config.model.from_config), tokenizer, torch.float32)
+    plain.load_state_dict(got, strict=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "LATEST")
+    ids = torch.tensor([tokenizer.encode("\n\nHuman: sort c a b\n\nAssistant: a b c")])
+    assert torch.allclose(plain(ids).logits, hf(ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_basic_trainer_and_resumes(baseline, initial_weights, tokenizer, tmp_path):
+    run_dir = tmp_path / "fsdp"
+    train_2proc("FSDPTrainer", run_dir, "activation_checkpointing=true")
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
+    # Resume from the step-16 checkpoint: the same last two steps and the same final weights.
+    shutil.rmtree(run_dir / "LATEST")
+    output = train_2proc("FSDPTrainer", run_dir, "activation_checkpointing=true")
+    assert "resuming from" in output and "step-16" in output
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_matches_basic_trainer_and_resumes_its_checkpoint(
+        baseline, initial_weights, tokenizer, tmp_path):
+    run_dir = tmp_path / "tp"
+    train_2proc("TensorParallelTrainer", run_dir)
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
+    # Checkpoints are interchangeable: resuming BasicTrainer's step-16 checkpoint (optimizer
+    # state included) under tensor parallelism ends where BasicTrainer ended.
+    resumed = tmp_path / "tp-from-basic"
+    output = train_2proc("TensorParallelTrainer", resumed, f"resume_from={baseline}/step-16")
+    assert "resuming from" in output
+    assert max_weight_diff(policy_state(resumed), policy_state(baseline)) <= WEIGHT_ATOL
+    assert column(resumed, "loss/train") == pytest.approx(column(baseline, "loss/train")[2:],
+                                                          rel=LOSS_RTOL_FP32)
+
+
+@pytest.mark.slow
+def test_single_command_launch_with_bf16_mixed_precision_and_sampling(
+        baseline, initial_weights, tokenizer, tmp_path):
+    """`python train.py trainer=FSDPTrainer` with several GPUs and no torchrun starts one process
+    per GPU itself (here two GPUs are faked in the launching process; the workers use gloo), run
+    as the DPO repository ran it: bf16 mixed precision, sampling during evaluation."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch\n"
+        "import train\n"
+        "if __name__ == '__main__':\n"
+        "    torch.cuda.device_count = lambda: 2\n"
+        "    train.main()\n")
+    run_dir = tmp_path / "spawned"
+    rc, output = run_killable([sys.executable, str(launcher), *COMMON, "trainer=FSDPTrainer",
+                               "model.fsdp_policy_mp=bfloat16", "sample_during_eval=true",
+                               "n_eval_model_samples=2", f"local_run_dir={run_dir}"], tmp_path)
+    assert rc == 0, output[-4000:]
+    assert "starting 2 processes" in output
+    # bf16 compute against the fp32 BasicTrainer run: the loss within 5e-3, the weights close.
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer, rtol=LOSS_RTOL_BF16,
+                           atol=BF16_WEIGHT_ATOL)
+    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6  # 3 evaluations x 2 prompts, written once (by rank 0)
+    assert all(isinstance(s["policy"], str) and isinstance(s["reference"], str) for s in samples)
+    # A bad config is refused once, before any process starts, with the usual exit code.
+    rc, output = run_killable([sys.executable, str(launcher), *COMMON, "trainer=FSDPTrainer",
+                               "batch_size=6", f"local_run_dir={tmp_path}/bad"], tmp_path)
+    assert rc == 2 and "batch_size=6 must be divisible" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_one_process_without_torchrun(baseline, tmp_path):
+    """With no torchrun and at most one device, the trainers run as world size 1."""
+    for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
+        run_dir = tmp_path / trainer
+        rc, output = run_killable([sys.executable, "train.py", *COMMON, f"trainer={trainer}",
+                                   "n_examples=16", f"local_run_dir={run_dir}"], tmp_path)
+        assert rc == 0, output[-4000:]
+        assert column(run_dir, "loss/train") == pytest.approx(column(baseline, "loss/train")[:2],
+                                                              rel=LOSS_RTOL_FP32)
+
+
+# A worker run under torchrun: each architecture's tensor-parallel plan and FSDP sharding against
+# the plain model, on random tiny configs (Llama with grouped key/value heads, GPT-NeoX with
+# partial rotary, GPT-2 with its fused Conv1D query/key/value).
+ARCH_WORKER = r'''
+import copy, datetime, json, sys
+sys.path.insert(0, ROOT)
+import torch, torch.distributed as dist, transformers
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+import losses, trainers
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+ARCHS = {
+    "llama": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False), "LlamaDecoderLayer"),
+    "gpt_neox": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, partial_rotary_factor=0.5), "GPTNeoXLayer"),
+    "gpt2": (dict(n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0), "GPT2Block"),
+}
+# The output layer weight must reach the log-prob kernel whole, never as a DTensor shard.
+kernel = losses.completion_logps
+def checked_kernel(hidden, weight, *args, **kwargs):
+    assert not isinstance(weight, DTensor) and weight.shape[0] == 128, type(weight)
+    return kernel(hidden, weight, *args, **kwargs)
+trainers.losses.completion_logps = checked_kernel
+
+def grads(model, ref):
+    worst = 0.0
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        g = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+        worst = max(worst, (p.grad - trainers.unfuse_columns(model, name, g)).abs().max().item())
+    return worst
+
+report = {}
+for arch, (settings, block) in ARCHS.items():
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(arch, vocab_size=128, **settings)
+    ref = transformers.AutoModelForCausalLM.from_config(config)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids = torch.randint(1, 128, (4, 12))
+    mask, labels = torch.ones_like(ids), ids.clone()
+    labels[:, :4] = -100
+    full = trainers.sequence_logps(ref, ids, mask, labels, False, 1024)
+    full.mean().backward()
+    out = {}
+
+    tp = trainers.tensor_parallelize(copy.deepcopy(ref), mesh, block)
+    got = trainers.sequence_logps(tp, ids, mask, labels, False, 1024)
+    got.mean().backward()
+    out["tp_logps"] = (got - full).abs().max().item()
+    out["tp_grads"] = grads(tp, ref)
+    state = trainers.get_model_state_dict(tp, options=trainers.FULL_STATE_SAVE)
+    if rank == 0:
+        state = {k: trainers.unfuse_columns(tp, k, v) for k, v in state.items()}
+        out["tp_state"] = max((v - state[k]).abs().max().item() for k, v in ref.state_dict().items())
+    moved = {k: v + 0.01 * torch.randn_like(v) for k, v in ref.state_dict().items()}
+    trainers.set_model_state_dict(tp, {k: trainers.fuse_columns(tp, k, v) for k, v in moved.items()},
+                                  options=trainers.FULL_STATE_LOAD)
+    plain = copy.deepcopy(ref)
+    plain.load_state_dict(moved)
+    with torch.no_grad():
+        out["tp_reloaded"] = (tp(ids).logits - plain(ids).logits).abs().max().item()
+        with trainers.seeded_rng(1, torch.device("cpu")):
+            sampled = tp.generate(ids[:, :4], max_new_tokens=6, do_sample=True, pad_token_id=0)
+        greedy = tp.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        greedy_plain = plain.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sampled.tolist())
+    out["tp_same_samples_on_ranks"] = all(s == every[0] for s in every)
+    out["tp_greedy_as_plain"] = torch.equal(greedy, greedy_plain)
+
+    for p in ref.parameters():
+        p.grad = None
+    full = trainers.sequence_logps(ref, ids, mask, labels, False, 1024)
+    full.mean().backward()
+    fsdp = trainers.fsdp_shard(copy.deepcopy(ref), mesh, block, {})
+    rows = slice(2 * rank, 2 * rank + 2)
+    got = fsdp.run_in_forward(trainers.sequence_logps, fsdp, ids[rows], mask[rows], labels[rows],
+                              False, 1024)
+    got.mean().backward()
+    out["fsdp_logps"] = (got - full[rows]).abs().max().item()
+    out["fsdp_grads"] = grads(fsdp, ref)
+    report[arch] = out
+if rank == 0:
+    print("REPORT " + json.dumps(report), flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_parallel_plans_match_plain_models_for_llama_neox_gpt2(tmp_path):
+    worker = tmp_path / "arch_worker.py"
+    worker.write_text(f"ROOT = {str(ROOT)!r}\n" + ARCH_WORKER)
+    rc, output = torchrun([str(worker)], tmp_path, timeout=180)
+    assert rc == 0, output[-4000:]
+    report = json.loads(output.split("REPORT ", 1)[1].splitlines()[0])
+    for arch, out in report.items():
+        for key in ("tp_logps", "tp_grads", "tp_state", "tp_reloaded", "fsdp_logps", "fsdp_grads"):
+            assert out[key] < 1e-5, (arch, key, out[key])
+        assert out["tp_same_samples_on_ranks"] and out["tp_greedy_as_plain"], (arch, out)
+
+
+# ----------------------------------------------------------------------------- single process
+
+def test_tensor_parallel_does_not_split_the_batch():
+    """Validation counts data-parallel processes: every tensor-parallel rank sees the whole batch."""
+    import train
+    from omegaconf import OmegaConf
+    config = compose([*COMMON, "batch_size=6", "gradient_accumulation_steps=2",
+                      "eval_batch_size=3", "local_run_dir=/tmp/unused"])
+    OmegaConf.resolve(config)
+    config.trainer = "TensorParallelTrainer"
+    train.validate_config(config, world_size=2)
+    config.trainer = "FSDPTrainer"
+    with pytest.raises(train.ConfigError, match="batch_size=6 must be divisible"):
+        train.validate_config(config, world_size=2)
+
+
+def test_block_plans_cover_llama_neox_and_gpt2():
+    import transformers
+    import trainers
+    plans = {t: trainers.block_tp_plan(type("M", (), {"config": transformers.AutoConfig.for_model(t)}))
+             for t in ("llama", "gpt_neox", "gpt2")}
+    assert plans["llama"] == {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
+                              "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise",
+                              "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+                              "mlp.down_proj": "rowwise"}
+    assert set(plans["gpt_neox"].values()) == {"colwise", "rowwise"}
+    assert plans["gpt2"]["attn.c_attn"] == "colwise_qkv"
+    unknown = types.SimpleNamespace(model_type="mystery", base_model_tp_plan=None)
+    with pytest.raises(trainers.ConfigError, match="no tensor-parallel plan"):
+        trainers.block_tp_plan(types.SimpleNamespace(config=unknown))
+
+
+def test_fused_column_order_groups_each_ranks_heads_and_inverts():
+    import trainers
+    order = trainers.fused_column_order(12, parts=3, tp=2)  # q, k, v of 4 columns each
+    assert order.tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
+    assert torch.equal(order[torch.argsort(order)], torch.arange(12))
+
+
+def test_mixed_clip_matches_clip_grad_norm_on_plain_tensors():
+    import trainers
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(a, 0.5).item()
+    got = trainers.clip_grad_norm_mixed(b, 0.5)
+    assert got == pytest.approx(want, rel=1e-6)
+    for p, q in zip(a, b):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_unknown_block_name_is_a_config_error():
+    import transformers
+    import trainers
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=64))
+    assert len(trainers.find_blocks(model, "LlamaDecoderLayer")) == 1
+    with pytest.raises(trainers.ConfigError, match="candidates: LlamaDecoderLayer"):
+        trainers.find_blocks(model, "GPT2Block")
