@@ -1,0 +1,80 @@
+"""The reference repositories' loss command lines, verbatim, two steps each on the embedded model."""
+import math
+
+import pytest
+import torch
+
+from conftest import FAST, read_metrics, run_in_process
+
+DPO_NAMES = {"rewards_{s}/chosen", "rewards_{s}/rejected", "rewards_{s}/accuracies",
+             "rewards_{s}/margins", "logps_{s}/chosen", "logps_{s}/rejected", "loss/{s}"}
+TDPO_NAMES = {"kl_{s}/chosen", "kl_{s}/rejected", "kl_{s}/margin"}
+BETA_DPO_NAMES = {"record_{s}/gap_mean", "record_{s}/gap_std", "record_{s}/mask_count",
+                  "record_{s}/beta_used"}
+
+COMMANDS = {
+    "dpo": ("loss=dpo loss.beta=0.1", DPO_NAMES),
+    "cdpo": ("loss=dpo loss.beta=0.1 loss.label_smoothing=0.1", DPO_NAMES),
+    "ipo": ("loss=ipo loss.beta=0.1", DPO_NAMES),
+    "reference_free": ("loss=dpo loss.beta=0.1 loss.reference_free=true", DPO_NAMES),
+    "tdpo2": ("loss=tdpo loss.alpha=0.5 loss.beta=0.1", DPO_NAMES | TDPO_NAMES),
+    "tdpo1": ("loss=tdpo loss.beta=0.1 loss.if_tdpo2=false", DPO_NAMES | TDPO_NAMES),
+    "beta_dpo": ("loss=dpo loss.beta=0.1 loss.mode_loss=beta_DPO loss.mode_weight=0.2 loss.a=0.6",
+                 DPO_NAMES | BETA_DPO_NAMES),
+}
+
+
+def names(template, split):
+    return {n.format(s=split) for n in template}
+
+
+@pytest.mark.parametrize("which", list(COMMANDS))
+def test_command_line_runs_two_steps_with_its_metrics(which, tmp_path):
+    command, expected = COMMANDS[which]
+    run_dir = run_in_process([*FAST, "n_examples=16", *command.split(),
+                              f"local_run_dir={tmp_path}/{which}"])
+    metrics = read_metrics(run_dir)
+    train_rows = [m for m in metrics if "loss/train" in m]
+    eval_rows = [m for m in metrics if "loss/eval" in m]
+    assert len(train_rows) == 2 and train_rows[-1]["counters/updates"] == 2
+    assert names(expected, "train") <= set(train_rows[0])
+    assert names(expected, "eval") <= set(eval_rows[0])
+    assert all(math.isfinite(v) for m in metrics for v in m.values())
+    first = eval_rows[0]
+    if which in ("dpo", "tdpo2", "tdpo1", "beta_dpo"):
+        # Policy == reference before training: every DPO-family loss starts at ln 2.
+        assert first["loss/eval"] == pytest.approx(math.log(2), abs=1e-5)
+    if which == "cdpo":
+        assert first["loss/eval"] == pytest.approx(math.log(2), abs=1e-5)  # smoothing symmetric at 0
+    if which == "ipo":
+        assert first["loss/eval"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)  # (0 - 1/2β)²
+    if which == "beta_dpo":
+        kept = int(8 * (1 - 0.2))  # int(B·(1 − mode_weight)) pairs per batch of 8
+        assert train_rows[0]["record_train/mask_count"] == kept
+    if which.startswith("tdpo"):
+        assert first["kl_eval/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reference_free_builds_no_reference_model(tmp_path):
+    import train
+    from conftest import compose
+    from omegaconf import OmegaConf
+    import utils
+    config = compose([*FAST, "loss=dpo", "loss.reference_free=true", f"local_run_dir={tmp_path}"])
+    OmegaConf.resolve(config)
+    policy, reference = train.build_models(config, utils.build_tokenizer("embedded"))
+    assert reference is None
+    config = compose([*FAST, "loss=dpo", f"local_run_dir={tmp_path}"])
+    OmegaConf.resolve(config)
+    assert train.build_models(config, utils.build_tokenizer("embedded"))[1] is not None
+
+
+def test_beta_dpo_statistics_are_saved_and_restored(tmp_path):
+    command = COMMANDS["beta_dpo"][0].split()
+    run_dir = run_in_process([*FAST, "n_examples=32", "eval_every=16", *command,
+                              f"local_run_dir={tmp_path}/b"])
+    state = torch.load(run_dir / "step-16" / "trainer_state.pt", weights_only=True)["loss_state"]
+    logged = [m for m in read_metrics(run_dir) if m.get("counters/examples") == 16
+              and "record_train/gap_mean" in m][0]
+    assert state["gap_mean"] == pytest.approx(logged["record_train/gap_mean"], rel=1e-6)
+    assert state["gap_std"] == pytest.approx(logged["record_train/gap_std"], rel=1e-6)
