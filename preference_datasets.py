@@ -510,35 +510,33 @@ _WORDS = ('cat', 'dog', 'sun', 'red', 'box', 'cup', 'map', 'pen', 'hat', 'bus',
 _LETTERS = 'abcdefghijklmnopqrstuvwxyz'
 
 
-def _swap_adjacent(items: List[str], rng: random.Random) -> List[str]:
-    """A copy with one random pair of neighbours exchanged (items are distinct)."""
-    k = rng.randrange(len(items) - 1)
-    out = list(items)
-    out[k], out[k + 1] = out[k + 1], out[k]
-    return out
+def _swap_first_two(items: List[str]) -> List[str]:
+    """The items with the first two exchanged (items are distinct, so this is always wrong)."""
+    return [items[1], items[0], *items[2:]]
 
+
+# Each mistake starts at the first answer token, so telling the answers apart takes one simple
+# prediction (the first word, the last letter, the smallest digit); that keeps the preference
+# learnable by a ~1M-parameter model in a minute of CPU training.
 
 def _task_copy(rng: random.Random) -> Tuple[str, List[str], List[str]]:
     words = rng.sample(_WORDS, rng.randint(3, 5))
-    if rng.random() < 0.5:
-        wrong = list(words)
-        del wrong[rng.randrange(len(words))]  # a dropped item
-    else:
-        wrong = _swap_adjacent(words, rng)
+    wrong = words[1:] if rng.random() < 0.5 else _swap_first_two(words)  # dropped item / permutation
     return 'Repeat the words: ' + ' '.join(words), words, wrong
 
 
 def _task_reverse(rng: random.Random) -> Tuple[str, List[str], List[str]]:
     letters = rng.sample(_LETTERS, rng.randint(3, 6))
     right = letters[::-1]
-    wrong = list(letters) if rng.random() < 0.5 else _swap_adjacent(right, rng)
+    wrong = list(letters) if rng.random() < 0.5 else _swap_first_two(right)  # unreversed / permutation
     return 'Reverse the letters: ' + ' '.join(letters), right, wrong
 
 
 def _task_sort(rng: random.Random) -> Tuple[str, List[str], List[str]]:
     digits = rng.sample('0123456789', rng.randint(3, 5))
     right = sorted(digits)
-    wrong = _swap_adjacent(right, rng) if rng.random() < 0.5 or digits == right else list(digits)
+    unsorted_start = digits[0] != right[0]
+    wrong = list(digits) if unsorted_start and rng.random() < 0.5 else _swap_first_two(right)
     return 'Sort the digits: ' + ' '.join(digits), right, wrong
 
 
@@ -586,9 +584,9 @@ def get_synthetic(split: str, silent: bool = False, cache_dir: Optional[str] = N
 
     Four short tasks whose right answer is a simple function of the prompt: repeat 3-5
     words, reverse 3-6 letters, sort 3-5 distinct digits, add two single digits.  The
-    rejected answer is a plausible mistake: a dropped word, two neighbours swapped, the
-    unreversed/unsorted input, or a sum off by one.  One pair per prompt; the SFT target
-    is the right answer.  Train has 6000 prompts, test 400 prompts that never occur in
+    rejected answer is a plausible mistake that goes wrong at its first token: the first
+    word dropped, the first two items swapped, the unreversed/unsorted input, or a sum off
+    by one.  One pair per prompt; the SFT target is the right answer.  Train has 6000 prompts, test 400 prompts that never occur in
     train.  The generator seed is fixed, independent of any training seed.
     """
     if path is not None:

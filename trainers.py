@@ -270,7 +270,7 @@ class BasicTrainer:
                 model = model.to("cuda" if n_gpus == 1 else "cpu")
             setattr(self, name, model)
         if self.config.activation_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.policy)
         self.device = self.policy.get_input_embeddings().weight.device
 
     def clip_gradient(self) -> float:
@@ -848,7 +848,8 @@ def clip_grad_norm_mixed(parameters, max_norm: float) -> float:
             groups[None].append(g)
     total = None
     for key, grads in groups.items():
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        sq = norms.square().sum()
         if key is not None:
             mesh, placements = key
             for dim, placement in enumerate(placements):
@@ -945,8 +946,8 @@ class FSDPTrainer(BasicTrainer):
         return optimizer_state_by_index(self.policy, state) if state else state
 
     def load_optimizer_state_dict(self, state: dict):
-        set_optimizer_state_dict(self.policy, self.optimizer,
-                                 optimizer_state_by_name(self.policy, state), options=FULL_STATE_LOAD)
+        state = optimizer_state_by_name(self.policy, state)
+        set_optimizer_state_dict(self.policy, self.optimizer, state, options=FULL_STATE_LOAD)
 
 
 def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict):
@@ -1054,8 +1055,8 @@ def seeded_rng(seed: int, device: torch.device):
 
 # Which projections of a block are split how. Llama and GPT-NeoX (and most decoder models) carry
 # their plan in transformers' config.base_model_tp_plan ("layers.*.self_attn.q_proj": "colwise",
-# ...); GPT-2 has none, as its projections are transformers' Conv1D (weights stored in x out) and its
-# query/key/value projection is fused, so it gets its own.
+# ...); GPT-2 has none (its projections are transformers' Conv1D, weights stored in x out, and its
+# query/key/value projection is fused), so it gets its own.
 GPT2_BLOCK_PLAN = {"attn.c_attn": "colwise_qkv", "attn.c_proj": "rowwise",
                    "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
 
@@ -1076,8 +1077,9 @@ def block_tp_plan(model) -> Dict[str, str]:
         block_plan[path.split("*.", 1)[1]] = kind
     if not block_plan:
         raise ConfigError(f"trainer=TensorParallelTrainer has no tensor-parallel plan for "
-                          f"model_type={cfg.model_type} (supported: llama, gpt_neox, gpt2 and models "
-                          "whose transformers config has a base_model_tp_plan); use trainer=FSDPTrainer")
+                          f"model_type={cfg.model_type} (supported: llama, gpt_neox, gpt2 and "
+                          "models whose transformers config has a base_model_tp_plan); use "
+                          "trainer=FSDPTrainer")
     return block_plan
 
 
@@ -1156,7 +1158,8 @@ class Conv1DParallel(ParallelStyle):
                         data = data.index_select(dim, order)
                         mod._tp_fused_columns = (3, tp)
                 dt = distribute_tensor(data, mesh, [placement], src_data_rank=self.src_data_rank)
-                mod.register_parameter(pname, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
+                mod.register_parameter(pname, torch.nn.Parameter(
+                    dt, requires_grad=param.requires_grad))
 
         def prepare_input(mod, inputs, mesh):
             x = inputs[0]

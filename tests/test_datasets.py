@@ -476,7 +476,8 @@ def test_synthetic_dataset():
             assert prompt == H + question + A
             right, wrong = entry['responses']
             assert entry['pairs'] == [(0, 1)] and entry['sft_target'] == right == right_answer(question)
-            assert wrong != right and wrong.startswith(' ') and len(right.split()) <= 6
+            assert wrong.startswith(' ') and len(right.split()) <= 6
+            assert wrong.split()[0] != right.split()[0]  # wrong from the first token: easy to learn
             tasks.add(question.split(':')[0].split()[0])
     assert tasks == {'Repeat', 'Reverse', 'Sort', 'What'}
     corpus = pdx.synthetic_corpus()

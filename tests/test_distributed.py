@@ -30,7 +30,6 @@ RUN_TIMEOUT = 240
 LOSS_RTOL_FP32 = 1e-5
 LOSS_RTOL_BF16 = 5e-3
 WEIGHT_ATOL = 1e-4
-BF16_WEIGHT_ATOL = 5e-3
 
 
 def torchrun(script_and_args, tmp_dir: Path, nproc: int = 2, timeout: int = RUN_TIMEOUT):
@@ -108,15 +107,26 @@ def initial_weights(tokenizer):
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
+def mean_abs_diff(a: dict, b: dict) -> float:
+    return (torch.cat([(a[k].float() - b[k].float()).flatten() for k in sorted(a)]).abs().mean()
+            .item())
+
+
 def check_against_baseline(run_dir: Path, baseline: Path, initial: dict, tokenizer,
-                           rtol=LOSS_RTOL_FP32, atol=WEIGHT_ATOL):
-    loss_diff = assert_same_losses(run_dir, baseline, rtol)
+                           bf16: bool = False):
+    loss_diff = assert_same_losses(run_dir, baseline, LOSS_RTOL_BF16 if bf16 else LOSS_RTOL_FP32)
     got, want = policy_state(run_dir), policy_state(baseline)
-    diff = max_weight_diff(got, want)
-    assert diff <= atol, f"final weights differ by {diff:.2e}"
-    print(f"{run_dir.name}: max relative loss difference {loss_diff:.2e}, "
-          f"max weight difference {diff:.2e}")
     assert max_weight_diff(want, initial) > 10 * WEIGHT_ATOL  # the weights did move
+    if bf16:
+        # bf16 rounding flips Adam's update for a few near-zero gradients (each then off by up to
+        # 2 lr), so compare on average: within 10% of how far training moved the weights.
+        diff = mean_abs_diff(got, want) / mean_abs_diff(want, initial)
+        assert diff <= 0.1, f"final weights differ by {diff:.1%} of the training update"
+    else:
+        diff = max_weight_diff(got, want)
+        assert diff <= WEIGHT_ATOL, f"final weights differ by {diff:.2e}"
+    print(f"{run_dir.name}: max relative loss difference {loss_diff:.2e}, "
+          f"{'relative mean' if bf16 else 'max'} weight difference {diff:.2e}")
     # A full, unprefixed state dict that loads into a plain model, as does the Hugging Face copy.
     import transformers
     import utils
@@ -178,8 +188,7 @@ def test_single_command_launch_with_bf16_mixed_precision_and_sampling(
     assert rc == 0, output[-4000:]
     assert "starting 2 processes" in output
     # bf16 compute against the fp32 BasicTrainer run: the loss within 5e-3, the weights close.
-    check_against_baseline(run_dir, baseline, initial_weights, tokenizer, rtol=LOSS_RTOL_BF16,
-                           atol=BF16_WEIGHT_ATOL)
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer, bf16=True)
     samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6  # 3 evaluations x 2 prompts, written once (by rank 0)
     assert all(isinstance(s["policy"], str) and isinstance(s["reference"], str) for s in samples)
@@ -260,10 +269,11 @@ for arch, (settings, block) in ARCHS.items():
     state = trainers.get_model_state_dict(tp, options=trainers.FULL_STATE_SAVE)
     if rank == 0:
         state = {k: trainers.unfuse_columns(tp, k, v) for k, v in state.items()}
-        out["tp_state"] = max((v - state[k]).abs().max().item() for k, v in ref.state_dict().items())
+        out["tp_state"] = max((v - state[k]).abs().max().item()
+                              for k, v in ref.state_dict().items())
     moved = {k: v + 0.01 * torch.randn_like(v) for k, v in ref.state_dict().items()}
-    trainers.set_model_state_dict(tp, {k: trainers.fuse_columns(tp, k, v) for k, v in moved.items()},
-                                  options=trainers.FULL_STATE_LOAD)
+    fused = {k: trainers.fuse_columns(tp, k, v) for k, v in moved.items()}
+    trainers.set_model_state_dict(tp, fused, options=trainers.FULL_STATE_LOAD)
     plain = copy.deepcopy(ref)
     plain.load_state_dict(moved)
     with torch.no_grad():
@@ -311,7 +321,7 @@ def test_parallel_plans_match_plain_models_for_llama_neox_gpt2(tmp_path):
 # ----------------------------------------------------------------------------- single process
 
 def test_tensor_parallel_does_not_split_the_batch():
-    """Validation counts data-parallel processes: every tensor-parallel rank sees the whole batch."""
+    """Validation counts data-parallel processes: each tensor-parallel rank sees the whole batch."""
     import train
     from omegaconf import OmegaConf
     config = compose([*COMMON, "batch_size=6", "gradient_accumulation_steps=2",
@@ -327,8 +337,8 @@ def test_tensor_parallel_does_not_split_the_batch():
 def test_block_plans_cover_llama_neox_and_gpt2():
     import transformers
     import trainers
-    plans = {t: trainers.block_tp_plan(type("M", (), {"config": transformers.AutoConfig.for_model(t)}))
-             for t in ("llama", "gpt_neox", "gpt2")}
+    plans = {t: trainers.block_tp_plan(types.SimpleNamespace(
+        config=transformers.AutoConfig.for_model(t))) for t in ("llama", "gpt_neox", "gpt2")}
     assert plans["llama"] == {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
                               "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise",
                               "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
