@@ -137,13 +137,22 @@ def validate_datasets(config: DictConfig):
     _require(len(config.datasets) > 0, "datasets=[] is empty; name at least one dataset")
     known = sorted(preference_datasets.DATASETS)
     for name in config.datasets:
-        _require(name in preference_datasets.DATASETS or os.path.isfile(str(name)),
+        _require(name in preference_datasets.DATASETS or _local_path_exists(name, os.path.isfile),
                  f"datasets: unknown dataset {name!r}; use one of {', '.join(known)} or the path "
-                 "of a local .jsonl/.json/.parquet file with prompt/chosen/rejected columns")
+                 "of a local .jsonl/.json/.parquet file with prompt/chosen/rejected columns "
+                 "(a {split} in the path stands for train and test)")
     for name, path in config.dataset_paths.items():
         if path is not None:
-            _require(os.path.exists(str(path)),
+            _require(_local_path_exists(path, os.path.exists),
                      f"dataset_paths.{name}={path} does not exist")
+
+
+def _local_path_exists(path, exists) -> bool:
+    """A local path, where '{split}' stands for both the train and the test file."""
+    path = str(path)
+    if "{split}" not in path:
+        return exists(path)
+    return all(exists(path.replace("{split}", split)) for split in ("train", "test"))
 
 
 def validate_loss_combination(config: DictConfig):

@@ -205,6 +205,16 @@ def test_malformed_user_file_found_late_leaves_no_run_dir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_user_file_with_split_placeholder_trains_and_evaluates(tmp_path):
+    for split, n in (("train", 16), ("test", 8)):
+        rows = [f'{{"prompt": "Q{i} {split}", "chosen": " good", "rejected": " bad"}}' for i in range(n)]
+        (tmp_path / f"prefs_{split}.jsonl").write_text("\n".join(rows) + "\n")
+    pattern = str(tmp_path / "prefs_{split}.jsonl")
+    run_dir = run_in_process([*FAST, "n_examples=16", "n_eval_examples=8", "eval_batch_size=8",
+                              "loss=dpo", f"datasets=['{pattern}']", f"local_run_dir={tmp_path}/run"])
+    assert [m for m in read_metrics(run_dir) if "rewards_eval/accuracies" in m]
+
+
 @pytest.mark.slow
 def test_readme_sft_then_dpo_reaches_heldout_accuracy(tmp_path):
     """The README's main job on the embedded default, as written, in under 5 minutes."""
