@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,22 +161,21 @@ def check_batch(batch, args):
                                f"{args.batch} x {args.response_len}")
 
 
-def run(args) -> dict:
-    import torch
-    torch.set_num_threads(args.threads)
-    import datasets
-    import transformers
-    from omegaconf import OmegaConf
-
-    import train
+def run(args, tmp: Path) -> dict:
+    import train  # first: it sets the math library's environment before torch loads, as for users
     import trainers
     import utils
+
+    import datasets
+    import torch
+    import transformers
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
 
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="dpo_throughput_"))
     n_words = write_tokenizer(args.vocab, tmp / "tokenizer")
     write_pairs(tmp / "pairs.jsonl", args.batch * args.steps, args.prompt_len, args.response_len,
                 n_words, args.seed)
@@ -192,11 +192,14 @@ def run(args) -> dict:
                                     reference_model=reference, tokenizer=tokenizer)
     del policy, reference  # the trainer owns them (and drops the reference when precomputing)
     trainer.build_optimizer()
-    precompute_s = None
+    precompute_s, cache = None, None
     if args.precompute_ref:
         start = time.perf_counter()
         trainer.prepare_reference_cache()
         precompute_s = time.perf_counter() - start
+        # a file from an earlier run with the same seed and settings is reused, not recomputed
+        fresh = trainer.reference_cache_file.stat().st_mtime >= time.time() - precompute_s - 1
+        cache = {"file": str(trainer.reference_cache_file), "computed": fresh}
     setup_s = time.perf_counter() - t0
 
     load_start = os.getloadavg()[0]
@@ -239,6 +242,7 @@ def run(args) -> dict:
         "losses": [round(float(l), 6) for l in losses],
         "setup_s": round(setup_s, 2),
         "precompute_s": None if precompute_s is None else round(precompute_s, 2),
+        "reference_cache": cache,
         "reference_in_memory": trainer.reference_model is not None,
         "settings": {
             "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
@@ -260,7 +264,12 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    result = run(parse_args(argv))
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="dpo_throughput_"))
+    try:
+        result = run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     sys.stdout.flush()
     print(json.dumps(result))
     return result

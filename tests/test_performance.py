@@ -2,6 +2,9 @@
 precomputed reference log-probs train exactly like a live reference, and the benchmark runs."""
 import copy
 import json
+import os
+import signal
+import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -203,6 +206,35 @@ def test_a_sequence_missing_from_the_cache_is_an_error(tmp_path, tokenizer):
     with pytest.raises(trainers.ReferenceCacheMiss, match="rejected sequence of this batch has no "
                                                           "precomputed reference log-prob"):
         trainer.batch_loss(batch, train=True)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_under_fsdp_trains_like_a_live_reference(tmp_path):
+    """Two CPU processes (gloo) each score their share of every micro-batch; the shares are merged
+    into one cache file, and training matches one process with a live reference."""
+    # n_examples unlike the other tests', so that this run computes its own cache file
+    settings = [*SHORT, *DPO, "gradient_accumulation_steps=2", "warmup_steps=0", "n_examples=24"]
+    live = read_metrics(run_in_process([*settings, f"local_run_dir={tmp_path}/live"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *settings, "trainer=FSDPTrainer", "precompute_ref_log_probs=true",
+           f"local_run_dir={tmp_path}/fsdp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(tmp_path / "fsdp.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own group: a hang is killed whole
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = (tmp_path / "fsdp.log").read_text()
+    assert proc.returncode == 0, output[-3000:]
+    assert "precompute_ref_log_probs: saved them to" in output
+    sharded = read_metrics(tmp_path / "fsdp")
+    for key in ("loss/train", "loss/eval"):
+        a = [m[key] for m in live if key in m]
+        b = [m[key] for m in sharded if key in m]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, abs=1e-5), key
 
 
 @pytest.mark.parametrize("extra", [[], ["--precompute-ref"]])
