@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
 import shutil
 import statistics
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import add_comparison_args, check_comparison_args, synthetic_rows, word_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -43,8 +44,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-# The same special tokens, in the same order, as benchmarks/trl_dpo_baseline.py.
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 BLOCKS = {"llama": "LlamaDecoderLayer", "gpt_neox": "GPTNeoXLayer"}
 LOSSES = {"dpo": ["loss=dpo", "loss.beta=0.1"], "ipo": ["loss=ipo", "loss.beta=0.1"],
           "tdpo": ["loss=tdpo", "loss.beta=0.1"], "sft": ["loss=sft"]}
@@ -53,72 +52,33 @@ LOSSES = {"dpo": ["loss=dpo", "loss.beta=0.1"], "ipo": ["loss=ipo", "loss.beta=0
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=sorted(BLOCKS), default="llama")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=688,
-                   help="MLP width (the TRL baseline script's default)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size, special tokens included")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per pair")
-    p.add_argument("--response-len", type=int, default=128,
-                   help="tokens per chosen / rejected response, including the appended EOS")
-    p.add_argument("--batch", type=int, default=4, help="preference pairs per optimizer step")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps in all")
-    p.add_argument("--warmup-steps", type=int, default=2, help="leading steps not timed")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    add_comparison_args(p)
     p.add_argument("--loss", choices=sorted(LOSSES), default="dpo")
     p.add_argument("--precompute-ref", action="store_true",
                    help="precompute_ref_log_probs=true: score the data with the reference once")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (TRL's default)")
     p.add_argument("--override", action="append", default=[],
                    help="extra Hydra override for the training config (repeatable)")
     args = p.parse_args(argv)
-    if args.steps <= args.warmup_steps:
-        p.error("--steps must be larger than --warmup-steps")
-    if args.prompt_len < 1 or args.response_len < 2:
-        p.error("--prompt-len must be >= 1 and --response-len >= 2 (one word token + EOS)")
-    if args.vocab <= len(SPECIAL_TOKENS) + 1:
-        p.error("--vocab too small")
-    if args.hidden % args.heads:
-        p.error("--hidden must be divisible by --heads")
+    check_comparison_args(p, args)
     if args.precompute_ref and args.loss not in ("dpo", "ipo"):
         p.error("--precompute-ref needs a loss with a sequence-level reference (dpo, ipo)")
     return args
 
 
 def write_tokenizer(vocab_size: int, path: Path) -> int:
-    """A word-level tokenizer over 't0'..'tN' after the special tokens, `vocab_size` ids in all,
-    so each synthetic word is exactly one token. Returns the number of words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    n_words = vocab_size - len(SPECIAL_TOKENS)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"t{i}": len(SPECIAL_TOKENS) + i for i in range(n_words)})
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                  bos_token="<s>", eos_token="</s>")
-    assert len(tok) == vocab_size, (len(tok), vocab_size)
+    """Save the shared word-level tokenizer to `path`; returns the number of words."""
+    tok, n_words = word_tokenizer(vocab_size)
     tok.save_pretrained(path)
     return n_words
 
 
 def write_pairs(path: Path, n_pairs: int, prompt_len: int, response_len: int, n_words: int,
                 seed: int):
-    """TRL-format rows: prompt_len words, and responses of response_len - 1 words (the
-    tokenisation appends EOS), each with a leading space as the TRL baseline writes them."""
-    rng = random.Random(seed)
-
-    def words(n):
-        return " ".join(f"t{rng.randrange(n_words)}" for _ in range(n))
-
     with open(path, "w") as f:
-        for _ in range(n_pairs):
-            f.write(json.dumps({"prompt": words(prompt_len), "chosen": " " + words(response_len - 1),
-                                "rejected": " " + words(response_len - 1)}) + "\n")
+        for row in synthetic_rows(n_pairs, prompt_len, response_len, n_words, seed):
+            f.write(json.dumps(row) + "\n")
 
 
 def overrides(args, tokenizer_dir: Path, data_file: Path, run_dir: Path):

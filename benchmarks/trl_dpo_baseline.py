@@ -49,88 +49,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0, 1, 2, 3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_comparison_args, check_comparison_args, synthetic_rows, word_tokenizer  # noqa: E402
+
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=["llama", "gpt_neox"], default="llama")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=688,
-                   help="MLP width (llama: gate/up/down SwiGLU; gpt_neox: 2-matrix GELU MLP)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size, special tokens included")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per example")
-    p.add_argument("--response-len", type=int, default=128,
-                   help="tokens per chosen / rejected response, including the EOS appended by TRL")
-    p.add_argument("--batch", type=int, default=4, help="preference pairs per step (per_device_train_batch_size)")
-    p.add_argument("--steps", type=int, default=12, help="total optimisation steps (max_steps)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="leading steps excluded from timing")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    add_comparison_args(p)
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                    help="DPOConfig.gradient_checkpointing; 'on' is TRL's default")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.steps <= args.warmup_steps:
-        p.error("--steps must be larger than --warmup-steps")
-    if args.prompt_len < 1 or args.response_len < 2:
-        p.error("--prompt-len must be >= 1 and --response-len >= 2 (one word token + EOS)")
-    if args.vocab <= len(SPECIAL_TOKENS) + 1:
-        p.error("--vocab too small")
-    if args.hidden % args.heads:
-        p.error("--hidden must be divisible by --heads")
+    check_comparison_args(p, args)
     return args
 
 
 # --------------------------------------------------------------------------- #
 # Tokenizer and data
 # --------------------------------------------------------------------------- #
-def build_tokenizer(vocab_size: int):
-    """Word-level tokenizer over "t0".."tK" plus 4 specials, total `vocab_size` ids.
-
-    Words are split on whitespace only; special tokens (e.g. the "</s>" TRL
-    appends directly after the last word) are matched before splitting.  No
-    post-processor, so no BOS/EOS is added implicitly.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    n_words = vocab_size - len(SPECIAL_TOKENS)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for i in range(n_words):
-        vocab[f"t{i}"] = len(SPECIAL_TOKENS) + i
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    assert len(tok) == vocab_size, (len(tok), vocab_size)
-    return tok, n_words
-
-
 def build_dataset(n_examples: int, prompt_len: int, response_len: int, n_words: int, seed: int):
-    """Random word sequences; each response has response_len - 1 words (TRL adds EOS)."""
-    import random
-
     from datasets import Dataset
-
-    rng = random.Random(seed)
-
-    def words(n):
-        return " ".join(f"t{rng.randrange(n_words)}" for _ in range(n))
-
-    rows = {"prompt": [], "chosen": [], "rejected": []}
-    for _ in range(n_examples):
-        rows["prompt"].append(words(prompt_len))
-        # leading space separates the response from the prompt when TRL concatenates them
-        rows["chosen"].append(" " + words(response_len - 1))
-        rows["rejected"].append(" " + words(response_len - 1))
-    return Dataset.from_dict(rows)
+    rows = synthetic_rows(n_examples, prompt_len, response_len, n_words, seed)
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
 
 
 def check_token_counts(trainer, tokenizer, args):
@@ -243,7 +183,7 @@ def main(argv=None):
     datasets.disable_progress_bars()
 
     t0 = time.perf_counter()
-    tokenizer, n_words = build_tokenizer(args.vocab)
+    tokenizer, n_words = word_tokenizer(args.vocab)
     train_ds = build_dataset(args.batch * args.steps, args.prompt_len, args.response_len, n_words, args.seed)
     policy = build_model(args, tokenizer)
     reference = copy.deepcopy(policy)  # explicit, separate reference model (not ref_model=None)
