@@ -241,6 +241,10 @@ def run(config: DictConfig):
         if created and rank == 0:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if torch.distributed.is_initialized():
+        # Tear the process group down together, not in each rank's interpreter shutdown.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def spawn_local_workers(config: DictConfig, n_procs: int):
