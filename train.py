@@ -90,8 +90,10 @@ def validate_config(config: DictConfig, world_size: int):
     _require(config.max_prompt_length < config.max_length,
              f"max_prompt_length={config.max_prompt_length} must be less than "
              f"max_length={config.max_length}")
+    _require(config.trainer in TRAINERS,
+             f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
     # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
-    data_procs = 1 if config.trainer == "TensorParallelTrainer" else world_size
+    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
     per_update = config.gradient_accumulation_steps * data_procs
     _require(config.batch_size % per_update == 0,
              f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
@@ -99,8 +101,6 @@ def validate_config(config: DictConfig, world_size: int):
     _require(config.eval_batch_size % data_procs == 0,
              f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
              f"processes ({data_procs})")
-    _require(config.trainer in TRAINERS,
-             f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
     optimizer = getattr(torch.optim, str(config.optimizer), None)
     _require(isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer),
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "

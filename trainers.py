@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,12 +21,20 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 import tqdm
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel,
+                                               parallelize_module)
 from omegaconf import DictConfig, OmegaConf
 
 import losses
 import preference_datasets
-from utils import (ConfigError, all_gather_cat, get_rng_state, rank0_print, safe_torch_load,
-                   save_hf_format, set_rng_state)
+from utils import (ConfigError, all_gather_cat, default_cache_dir, get_rng_state, rank0_print,
+                   safe_torch_load, save_hf_format, set_rng_state)
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,7 +170,6 @@ class ReferenceCacheMiss(RuntimeError):
 
 
 def reference_cache_dir() -> Path:
-    from utils import default_cache_dir
     return default_cache_dir() / "ref-logps"
 
 
@@ -297,15 +305,18 @@ class BasicTrainer:
         if dist.is_initialized():
             dist.barrier()
 
+    # Whether the processes split each batch between them (data parallelism). train.py reads it
+    # too, to check that batch sizes divide before any trainer is built.
+    splits_batch = True
+
     @property
     def data_parallel_size(self) -> int:
-        """Processes that split each batch between them (1 under tensor parallelism, where every
-        rank sees the same data)."""
-        return self.world_size
+        """Processes that split each batch between them."""
+        return self.world_size if self.splits_batch else 1
 
     @property
     def data_rank(self) -> int:
-        return self.rank
+        return self.rank if self.splits_batch else 0
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate a 1-D tensor over the data-parallel ranks."""
@@ -339,6 +350,11 @@ class BasicTrainer:
                                   skip_batches=self.batch_counter)
 
     # -- one batch -----------------------------------------------------------------------------
+
+    @property
+    def sides(self):
+        """The responses a step scores: chosen and rejected, or only the SFT target."""
+        return ("chosen", "rejected") if self.loss.paired else ("chosen",)
 
     def reference_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
         if self.reference_cache is not None:
@@ -398,13 +414,13 @@ class BasicTrainer:
         micro-batches (so the same padding) as training and evaluation; each rank scores its own
         share, then the shares are merged."""
         self.reference_model.eval()
-        entries, sides = {}, ("chosen", "rejected") if self.loss.paired else ("chosen",)
+        entries = {}
         dtype = None
         for batch, n_parts in tqdm.tqdm(self.reference_cache_batches(), total=n_batches,
                                         desc="Scoring with the reference", disable=self.rank != 0):
             for part in range(n_parts):
                 micro = self.rank_slice(batch, part, n_parts)
-                for side in sides:
+                for side in self.sides:
                     keys = sequence_keys(micro, side)
                     if not self.any_rank(any(k not in entries for k in keys)):
                         continue
@@ -426,10 +442,9 @@ class BasicTrainer:
             raise ConfigError("precompute_ref_log_probs=true needs the trainer to be given the "
                               "reference model (train.build_models builds it)")
         needed, n_batches = set(), 0
-        sides = ("chosen", "rejected") if self.loss.paired else ("chosen",)
         for batch, _ in self.reference_cache_batches():
             n_batches += 1
-            for side in sides:
+            for side in self.sides:
                 needed.update(sequence_keys(batch, side))
         path = reference_cache_path(self.reference_fingerprint, needed)
         self.reference_cache_file = path
@@ -456,9 +471,8 @@ class BasicTrainer:
         """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects."""
         spec, args, chunk = self.loss, self.loss_args, self.config.logps_chunk_size
         average = spec.average_log_prob(args)
-        sides = ("chosen", "rejected") if spec.paired else ("chosen",)
         out = {}
-        for side in sides:
+        for side in self.sides:
             ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
             if spec.token_level:
                 margin, kl, logps = token_level_logps(self.policy, self.reference_model, ids, mask,
@@ -805,16 +819,6 @@ def wandb_logged_in() -> bool:
 # projections with PyTorch's native tensor parallelism (DeviceMesh + `parallelize_module`). Both run
 # one process per device under torchrun (train.py also spawns them itself over several local GPUs)
 # and as a single process with a one-rank process group.
-import types
-
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel,
-                                               parallelize_module)
 
 # Full state dicts gathered to rank 0 on the CPU (the other ranks take part and get {}).
 FULL_STATE_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -1023,13 +1027,7 @@ class TensorParallelTrainer(BasicTrainer):
     split column- then row-wise (Megatron-LM's layout), everything else is replicated. Every rank
     sees the same data, so the batch is not split between ranks and metrics are not gathered."""
 
-    @property
-    def data_parallel_size(self) -> int:
-        return 1
-
-    @property
-    def data_rank(self) -> int:
-        return 0
+    splits_batch = False
 
     def setup_models(self):
         ensure_process_group()
