@@ -1,11 +1,17 @@
 """Convert a checkpoint of this framework to Hugging Face format.
 
-    python export_hf.py RUN_DIR/step-N [OUT_DIR]
+    python export_hf.py CHECKPOINT [OUT_DIR] [--trust-remote-code]
 
-writes config.json, model.safetensors and the tokenizer to OUT_DIR (default: the checkpoint
-directory itself), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the policy anywhere.
-The model's architecture and tokenizer come from the config.yaml saved in the checkpoint.
+CHECKPOINT is a step-N/ or LATEST/ directory, or a run directory (its LATEST/ is used). Writes
+config.json, model.safetensors and the tokenizer to OUT_DIR (default: the checkpoint directory
+itself), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the policy anywhere. The model's
+architecture and tokenizer come from the config.yaml saved in the checkpoint, and the weights are
+checked against that architecture before anything is written.
+
+A checkpoint never decides whether code shipped with a model runs: its saved trust_remote_code is
+ignored, and remote code runs only with --trust-remote-code on this command line.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -14,28 +20,49 @@ from omegaconf import OmegaConf
 
 import utils
 
+OPTION = "export_hf.py CHECKPOINT"
 
-def export(checkpoint_dir: str, out_dir: str = None) -> Path:
-    checkpoint = Path(checkpoint_dir)
-    config_path = checkpoint / "config.yaml"
-    if not config_path.is_file():
-        raise utils.ConfigError(f"{config_path} is missing: pass a step-N/ or LATEST/ directory "
-                                "written by train.py")
-    model_cfg = OmegaConf.load(config_path).model
-    state = utils.load_policy_archive(str(checkpoint / "policy.pt"))
-    tokenizer = utils.build_tokenizer(model_cfg.tokenizer_name_or_path or model_cfg.name_or_path,
-                                      model_cfg.trust_remote_code)
+
+def find_checkpoint(path: str) -> Path:
+    """The checkpoint directory `path` means: itself, or a run directory's LATEST/."""
+    given = Path(path)
+    for candidate in (given, given / "LATEST"):
+        if (candidate / "policy.pt").is_file():
+            if not (candidate / "config.yaml").is_file():
+                raise utils.ConfigError(f"{OPTION}={path}: {candidate / 'config.yaml'} is missing; "
+                                        "pass a step-N/ or LATEST/ directory written by train.py")
+            return candidate
+    if not given.exists():
+        raise utils.ConfigError(f"{OPTION}={path} does not exist; pass a step-N/ or LATEST/ "
+                                "directory written by train.py, or its run directory")
+    raise utils.ConfigError(f"{OPTION}={path} holds no policy.pt (nor LATEST/policy.pt); pass a "
+                            "step-N/ or LATEST/ directory written by train.py, or its run directory")
+
+
+def build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code: bool):
+    """The model's architecture on the meta device: no weights are allocated or loaded."""
     from_config = OmegaConf.to_container(model_cfg.from_config) if model_cfg.from_config else None
-    # Only the architecture is needed: build it without allocating or loading weights.
     with torch.device("meta"):
-        if from_config is None:
-            import transformers
-            config = transformers.AutoConfig.from_pretrained(
-                model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-            skeleton = transformers.AutoModelForCausalLM.from_config(
-                config, trust_remote_code=model_cfg.trust_remote_code)
-        else:
-            skeleton = utils.build_model(None, from_config, tokenizer, torch.float32)
+        if from_config is not None:
+            return utils.build_model(None, from_config, tokenizer, torch.float32)
+        import transformers
+        config = utils.load_model_config(model_cfg.name_or_path, gguf_file, trust_remote_code)
+        return transformers.AutoModelForCausalLM.from_config(config,
+                                                             trust_remote_code=trust_remote_code)
+
+
+def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = False) -> Path:
+    """Write the Hugging Face files of a checkpoint; returns the output directory."""
+    checkpoint = find_checkpoint(checkpoint_dir)
+    # The saved config says which model this is; whether its code may run is only ours to say.
+    model_cfg = OmegaConf.load(checkpoint / "config.yaml").model
+    # checkpoints written before model.gguf_file existed have none: ordinary weights
+    gguf_file = model_cfg.gguf_file if "gguf_file" in model_cfg else None
+    state = utils.load_policy_archive(str(checkpoint / "policy.pt"), OPTION)
+    tokenizer = utils.build_model_tokenizer(model_cfg.name_or_path, model_cfg.tokenizer_name_or_path,
+                                            gguf_file, trust_remote_code)
+    skeleton = build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code)
+    utils.check_state_dict(skeleton, state, f"{OPTION}={checkpoint_dir}")
     out = Path(out_dir) if out_dir else checkpoint
     out.mkdir(parents=True, exist_ok=True)
     utils.save_hf_format(skeleton, state, tokenizer, out)
@@ -43,15 +70,18 @@ def export(checkpoint_dir: str, out_dir: str = None) -> Path:
 
 
 def main(argv):
-    if len(argv) not in (1, 2):
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("checkpoint", help="a step-N/ or LATEST/ directory, or a run directory")
+    parser.add_argument("out_dir", nargs="?", default=None, help="default: the checkpoint itself")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the model's own Python code (auto_map) run; only for code you trust")
+    args = parser.parse_args(argv)
     try:
-        out = export(*argv)
+        out = export(args.checkpoint, args.out_dir, args.trust_remote_code)
     except utils.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote Hugging Face files to {out}")
+    print(f"wrote Hugging Face files of {find_checkpoint(args.checkpoint)} to {out}")
     return 0
 
 

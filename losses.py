@@ -11,80 +11,23 @@ Sources the formulas follow:
     (Zeng et al. 2024, arXiv 2404.11999).
   * beta-DPO: junkangwu/beta-DPO, trainers.py (Wu et al. 2024, arXiv 2407.08639).
 
-Part B (`completion_logps`, `completion_token_kl`) computes the same per-sequence
-quantities from final hidden states and the output-layer weight without ever
-materialising the (B, T, V) logits: only positions with a real label are
-processed, a chunk of rows at a time, and the backward recomputes each chunk's
-logits instead of keeping them.
+The per-sequence inputs (log-probs, TDPO's position KL, WPO's and LD-DPO's parts) are computed
+in logps.py, which also holds their full-logits reference formulas; nothing here imports it.
 """
 
+import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Real
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------
-# Part A: reference-exact functions on full logits / per-sequence log-probs
+# Part A: the DPO, TDPO and beta-DPO repositories' losses on per-sequence log-probs
 # ---------------------------------------------------------------------------
-
-def _shifted_labels(labels: torch.LongTensor) -> Tuple[torch.LongTensor, torch.BoolTensor]:
-    """Drop the first label (token t is predicted from position t-1) and build the mask.
-
-    Returns:
-        (labels with -100 replaced by 0, mask), both (B, T-1).
-    """
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    # any valid index works for masked positions; their values are zeroed later
-    safe = shifted.masked_fill(~mask, 0)
-    return safe, mask
-
-
-def _reduce_tokens(per_token: torch.Tensor, mask: torch.BoolTensor, average_log_prob: bool) -> torch.Tensor:
-    """Masked sum (or mean) over the sequence axis; an all-masked row gives 0, not NaN.
-
-    Args:
-        per_token: (B, T-1) values.
-        mask: (B, T-1) which positions count.
-        average_log_prob: divide by the number of counted positions.
-
-    Returns:
-        (B,) tensor.
-    """
-    # where() rather than multiply so that a non-finite masked value cannot leak in
-    total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
-    if average_log_prob:
-        # the reference divides by the raw count (0/0 = NaN for an empty row)
-        total = total / mask.sum(-1).clamp(min=1).to(total.dtype)
-    return total
-
-
-def get_batch_logps(logits: torch.Tensor, labels: torch.LongTensor,
-                    average_log_prob: bool = False) -> torch.Tensor:
-    """Log-probability of the labelled tokens of each sequence (DPO repo `_get_batch_logps`).
-
-    Args:
-        logits: (B, T, V) unnormalised scores; position t predicts token t+1.
-        labels: (B, T) token ids, -100 where the token does not count (prompt, padding).
-        average_log_prob: mean over counted tokens instead of the sum.
-
-    Returns:
-        (B,) summed (or averaged) log-probabilities; 0 for a row without counted tokens.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f'logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree')
-    targets, mask = _shifted_labels(labels)
-    logps = logits[:, :-1, :].log_softmax(-1)
-    per_token = torch.gather(logps, 2, targets.unsqueeze(2)).squeeze(2)
-    return _reduce_tokens(per_token, mask, average_log_prob)
-
 
 def preference_loss(policy_chosen_logps: torch.Tensor,
                     policy_rejected_logps: torch.Tensor,
@@ -127,53 +70,6 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
-
-
-def _position_kl(ref_logps: torch.Tensor, pol_logps: torch.Tensor) -> torch.Tensor:
-    """KL(ref || pol) over the last axis from log-probabilities.
-
-    A reference probability that underflows to 0 contributes exactly 0
-    (the TDPO repo takes log(softmax) and gets 0 * -inf = NaN there).
-    """
-    p_ref = ref_logps.exp()
-    term = p_ref * (ref_logps - pol_logps)
-    return torch.where(p_ref > 0, term, torch.zeros_like(term)).sum(-1)
-
-
-def tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor,
-                         labels: torch.LongTensor, average_log_prob: bool = False
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence TDPO statistics (TDPO repo `_tdpo_get_batch_logps`).
-
-    Args:
-        logits: (B, T, V) policy logits.
-        reference_logits: (B, T, V) reference logits (the caller decides whether they carry grad).
-        labels: (B, T) token ids with -100 for ignored positions.
-        average_log_prob: means over counted positions instead of sums.
-
-    Returns:
-        (logps_margin, position_kl, logps), each (B,):
-          logps_margin = sum_t [log pi(y_t) - log ref(y_t)],
-          position_kl  = sum_t KL(ref(.|prefix_t) || pi(.|prefix_t)),
-          logps        = sum_t log pi(y_t);
-        summed over counted positions (or averaged; 0 for an empty row).
-    """
-    if logits.shape[:-1] != labels.shape or reference_logits.shape != logits.shape:
-        raise ValueError(f'logits {tuple(logits.shape)}, reference_logits '
-                         f'{tuple(reference_logits.shape)} and labels {tuple(labels.shape)} disagree')
-    targets, mask = _shifted_labels(labels)
-    pol_logps = logits[:, :-1, :].log_softmax(-1)
-    # log_softmax, not softmax().log(): keeps underflowing reference probabilities finite
-    ref_logps = reference_logits[:, :-1, :].log_softmax(-1)
-
-    idx = targets.unsqueeze(2)
-    token_logps = torch.gather(pol_logps, 2, idx).squeeze(2)
-    ref_token_logps = torch.gather(ref_logps, 2, idx).squeeze(2)
-    kl = _position_kl(ref_logps, pol_logps)
-
-    return (_reduce_tokens(token_logps - ref_token_logps, mask, average_log_prob),
-            _reduce_tokens(kl, mask, average_log_prob),
-            _reduce_tokens(token_logps, mask, average_log_prob))
 
 
 def tdpo_loss(chosen_logps_margin: torch.Tensor,
@@ -275,7 +171,8 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
                   beta: float, a: float, mode_weight: float,
                   gap_mean: float, gap_std: float,
                   reference_free: bool = False,
-                  generator: Optional[torch.Generator] = None
+                  generator: Optional[torch.Generator] = None,
+                  gather: Callable = None, rank: int = 0
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """beta-DPO: batch-level dynamic beta with beta-guided data filtering.
 
@@ -287,6 +184,8 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
     Differences from the repo, all in cases where it crashes or returns NaN:
     at least one pair is kept, and the weights fall back as described in
     `_sample_kept_pairs` (uniform when gap_std is 0).
+    Across data-parallel ranks the selection and beta_used are those of the gathered (global)
+    batch, drawn identically on every rank (same generator state); each rank keeps its own rows.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) policy log-probs.
@@ -297,13 +196,16 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
         gap_mean, gap_std: running gap statistics (see `update_gap_stats`).
         reference_free: drop the reference log-ratio from h in the loss (not from the gaps).
         generator: random generator for the pair selection.
+        gather: concatenates a 1-D tensor over data-parallel ranks (None: one process).
+        rank: this process's data-parallel rank (its rows are rank * B ... rank * B + B - 1).
 
     Returns:
-        (losses, mask, chosen_rewards, rejected_rewards, beta_used):
-          losses (B,) = -logsig(beta_used h) for every pair (no gradient through beta_used),
-          mask (B,) 1.0 for kept pairs, 0.0 otherwise (same dtype as losses),
-          rewards (B,) = beta * (policy - reference), base beta, detached,
-          beta_used 0-d detached tensor.
+        (losses, chosen_rewards, rejected_rewards, extras), the registry's contract plus extras:
+          losses (B,) = -logsig(beta_used h) for every pair (no gradient through beta_used);
+          rewards (B,) = beta * (policy - reference), base beta, detached;
+          extras = {'weights': (B,) 1.0 for kept pairs, 0.0 otherwise (the loss is the mean over
+          the kept pairs of the global batch), 'mask_count': 0-d number kept in the global batch,
+          'beta_used': 0-d detached beta}.
     """
     batch_size = policy_chosen_logps.shape[0]
     if batch_size == 0:
@@ -312,10 +214,12 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
 
     gaps = ((policy_chosen_logps - reference_chosen_logps)
             - (policy_rejected_logps - reference_rejected_logps)).detach()
-    kept = _sample_kept_pairs(gaps, gap_mean, gap_std, _keep_count(batch_size, mode_weight), generator)
-    mask = kept.to(gaps.dtype)
+    everywhere = gaps if gather is None else gather(gaps)
+    kept_all = _sample_kept_pairs(everywhere, gap_mean, gap_std,
+                                  _keep_count(everywhere.shape[0], mode_weight), generator)
+    mask = kept_all[rank * batch_size:(rank + 1) * batch_size].to(gaps.dtype)
 
-    beta_used = beta * (1 + a * (gaps[kept].mean() - gap_mean))
+    beta_used = beta * (1 + a * (everywhere[kept_all].mean() - gap_mean))
     beta_used = beta_used.clamp(min=1e-3).detach()
 
     pi_logratios = policy_chosen_logps - policy_rejected_logps
@@ -327,7 +231,8 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
 
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, mask, chosen_rewards, rejected_rewards, beta_used
+    return losses, chosen_rewards, rejected_rewards, {
+        'weights': mask, 'mask_count': kept_all.to(gaps.dtype).sum(), 'beta_used': beta_used}
 
 
 def update_gap_stats(gap_mean: float, gap_std: float, gaps: torch.Tensor,
@@ -357,362 +262,294 @@ def update_gap_stats(gap_mean: float, gap_std: float, gaps: torch.Tensor,
             gamma * float(gap_std) + (1 - gamma) * batch_std)
 
 
-def sft_loss(policy_chosen_logps: torch.Tensor) -> torch.Tensor:
+def sft_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps=None, reference_chosen_logps=None,
+             reference_rejected_logps=None) -> Tuple[torch.Tensor, None, None]:
     """Negative log-likelihood of the target per example (DPO repo's SFT branch).
+
+    Takes the registry's four inputs for a uniform call; only the first is used.
 
     Args:
         policy_chosen_logps: (B,) summed log-prob of each target.
 
     Returns:
-        (B,) losses.
+        ((B,) losses, None, None): no rewards without a rejected side or a reference.
     """
-    return -policy_chosen_logps
+    return -policy_chosen_logps, None, None
 
 
 # ---------------------------------------------------------------------------
-# Part B: log-probs and token KL from hidden states, without (B, T, V) logits
+# Part B: TRL's loss types (huggingface/trl 1.16, trainer/dpo_trainer.py, DPOTrainer._compute_loss)
 # ---------------------------------------------------------------------------
+# Every function takes the four (B,) log-prob tensors policy_chosen, policy_rejected,
+# reference_chosen, reference_rejected (summed over completion tokens unless the registry entry
+# says `averaged`), then beta and the loss's own hyper-parameters under TRL's names and defaults,
+# and returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)): the mean of `losses` is
+# TRL's loss; rewards are beta * (policy - reference), detached, as TRL logs them.
 
-def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, float32 otherwise (bf16/fp16 logits are upcast, as the repos do)."""
-    dt = torch.float32
-    for t in tensors:
-        if t is not None:
-            dt = torch.promote_types(dt, t.dtype)
-    return dt
-
-
-def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  cdt: torch.dtype) -> torch.Tensor:
-    """(R, H) x (V', H) -> (R, V') logits in the input dtype, then upcast (like `.logits.to(float32)`)."""
-    return F.linear(rows, weight, bias).to(cdt)
+F_DIVERGENCES = ('reverse_kl', 'forward_kl', 'js_divergence', 'alpha_divergence')
 
 
-def _accumulate_linear_grads(d: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                             grad_rows: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
-                             grad_b: Optional[torch.Tensor]) -> None:
-    """Backprop d (R, V') = dL/dlogits through logits = rows @ weight.T + bias, into the given buffers."""
-    d_in = d.to(weight.dtype)
-    # addmm_ accumulates inside the GEMM: no (R, H) / (V, H) temporary and no extra pass over it
-    if grad_rows is not None:
-        if grad_rows.dtype == d_in.dtype:
-            grad_rows.addmm_(d_in, weight)
-        else:
-            grad_rows.add_((d_in @ weight).to(grad_rows.dtype))
-    if grad_w is not None:
-        if grad_w.dtype == d_in.dtype:
-            grad_w.addmm_(d_in.t(), rows)
-        else:
-            grad_w.add_((d_in.t() @ rows).to(grad_w.dtype))
-    if grad_b is not None:
-        grad_b.add_(d.sum(0).to(grad_b.dtype))
+def f_divergence_score(logratios: torch.Tensor, f_divergence_type: str = 'reverse_kl',
+                       f_alpha_divergence_coef: float = 0.5) -> torch.Tensor:
+    """f'(pi/ref) from log(pi/ref): the f-DPO reward (Wang et al. 2023, arXiv 2309.16240), as TRL.
 
-
-# On CPU, blocks of at most this many logits (16 MiB in float32) are served from the allocator's
-# free lists; larger ones are fresh mmaps whose page faults cost as much as the arithmetic on them.
-CPU_BLOCK_ELEMENTS = 1 << 22
-
-
-def _blocks(n: int, vocab: int, chunk_size: int, device: torch.device):
-    """Row ranges the output layer is computed in: chunk_size rows, on CPU also at most
-    CPU_BLOCK_ELEMENTS logits."""
-    rows = chunk_size
-    if device.type == 'cpu':
-        rows = max(1, min(rows, CPU_BLOCK_ELEMENTS // vocab))
-    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
-
-
-def _in_place(fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    """fn(x, -1) written over x (no new (rows, V) allocation) where the kernel accepts it."""
-    try:
-        return fn(x, -1, out=x)
-    except RuntimeError:
-        return fn(x, -1)
-
-
-def _target_logps(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  targets: torch.Tensor, chunk_size: int, keep_rows: int):
-    """(per-row log-probs of the targets, {block start: log-softmax} of the blocks within the
-    first keep_rows rows), computed block by block."""
-    cdt = _compute_dtype(rows, weight, bias)
-    n = rows.shape[0]
-    logps = torch.empty(n, dtype=cdt, device=rows.device)
-    kept = {}
-    for s, e in _blocks(n, weight.shape[0], chunk_size, rows.device):
-        # one fused pass per row (max, sum, write) instead of logsumexp's separate passes
-        log_probs = _in_place(torch.log_softmax, _chunk_logits(rows[s:e], weight, bias, cdt))
-        logps[s:e] = log_probs.gather(1, targets[s:e, None]).squeeze(1)
-        if e <= keep_rows:
-            kept[s] = log_probs
-        del log_probs
-    return logps, kept
-
-
-class _TokenLogpFunction(torch.autograd.Function):
-    """Per-row log softmax(rows @ W.T + b)[target], in blocks of rows.
-
-    Keeps the log-softmax of the first chunk_size rows (all of them when they fit) for
-    backward, which recomputes the logits of the rest only; with everything kept the output
-    layer costs three matrix products instead of four.
-    """
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk_size):
-        logps, ctx.kept = _target_logps(rows, weight, bias, targets, chunk_size, keep_rows=chunk_size)
-        ctx.save_for_backward(rows, weight, bias, targets)
-        ctx.chunk_size, ctx.cdt = chunk_size, logps.dtype
-        return logps
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logps):
-        rows, weight, bias, targets = ctx.saved_tensors
-        need_rows, need_w, need_b = ctx.needs_input_grad[:3]
-        cdt = ctx.cdt
-        grad_rows = torch.zeros_like(rows) if need_rows else None
-        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
-        kept, ctx.kept = ctx.kept, {}  # consumed in place; a second backward recomputes
-        for s, e in _blocks(rows.shape[0], weight.shape[0], ctx.chunk_size, rows.device):
-            g = grad_logps[s:e].to(cdt)
-            d = kept.pop(s, None)
-            if d is not None:
-                d = d.exp_()
-            else:
-                d = _in_place(torch.softmax, _chunk_logits(rows[s:e], weight, bias, cdt))
-            # d logp[target] / d logits = onehot(target) - softmax
-            d.mul_(-g[:, None])
-            d.scatter_add_(1, targets[s:e, None], g[:, None])
-            sub_rows = grad_rows[s:e] if grad_rows is not None else None
-            _accumulate_linear_grads(d, rows[s:e], weight, sub_rows, grad_w, grad_b)
-            del d
-        return (grad_rows,
-                grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None,
-                None, None)
-
-
-class _TokenKLFunction(torch.autograd.Function):
-    """Per-row target log-probs of policy and reference and KL(ref || policy), chunked over rows and vocab.
-
-    Forward, per row chunk: pass 1 streams vocab chunks to get both logsumexps
-    (and the target logits); pass 2 streams them again for sum p_ref (logp_ref - logp_pol).
-    Only the policy side gets gradients: dKL/dlogits_pol = p_pol - p_ref and
-    dlogp/dlogits_pol = onehot - p_pol, so one more streamed pass in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, rows, ref_rows, weight, ref_weight, bias, ref_bias, targets,
-                chunk_size, vocab_chunk_size):
-        cdt = _compute_dtype(rows, weight, bias, ref_rows, ref_weight, ref_bias)
-        n, vocab = rows.shape[0], weight.shape[0]
-        dev = rows.device
-        logp = torch.empty(n, dtype=cdt, device=dev)
-        ref_logp = torch.empty(n, dtype=cdt, device=dev)
-        kl = torch.empty(n, dtype=cdt, device=dev)
-        lse = torch.empty(n, dtype=cdt, device=dev)
-        ref_lse = torch.empty(n, dtype=cdt, device=dev)
-        vchunks = [(v, min(v + vocab_chunk_size, vocab)) for v in range(0, vocab, vocab_chunk_size)]
-
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            r, rr, t = rows[s:e], ref_rows[s:e], targets[s:e]
-            lse_c = torch.full((e - s,), -math.inf, dtype=cdt, device=dev)
-            ref_lse_c = lse_c.clone()
-            tgt_c = torch.zeros(e - s, dtype=cdt, device=dev)
-            ref_tgt_c = tgt_c.clone()
-            cached = None
-            for v0, v1 in vchunks:
-                z = _chunk_logits(r, weight[v0:v1], None if bias is None else bias[v0:v1], cdt)
-                zr = _chunk_logits(rr, ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1], cdt)
-                lse_c = torch.logaddexp(lse_c, torch.logsumexp(z, -1))
-                ref_lse_c = torch.logaddexp(ref_lse_c, torch.logsumexp(zr, -1))
-                inside = (t >= v0) & (t < v1)
-                local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
-                tgt_c = torch.where(inside, z.gather(1, local).squeeze(1), tgt_c)
-                ref_tgt_c = torch.where(inside, zr.gather(1, local).squeeze(1), ref_tgt_c)
-                # a single vocab chunk can be reused by pass 2 instead of recomputed
-                cached = (z, zr) if len(vchunks) == 1 else None
-                del z, zr
-            kl_c = torch.zeros(e - s, dtype=cdt, device=dev)
-            for v0, v1 in vchunks:
-                if cached is not None:
-                    z, zr = cached
-                else:
-                    z = _chunk_logits(r, weight[v0:v1], None if bias is None else bias[v0:v1], cdt)
-                    zr = _chunk_logits(rr, ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1], cdt)
-                kl_c += _position_kl(zr - ref_lse_c[:, None], z - lse_c[:, None])
-                del z, zr
-            cached = None
-            lse[s:e], ref_lse[s:e], kl[s:e] = lse_c, ref_lse_c, kl_c
-            logp[s:e] = tgt_c - lse_c
-            ref_logp[s:e] = ref_tgt_c - ref_lse_c
-
-        ctx.save_for_backward(rows, ref_rows, weight, ref_weight, bias, ref_bias, targets, lse, ref_lse)
-        ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
-        ctx.mark_non_differentiable(ref_logp)
-        return logp, ref_logp, kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logp, grad_ref_logp, grad_kl):
-        rows, ref_rows, weight, ref_weight, bias, ref_bias, targets, lse, ref_lse = ctx.saved_tensors
-        need_rows, _, need_w, _, need_b = ctx.needs_input_grad[:5]
-        cdt = lse.dtype
-        n, vocab = rows.shape[0], weight.shape[0]
-        cs, vcs = ctx.chunk_size, ctx.vocab_chunk_size
-        grad_rows = torch.zeros_like(rows) if need_rows else None
-        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
-
-        for s in range(0, n, cs):
-            e = min(s + cs, n)
-            r, rr, t = rows[s:e], ref_rows[s:e], targets[s:e]
-            g_lp = grad_logp[s:e].to(cdt)[:, None]
-            g_kl = grad_kl[s:e].to(cdt)[:, None]
-            sub_rows = grad_rows[s:e] if grad_rows is not None else None
-            for v0 in range(0, vocab, vcs):
-                v1 = min(v0 + vcs, vocab)
-                z = _chunk_logits(r, weight[v0:v1], None if bias is None else bias[v0:v1], cdt)
-                zr = _chunk_logits(rr, ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1], cdt)
-                p = torch.exp(z - lse[s:e, None])
-                p_ref = torch.exp(zr - ref_lse[s:e, None])
-                del z, zr
-                # g_lp (onehot - p) + g_kl (p - p_ref)
-                d = (g_kl - g_lp) * p - g_kl * p_ref
-                del p, p_ref
-                # targets outside this vocab chunk add 0 (no data-dependent branch: no device sync)
-                inside = ((t >= v0) & (t < v1))[:, None]
-                local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
-                d.scatter_add_(1, local, torch.where(inside, g_lp, torch.zeros_like(g_lp)))
-                _accumulate_linear_grads(
-                    d, r, weight[v0:v1], sub_rows,
-                    grad_w[v0:v1] if grad_w is not None else None,
-                    grad_b[v0:v1] if grad_b is not None else None)
-                del d
-        return (grad_rows, None,
-                grad_w.to(weight.dtype) if grad_w is not None else None, None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None,
-                None, None, None)
-
-
-def _completion_rows(hidden: torch.Tensor, labels: torch.LongTensor):
-    """Pick the positions that predict a counted label.
+    reverse_kl: log t; forward_kl: 1 - 1/t; js_divergence: log 2 + logsig(log t);
+    alpha_divergence: (t^(alpha-1) - 1) / (alpha - 1), log t when alpha = 1.
 
     Args:
-        hidden: (B, T, H).
-        labels: (B, T).
+        logratios: (B,) log pi - log ref.
+        f_divergence_type: one of F_DIVERGENCES.
+        f_alpha_divergence_coef: alpha of the alpha-divergence.
 
     Returns:
-        (seq_index (N,), positions (N,), targets (N,), counts (B,)): position t of
-        sequence b predicts labels[b, t+1] != -100.
+        (B,) scores, same dtype.
     """
-    if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
-        raise ValueError(f'hidden {tuple(hidden.shape)} must be (B, T, H) matching labels {tuple(labels.shape)}')
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    seq, pos = mask.nonzero(as_tuple=True)
-    return seq, pos, shifted[seq, pos], mask.sum(-1)
+    if f_divergence_type == 'reverse_kl':
+        return logratios
+    if f_divergence_type == 'forward_kl':
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == 'js_divergence':
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type != 'alpha_divergence':
+        raise ValueError(f'unknown f_divergence_type {f_divergence_type!r}; use one of {F_DIVERGENCES}')
+    alpha = f_alpha_divergence_coef
+    if abs(alpha - 1.0) < 1e-6:
+        return logratios
+    t = (alpha - 1.0) * logratios
+    # TRL clamps exp's argument (11 for float16, 80 otherwise) so the result stays representable
+    # once cast back; 16-bit values are exponentiated in float32. (TRL has no float64 entry.)
+    work = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    work = work.clamp(max=11.0 if t.dtype == torch.float16 else 80.0)
+    return (torch.exp(work) - 1.0).to(t.dtype) * (1.0 / (alpha - 1.0))
 
 
-def _per_sequence(per_row: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor,
-                  batch_size: int, average_log_prob: bool) -> torch.Tensor:
-    """Sum (or mean) per-row values into (B,); rows without counted tokens give 0."""
-    out = per_row.new_zeros(batch_size).index_add(0, seq, per_row)
-    if average_log_prob:
-        out = out / counts.clamp(min=1).to(out.dtype)
-    return out
+def _rewards(beta, pc, pr, rc, rr):
+    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
-def _check_chunks(chunk_size: int, vocab_chunk_size: int = 1) -> None:
-    if int(chunk_size) < 1 or int(vocab_chunk_size) < 1:
-        raise ValueError(f'chunk sizes must be >= 1, got chunk_size={chunk_size}, '
-                         f'vocab_chunk_size={vocab_chunk_size}')
+def _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef):
+    """f'(chosen ratio) - f'(rejected ratio), in TRL's order of operations."""
+    return (f_divergence_score(pc - rc, f_divergence_type, f_alpha_divergence_coef)
+            - f_divergence_score(pr - rr, f_divergence_type, f_alpha_divergence_coef))
 
 
-def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor,
-                     bias: Optional[torch.Tensor] = None, average_log_prob: bool = False,
-                     chunk_size: int = 1024) -> torch.Tensor:
-    """`get_batch_logps(hidden @ weight.T + bias, labels)` without materialising the logits.
+def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - eps) logsig(z) - eps logsig(-z): the logistic loss with flipped-label rate eps."""
+    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
 
-    Only positions whose shifted label is not -100 are processed, at most
-    `chunk_size` rows at a time (smaller blocks on CPU). With gradients, the
-    log-softmax of the first `chunk_size` rows is kept for backward, which
-    recomputes the rest; so at most (chunk_size, V) values are kept, plus one
-    block in flight. Gradients flow to hidden, weight and bias.
+
+def sigmoid_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0,
+                 f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5,
+                 reference_free: bool = False):
+    """DPO (Rafailov et al. 2023, Eq. 7), cDPO with label_smoothing, f-DPO with f_divergence_type.
+
+    With reverse_kl this is `preference_loss` (the DPO repository's arithmetic). TRL 1.16's
+    sigmoid has no label smoothing; label_smoothing > 0 is the cDPO note's form (older TRL).
+    """
+    if f_divergence_type == 'reverse_kl':
+        return preference_loss(pc, pr, rc, rr, beta, label_smoothing, reference_free=reference_free)
+    if reference_free:
+        raise ValueError('reference_free needs f_divergence_type=reverse_kl')
+    delta = _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
+    return (_smoothed_logistic(beta * delta, label_smoothing),) + _rewards(beta, pc, pr, rc, rr)
+
+
+def ipo_loss(pc, pr, rc, rr, beta: float, reference_free: bool = False):
+    """IPO (Azar et al. 2023, Eq. 17): (h - 1/(2 beta))^2 on per-token averaged log-probs."""
+    return preference_loss(pc, pr, rc, rr, beta, ipo=True, reference_free=reference_free)
+
+
+def hinge_loss(pc, pr, rc, rr, beta: float, f_divergence_type: str = 'reverse_kl',
+               f_alpha_divergence_coef: float = 0.5):
+    """SLiC / RSO hinge (Zhao et al. 2023, arXiv 2305.10425; Liu et al. 2023, arXiv 2309.06657):
+    relu(1 - beta delta)."""
+    delta = _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
+    return (torch.relu(1 - beta * delta),) + _rewards(beta, pc, pr, rc, rr)
+
+
+def exo_pair_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 1e-3,
+                  f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5):
+    """EXO-pref (Ji et al. 2024, arXiv 2402.00856, Eq. 16): KL(softmax(beta ratios) || (1-eps, eps)).
+
+    = sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log eps), z = beta delta; eps > 0.
+    """
+    z = beta * _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
+    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-label_smoothing))
+              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
+    return (losses,) + _rewards(beta, pc, pr, rc, rr)
+
+
+def nca_pair_loss(pc, pr, rc, rr, beta: float):
+    """NCA (Chen et al. 2024, arXiv 2402.05369): -logsig(r_c) - logsig(-r_c)/2 - logsig(-r_r)/2."""
+    cr, rjr = beta * (pc - rc), beta * (pr - rr)
+    losses = -F.logsigmoid(cr) - 0.5 * F.logsigmoid(-cr) - 0.5 * F.logsigmoid(-rjr)
+    return losses, cr.detach(), rjr.detach()
+
+
+def robust_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0,
+                f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5):
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409):
+    (-(1-eps) logsig(z) + eps logsig(-z)) / (1 - 2 eps), z = beta delta."""
+    z = beta * _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
+    clean = -(1 - label_smoothing) * F.logsigmoid(z)
+    flipped = -label_smoothing * F.logsigmoid(-z)
+    return ((clean - flipped) / (1 - 2 * label_smoothing),) + _rewards(beta, pc, pr, rc, rr)
+
+
+def bco_pair_loss(pc, pr, rc, rr, beta: float):
+    """BCO on pairs (Jung et al. 2024, arXiv 2404.04656), as TRL 1.16 (no running reward shift):
+    -logsig(r_c) - logsig(-r_r)."""
+    cr, rjr = beta * (pc - rc), beta * (pr - rr)
+    return -F.logsigmoid(cr) - F.logsigmoid(-rjr), cr.detach(), rjr.detach()
+
+
+def sppo_hard_loss(pc, pr, rc, rr, beta: float):
+    """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 with P in {0, 1}):
+    (ratio_c - 1/(2 beta))^2 + (ratio_r + 1/(2 beta))^2."""
+    losses = ((pc - rc) - 0.5 / beta) ** 2 + ((pr - rr) + 0.5 / beta) ** 2
+    return (losses,) + _rewards(beta, pc, pr, rc, rr)
+
+
+def _sorted_positions(values: torch.Tensor, gather: Optional[Callable], rank: int):
+    """(values of the global batch sorted ascending, each local row's position in that order).
 
     Args:
-        hidden: (B, T, H) final hidden states (after the final norm).
-        weight: (V, H) output-layer weight.
-        labels: (B, T) token ids, -100 where ignored.
-        bias: optional (V,) output-layer bias.
-        average_log_prob: mean over counted tokens instead of the sum.
-        chunk_size: positions per chunk.
-
-    Returns:
-        (B,) log-probs in float32 (float64 if any input is float64); 0 for a row with no counted token.
+        values: (B,) this rank's values (detached here).
+        gather: concatenates over data-parallel ranks, None for one process.
+        rank: this rank's data-parallel index.
     """
-    _check_chunks(chunk_size)
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    seq, pos, targets, counts = _completion_rows(hidden, labels)
-    rows = hidden[seq, pos]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (rows, weight, bias))
-    if needs_grad:
-        per_row = _TokenLogpFunction.apply(rows, weight, bias, targets, int(chunk_size))
-    else:  # reference / evaluation: nothing saved for a backward that never comes
-        per_row, _ = _target_logps(rows, weight, bias, targets, int(chunk_size), keep_rows=0)
-    return _per_sequence(per_row, seq, counts, hidden.shape[0], average_log_prob)
+    everywhere = values.detach() if gather is None else gather(values.detach())
+    ordered, order = torch.sort(everywhere, dim=0)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    b = values.shape[0]
+    return ordered, position[rank * b:(rank + 1) * b]
 
 
-def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Tensor,
-                        policy_weight: torch.Tensor, reference_weight: torch.Tensor,
-                        labels: torch.LongTensor,
-                        policy_bias: Optional[torch.Tensor] = None,
-                        reference_bias: Optional[torch.Tensor] = None,
-                        average_log_prob: bool = False,
-                        chunk_size: int = 1024, vocab_chunk_size: int = 8192
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`tdpo_get_batch_logps(policy_logits, reference_logits, labels)` without materialising logits.
+def aot_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0,
+             gather: Optional[Callable] = None, rank: int = 0):
+    """AOT for paired data (Melnyk et al. 2024, arXiv 2406.05882): the smoothed logistic loss on
+    sorted(pi_c - pi_r) - sorted(ref_c - ref_r) over the (global) batch.
 
-    Rows are processed `chunk_size` at a time and the vocabulary `vocab_chunk_size`
-    columns at a time, so no block larger than (chunk_size, vocab_chunk_size)
-    exists. The reference side is a constant (detached); gradients flow to the
-    policy hidden states, weight and bias.
+    Row i of `losses` is the term of the sorted position its policy margin takes, so the rows'
+    mean is TRL's loss (TRL sorts per device; here the sort spans all data-parallel ranks, so
+    several processes equal one) and the gradient reaches each margin where it is sorted to.
+    """
+    ordered_ref, _ = _sorted_positions(rc - rr, gather, rank)
+    _, position = _sorted_positions(pc - pr, gather, rank)
+    delta = (pc - pr) - ordered_ref[position]
+    return (_smoothed_logistic(beta * delta, label_smoothing),) + _rewards(beta, pc, pr, rc, rr)
+
+
+def aot_unpaired_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0,
+                      gather: Optional[Callable] = None, rank: int = 0):
+    """AOT for unpaired data (TRL's `aot_unpaired`, formerly `aot_pair`): the smoothed logistic
+    loss on sorted(ratio_c) - sorted(ratio_r) over the (global) batch.
+
+    Row i holds the term at the position its chosen ratio sorts to (its value), plus the term at
+    the position its rejected ratio sorts to minus that term's value (its gradient only): the
+    rows' mean and gradient are TRL's, and across ranks those of the gathered batch.
+    """
+    chosen, rejected = pc - rc, pr - rr
+    ordered_c, at_c = _sorted_positions(chosen, gather, rank)
+    ordered_r, at_r = _sorted_positions(rejected, gather, rank)
+    by_chosen = _smoothed_logistic(beta * (chosen - ordered_r[at_c]), label_smoothing)
+    by_rejected = _smoothed_logistic(beta * (ordered_c[at_r] - rejected), label_smoothing)
+    return (by_chosen + (by_rejected - by_rejected.detach()),) + _rewards(beta, pc, pr, rc, rr)
+
+
+def apo_zero_loss(pc, pr, rc, rr, beta: float):
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7): 1 - sig(r_c) + sig(r_r)."""
+    losses = (1 - torch.sigmoid(beta * (pc - rc))) + torch.sigmoid(beta * (pr - rr))
+    return (losses,) + _rewards(beta, pc, pr, rc, rr)
+
+
+def apo_down_loss(pc, pr, rc, rr, beta: float):
+    """APO-down (same paper, Eq. 8): sig(r_c) + 1 - sig(r_c - r_r)."""
+    chosen = pc - rc
+    losses = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - (pr - rr))))
+    return (losses,) + _rewards(beta, pc, pr, rc, rr)
+
+
+def discopop_loss(pc, pr, rc, rr, beta: float, discopop_tau: float = 0.05,
+                  f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5):
+    """DiscoPOP (Chris Lu et al. 2024, arXiv 2406.08414, Eq. 5), z = beta delta:
+    (1 - sig(z/tau)) (-logsig(z)) + sig(z/tau) exp(-z)."""
+    z = beta * _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
+    mix = torch.sigmoid(z / discopop_tau)
+    losses = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+    return (losses,) + _rewards(beta, pc, pr, rc, rr)
+
+
+def sigmoid_norm_loss(pc, pr, rc, rr, beta: float):
+    """Length-normalised DPO (TRL's `sigmoid_norm`; SimPO-style averaging, Meng et al. 2024,
+    arXiv 2405.14734) on per-token averaged log-probs: -logsig(beta ((pi_c - ref_c) - (pi_r - ref_r)))."""
+    delta = (pc - rc) - (pr - rr)
+    return (-F.logsigmoid(beta * delta),) + _rewards(beta, pc, pr, rc, rr)
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+               gather: Callable, wpo: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """TRL's `sft` term (and RPO's NLL): mean NLL over all chosen completion tokens of the batch.
+
+    -sum(log-probs) / sum(tokens) over the global batch: each rank returns its own sum times the
+    number of data-parallel ranks over the gathered token count, so that the trainers' gradient
+    averaging over ranks yields the global token mean (FSDP equals one process).
 
     Args:
-        policy_hidden, reference_hidden: (B, T, H) and (B, T, H_ref) final hidden states.
-        policy_weight, reference_weight: (V, H) and (V, H_ref) output-layer weights.
-        labels: (B, T) token ids, -100 where ignored.
-        policy_bias, reference_bias: optional (V,) biases.
-        average_log_prob: means over counted positions instead of sums.
-        chunk_size: positions per chunk.
-        vocab_chunk_size: vocabulary columns per chunk.
+        policy_chosen_logps: (B,) summed log-probs of the chosen completions.
+        chosen_tokens: (B,) number of completion tokens per row (no grad).
+        gather: concatenates a 1-D tensor over data-parallel ranks.
+        wpo: (B,) WPO pair weights or None; TRL multiplies its (batch-constant) sft term by
+            them and averages, i.e. scales it by the batch's mean weight.
 
     Returns:
-        (logps_margin, position_kl, logps), each (B,), as `tdpo_get_batch_logps`.
+        0-d loss.
     """
-    _check_chunks(chunk_size, vocab_chunk_size)
-    if policy_weight.shape[0] != reference_weight.shape[0]:
-        raise ValueError('policy and reference vocabularies differ: '
-                         f'{policy_weight.shape[0]} vs {reference_weight.shape[0]}')
-    if policy_hidden.dtype != policy_weight.dtype:
-        policy_hidden = policy_hidden.to(policy_weight.dtype)
-    reference_hidden = reference_hidden.detach().to(reference_weight.dtype)
-    seq, pos, targets, counts = _completion_rows(policy_hidden, labels)
-    if reference_hidden.shape[:2] != labels.shape:
-        raise ValueError(f'reference_hidden {tuple(reference_hidden.shape)} does not match labels')
-    rows = policy_hidden[seq, pos]
-    ref_rows = reference_hidden[seq, pos]
-    logp, ref_logp, kl = _TokenKLFunction.apply(
-        rows, ref_rows, policy_weight, reference_weight.detach(), policy_bias,
-        None if reference_bias is None else reference_bias.detach(), targets,
-        int(chunk_size), int(vocab_chunk_size))
-    b = policy_hidden.shape[0]
-    return (_per_sequence(logp - ref_logp, seq, counts, b, average_log_prob),
-            _per_sequence(kl, seq, counts, b, average_log_prob),
-            _per_sequence(logp, seq, counts, b, average_log_prob))
+    tokens = chosen_tokens.detach().to(policy_chosen_logps.dtype)
+    everywhere = gather(tokens)
+    ranks = everywhere.numel() // max(1, tokens.numel())
+    nll = -policy_chosen_logps.sum() * ranks / everywhere.sum().clamp(min=1)
+    return nll if wpo is None else nll * gather(wpo.detach()).mean()
+
+
+def wpo_weights(chosen_wpo_logweight: torch.Tensor, rejected_wpo_logweight: torch.Tensor,
+                chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """WPO pair weights (Zhou et al. 2024, arXiv 2406.11827, Eq. 2, as TRL's use_weighting).
+
+    w = exp(mean_t [log p(y_t) - logsumexp_v 2 log p(v)]) per side, chosen times rejected.
+    The trainer supplies the per-sequence sums from the chunked output layer
+    (logps.completion_parts).
+
+    Args:
+        chosen_wpo_logweight, rejected_wpo_logweight: (B,) sum over completion tokens of
+            log p(y_t) - logsumexp_v(2 log p(v | prefix_t)), detached.
+        chosen_tokens, rejected_tokens: (B,) completion token counts.
+
+    Returns:
+        (B,) detached weights that multiply each pair's loss.
+    """
+    chosen = torch.exp(chosen_wpo_logweight.detach() / chosen_tokens.clamp(min=1))
+    rejected = torch.exp(rejected_wpo_logweight.detach() / rejected_tokens.clamp(min=1))
+    return chosen * rejected
+
+
+def ld_logps(total_logps: torch.Tensor, public_logps: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's length-desensitised log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's ld_alpha.
+
+    public + ld_alpha * verbose, where `public` sums the first min(len_chosen, len_rejected)
+    completion tokens of the pair and verbose = total - public; the trainer supplies
+    '<policy|reference>_<chosen|rejected>_public' (logps.completion_parts).
+
+    Args:
+        total_logps: (B,) log-probs summed over all completion tokens.
+        public_logps: (B,) summed over the pair's shared length only.
+        ld_alpha: weight of the verbose part, in [0, 1].
+
+    Returns:
+        (B,) log-probs.
+    """
+    return public_logps + ld_alpha * (total_logps - public_logps)
 
 
 # ---------------------------------------------------------------------------
@@ -720,6 +557,43 @@ def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Ten
 # ---------------------------------------------------------------------------
 
 Metrics = Dict[str, torch.Tensor]
+
+# the logps keys fed, in order, to a loss function's four positional parameters
+SEQUENCE_INPUTS = ('policy_chosen', 'policy_rejected', 'reference_chosen', 'reference_rejected')
+TOKEN_LEVEL_INPUTS = ('chosen_margin', 'rejected_margin', 'chosen_position_kl', 'rejected_position_kl')
+# parameters the registry passes itself; never config keys
+_RUNTIME_PARAMETERS = ('generator', 'gather', 'rank')
+# what TRL's DPOTrainer adds to every loss type: RPO's NLL term, WPO's weights, LD-DPO's log-probs
+TRL_OPTIONS = ('rpo_alpha', 'use_weighting', 'ld_alpha')
+
+
+def _length_desensitised(logps: dict, args: dict) -> dict:
+    """logps with each sequence input replaced by LD-DPO's public + ld_alpha * verbose part
+    (`ld_logps`) when ld_alpha is set; the trainer supplies '<input>_public' beside each."""
+    alpha = args.get('ld_alpha')
+    if alpha is None:
+        return logps
+    out = dict(logps)
+    for key in SEQUENCE_INPUTS:
+        if key in logps:
+            out[key] = ld_logps(logps[key], logps[f'{key}_public'], alpha)
+    return out
+
+
+def _wpo(logps: dict, args: dict) -> Optional[torch.Tensor]:
+    """(B,) WPO pair weights when use_weighting, else None."""
+    if not args.get('use_weighting'):
+        return None
+    return wpo_weights(logps['chosen_wpo_logweight'], logps['rejected_wpo_logweight'],
+                       logps['chosen_tokens'], logps['rejected_tokens'])
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor, gather: Callable) -> torch.Tensor:
+    """sum(losses * weights) / sum(weights) over the global batch, as this rank's share: its own
+    sum times the number of data-parallel ranks, so that averaging over ranks gives the global value."""
+    everywhere = gather(weights.detach())
+    ranks = everywhere.numel() // max(1, weights.numel())
+    return (losses * weights).sum() * ranks / everywhere.sum().clamp(min=1)
 
 
 def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -736,157 +610,303 @@ def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     }
 
 
-def _reference_pair(logps: dict, args: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs; zeros when reference-free and none were computed (then rewards = beta * policy)."""
-    rc, rr = logps.get('reference_chosen'), logps.get('reference_rejected')
-    if rc is None or rr is None:
-        if not args.get('reference_free', False):
-            raise ValueError('reference log-probs are missing and reference_free is false')
-        return (torch.zeros_like(logps['policy_chosen']).detach(),
-                torch.zeros_like(logps['policy_rejected']).detach())
-    return rc, rr
+def _keyword_parameters(fn: Callable) -> Dict[str, inspect.Parameter]:
+    """A loss function's parameters after its four positional inputs."""
+    return dict(list(inspect.signature(fn).parameters.items())[4:])
 
 
-def _compute_sft(logps, args, state, gather, train, generator=None):
-    losses = sft_loss(logps['policy_chosen'])
-    return losses.mean(), {'logps/chosen': logps['policy_chosen'].detach()}
+def update_beta_dpo_state(state: dict, policy_chosen_logps, policy_rejected_logps,
+                          reference_chosen_logps, reference_rejected_logps,
+                          gather: Callable, gamma: float = 0.9) -> dict:
+    """beta-DPO's running gap statistics after this (gathered, global) batch (`update_gap_stats`).
 
-
-def _compute_preference(ipo: bool):
-    def compute(logps, args, state, gather, train, generator=None):
-        rc, rr = _reference_pair(logps, args)
-        losses, cr, rjr = preference_loss(
-            logps['policy_chosen'], logps['policy_rejected'], rc, rr, beta=args['beta'],
-            label_smoothing=0.0 if ipo else args.get('label_smoothing', 0.0),
-            ipo=ipo, reference_free=args.get('reference_free', False))
-        return losses.mean(), _reward_metrics(cr, rjr, logps['policy_chosen'], logps['policy_rejected'])
-    return compute
-
-
-def _compute_tdpo(logps, args, state, gather, train, generator=None):
-    ckl, rkl = logps['chosen_position_kl'], logps['rejected_position_kl']
-    losses, cr, rjr = tdpo_loss(
-        logps['chosen_margin'], logps['rejected_margin'], ckl, rkl, beta=args['beta'],
-        alpha=args.get('alpha', 0.5), if_tdpo2=args.get('if_tdpo2', True))
-    metrics = _reward_metrics(cr, rjr, logps['policy_chosen'], logps['policy_rejected'])
-    # kl margin is chosen - rejected, as the TDPO repo logs it
-    metrics.update({'kl/chosen': ckl.detach(), 'kl/rejected': rkl.detach(),
-                    'kl/margin': (ckl - rkl).detach()})
-    return losses.mean(), metrics
-
-
-def _compute_beta_dpo(logps, args, state, gather, train, generator=None):
-    pc, pr = logps['policy_chosen'], logps['policy_rejected']
-    rc, rr = logps['reference_chosen'], logps['reference_rejected']
-    gaps = ((pc - rc) - (pr - rr)).detach()
-    # as the beta-DPO repo: the running stats absorb this batch *before* it is filtered.
-    # The repo also does this on eval batches, mutating the training state; here eval
-    # uses the updated values for this batch only and leaves `state` untouched.
-    gap_mean, gap_std = update_gap_stats(state.get('gap_mean', 0.0), state.get('gap_std', 0.0),
-                                         gather(gaps), gamma=args.get('gamma', 0.9))
-    if train:
-        state['gap_mean'], state['gap_std'] = gap_mean, gap_std
-    losses, mask, cr, rjr, beta_used = beta_dpo_loss(
-        pc, pr, rc, rr, beta=args['beta'], a=args.get('a', 0.6),
-        mode_weight=args.get('mode_weight', 0.2), gap_mean=gap_mean, gap_std=gap_std,
-        reference_free=args.get('reference_free', False), generator=generator)
-    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
-    metrics = _reward_metrics(cr, rjr, pc, pr)
-    metrics.update({
-        'record/gap_mean': torch.tensor(gap_mean, dtype=pc.dtype, device=pc.device),
-        'record/gap_std': torch.tensor(gap_std, dtype=pc.dtype, device=pc.device),
-        'record/mask_count': mask.sum().detach(),
-        'record/beta_used': beta_used.detach(),
-    })
-    return loss, metrics
+    Returns:
+        {'gap_mean': float, 'gap_std': float}.
+    """
+    gaps = ((policy_chosen_logps - reference_chosen_logps)
+            - (policy_rejected_logps - reference_rejected_logps)).detach()
+    gap_mean, gap_std = update_gap_stats(state['gap_mean'], state['gap_std'], gather(gaps), gamma=gamma)
+    return {'gap_mean': gap_mean, 'gap_std': gap_std}
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What the trainer needs to know about a loss, so that it never branches on the name.
+    """One loss and, as data, what it needs from the trainer, so that the trainer never reads names.
 
     Attributes:
         name: registry key.
-        fn: the pure loss function (for docs and cross-checking).
-        paired: False only for sft (the trainer feeds just the chosen / sft_target side).
-        token_level: True for tdpo (the trainer supplies per-token margins and position KL).
-        stateful: True for beta_dpo (running gap stats kept in checkpoints).
-        config_keys: keys accepted in the loss config besides `name`.
+        fn: the pure formula, fn(4 inputs, beta=..., **hyper-parameters) -> (losses, chosen_rewards,
+            rejected_rewards[, extras]); extras may hold 'weights' (the loss is then the weighted
+            mean) and 0-d values logged as 'record/<key>'.
+        paired: False for sft (the trainer feeds only the chosen / sft_target side).
+        token_level: inputs are TOKEN_LEVEL_INPUTS (per-token margins and position KL, TDPO).
+        reference: 'never', 'unless_free' (reference_free=true drops it) or 'always'.
+        averaged: None: summed log-probs; otherwise they are per-token means, this being the default
+            of the `average_log_prob` key where that is accepted and fixed where not.
+        initial_state: running state as ((key, float), ...); kept in checkpoints.
+        update_state: fn(state, 4 inputs, gather, **its keys) -> new state, on the global batch.
+        config_only: keys accepted although no function reads them (dpo.yaml carries beta-DPO's).
+        zero_only: keys accepted only with the value 0 (shared with another loss's config file).
+        trl: a TRL loss_type: usable as a mixture term and accepts TRL_OPTIONS.
+        selected_by: (name, key, value): the config that selects this entry instead of `name`.
+        aliases: other config names of this entry.
     """
     name: str
     fn: Callable
-    paired: bool
-    token_level: bool
-    stateful: bool
-    config_keys: frozenset = frozenset()
-    _reference: str = field(default='always', repr=False)          # 'never' | 'unless_free' | 'always'
-    _average_default: Optional[bool] = field(default=None, repr=False)  # None: never average
-    _compute: Optional[Callable] = field(default=None, repr=False, compare=False)
+    paired: bool = True
+    token_level: bool = False
+    reference: str = 'always'
+    averaged: Optional[bool] = None
+    initial_state: Tuple[Tuple[str, float], ...] = ()
+    update_state: Optional[Callable] = None
+    config_only: frozenset = frozenset()
+    zero_only: frozenset = frozenset()
+    trl: bool = False
+    selected_by: Optional[Tuple[str, str, str]] = None
+    aliases: Tuple[str, ...] = ()
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.initial_state)
+
+    @property
+    def hyper_parameters(self) -> Dict[str, inspect.Parameter]:
+        """The function's parameters that come from the config."""
+        state = dict(self.initial_state)
+        return {k: p for k, p in _keyword_parameters(self.fn).items()
+                if k not in state and k not in _RUNTIME_PARAMETERS}
+
+    @property
+    def config_keys(self) -> frozenset:
+        """Keys accepted in the loss config besides `name`."""
+        keys = set(self.hyper_parameters) | self.config_only | self.zero_only
+        if self.update_state is not None:
+            keys |= set(list(inspect.signature(self.update_state).parameters)[6:])
+        if self.trl:
+            keys |= set(TRL_OPTIONS)
+        return frozenset(keys)
+
+    @property
+    def required_keys(self) -> Tuple[str, ...]:
+        return tuple(k for k, p in self.hyper_parameters.items() if p.default is inspect.Parameter.empty)
 
     def needs_reference(self, args: dict) -> bool:
         """Whether the trainer must run a reference model for this config."""
-        if self._reference == 'never':
-            return False
-        if self._reference == 'unless_free':
+        if self.reference == 'unless_free':
             return not bool(args.get('reference_free', False))
-        return True
+        return self.reference == 'always'
 
     def average_log_prob(self, args: dict) -> bool:
-        """Whether sequence log-probs are per-token means (IPO, Azar et al. 2023) rather than sums."""
-        if self._average_default is None:
+        """Whether sequence log-probs are per-token means (IPO, sigmoid_norm) rather than sums."""
+        if self.averaged is None:
             return False
-        return bool(args.get('average_log_prob', self._average_default))
+        if 'average_log_prob' in self.config_keys:
+            return bool(args.get('average_log_prob', self.averaged))
+        return self.averaged
+
+    def sequence_parts(self, args: dict) -> Tuple[bool, bool]:
+        """(LD-DPO's public sums needed, WPO's log-weights needed) for this config."""
+        return args.get('ld_alpha') is not None, bool(args.get('use_weighting'))
 
     def init_state(self) -> dict:
-        """Fresh running state; beta-DPO starts its gap mean and std at 0 as the repo does."""
-        return {'gap_mean': 0.0, 'gap_std': 0.0} if self.stateful else {}
+        """Fresh running state (beta-DPO starts its gap mean and std at 0, as its repository)."""
+        return dict(self.initial_state)
+
+    def inputs(self, logps: dict, args: dict) -> Tuple[torch.Tensor, ...]:
+        """The four positional inputs; zero references when reference-free and none were computed."""
+        if not self.paired:
+            return (logps['policy_chosen'], None, None, None)
+        if self.token_level:
+            return tuple(logps[k] for k in TOKEN_LEVEL_INPUTS)
+        pc, pr = logps['policy_chosen'], logps['policy_rejected']
+        rc, rr = logps.get('reference_chosen'), logps.get('reference_rejected')
+        if rc is None or rr is None:
+            if not args.get('reference_free', False):
+                raise ValueError('reference log-probs are missing and reference_free is false')
+            # rewards are then beta * policy
+            rc, rr = torch.zeros_like(pc).detach(), torch.zeros_like(pr).detach()
+        return pc, pr, rc, rr
+
+    def per_pair(self, inputs: tuple, args: dict, state: dict, gather: Callable, train: bool,
+                 generator: Optional[torch.Generator], rank: int = 0):
+        """Run `fn` with this config's hyper-parameters (and running state, updated when train);
+        functions that take them get the generator, gather and this data-parallel rank.
+
+        Returns:
+            (losses (B,), chosen_rewards, rejected_rewards, extras dict).
+        """
+        kwargs = {k: args[k] for k in self.hyper_parameters if k in args}
+        extras = {}
+        if self.update_state is not None:
+            keys = list(inspect.signature(self.update_state).parameters)[6:]
+            new = self.update_state(dict(self.init_state(), **state), *inputs, gather,
+                                    **{k: args[k] for k in keys if k in args})
+            if train:
+                state.update(new)
+            kwargs.update(new)
+            extras.update(new)
+        runtime = {'generator': generator, 'gather': gather, 'rank': rank}
+        kwargs.update({k: v for k, v in runtime.items() if k in _keyword_parameters(self.fn)})
+        out = self.fn(*inputs, **kwargs)
+        return out[0], out[1], out[2], dict(extras, **(out[3] if len(out) > 3 else {}))
+
+    def chosen_sum(self, logps: dict, args: dict) -> torch.Tensor:
+        """(B,) summed chosen log-probs (for the NLL term) from what the trainer supplied."""
+        if self.average_log_prob(args):
+            # the trainer divided by counts.clamp(min=1); undo exactly that
+            return logps['policy_chosen'] * logps['chosen_tokens'].clamp(min=1)
+        return logps['policy_chosen']
 
     def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
-                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Metrics]:
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """The scalar loss to optimise and detached metrics.
 
         Args:
-            logps: sft: 'policy_chosen'; dpo/ipo/beta_dpo: 'policy_chosen', 'policy_rejected',
-                'reference_chosen', 'reference_rejected' (references may be absent/None when
-                reference-free); tdpo: 'chosen_margin', 'rejected_margin', 'chosen_position_kl',
-                'rejected_position_kl', 'policy_chosen', 'policy_rejected'. All (B,).
+            logps: (B,) tensors: 'policy_chosen' (and for paired losses 'policy_rejected',
+                'reference_chosen', 'reference_rejected'; references may be absent when
+                reference-free; token-level losses: TOKEN_LEVEL_INPUTS too), summed over completion
+                tokens or averaged as `average_log_prob(args)`; '{side}_tokens' (completion token
+                counts); with ld_alpha '<input>_public' for each sequence input (same units);
+                with use_weighting '{side}_wpo_logweight' (sums, detached).
             args: the loss config without 'name'.
-            state: running state from `init_state` (beta_dpo updates it in place when train).
+            state: running state from `init_state` (updated in place when train).
             gather: concatenates a 1-D tensor across data-parallel ranks (identity on one process).
             train: training step (False at eval).
-            generator: random generator for beta_dpo's pair selection.
+            generator: random generator for beta-DPO's pair selection.
+            rank: this process's data-parallel rank (global sorts and selections).
 
         Returns:
-            (loss, metrics): loss is 0-d (beta_dpo: mean over kept pairs; others: batch mean);
+            (loss, metrics): 0-d loss (the mean of the per-pair losses, or their weighted mean);
             metrics maps names to detached (B,) or 0-d tensors.
         """
-        return self._compute(logps, args, state, gather, train, generator)
+        chosen_sum = self.chosen_sum(logps, args) if args.get('rpo_alpha') is not None else None
+        logps = _length_desensitised(logps, args)
+        inputs = self.inputs(logps, args)
+        losses, cr, rjr, extras = self.per_pair(inputs, args, state, gather, train, generator, rank)
+        weights, wpo = extras.pop('weights', None), _wpo(logps, args)
+        if wpo is not None:  # WPO (TRL): the mean of weight x loss, not a weighted mean
+            losses = losses * wpo
+        loss = losses.mean() if weights is None else _weighted_mean(losses, weights, gather)
+        if not self.paired:
+            return loss, {'logps/chosen': logps['policy_chosen'].detach()}
+        metrics = _reward_metrics(cr, rjr, logps['policy_chosen'], logps['policy_rejected'])
+        if self.token_level:
+            # kl margin is chosen - rejected, as the TDPO repo logs it
+            ckl, rkl = inputs[2].detach(), inputs[3].detach()
+            metrics.update({'kl/chosen': ckl, 'kl/rejected': rkl, 'kl/margin': ckl - rkl})
+        for key, value in extras.items():
+            metrics[f'record/{key}'] = torch.as_tensor(value, dtype=losses.dtype, device=losses.device).detach()
+        if wpo is not None:
+            metrics['wpo/weights'] = wpo
+        if chosen_sum is not None:
+            # RPO (Pang et al. 2024, arXiv 2404.19733): + alpha * chosen NLL, TRL's sft term
+            nll = chosen_nll(chosen_sum, logps['chosen_tokens'], gather, wpo)
+            loss = loss + args['rpo_alpha'] * nll
+            metrics['nll/chosen'] = nll.detach()
+        return loss, metrics
 
 
-_DPO_KEYS = frozenset({'beta', 'label_smoothing', 'reference_free', 'mode_loss', 'mode_weight', 'a', 'gamma'})
+# the hyper-parameters TRL shares across the terms of a mixture (DPOConfig fields)
+MIXTURE_SHARED_KEYS = ('beta', 'label_smoothing', 'f_divergence_type', 'f_alpha_divergence_coef', 'discopop_tau')
 
-LOSSES: Dict[str, LossSpec] = {
-    'sft': LossSpec('sft', sft_loss, paired=False, token_level=False, stateful=False,
-                    config_keys=frozenset(), _reference='never', _compute=_compute_sft),
-    'dpo': LossSpec('dpo', preference_loss, paired=True, token_level=False, stateful=False,
-                    config_keys=_DPO_KEYS, _reference='unless_free', _compute=_compute_preference(False)),
-    'ipo': LossSpec('ipo', preference_loss, paired=True, token_level=False, stateful=False,
-                    config_keys=frozenset({'beta', 'reference_free', 'average_log_prob'}),
-                    _reference='unless_free', _average_default=True, _compute=_compute_preference(True)),
-    'tdpo': LossSpec('tdpo', tdpo_loss, paired=True, token_level=True, stateful=False,
-                     config_keys=frozenset({'beta', 'alpha', 'if_tdpo2'}), _compute=_compute_tdpo),
-    'beta_dpo': LossSpec('beta_dpo', beta_dpo_loss, paired=True, token_level=False, stateful=True,
-                         config_keys=_DPO_KEYS, _compute=_compute_beta_dpo),
-}
 
-# config `name` values; beta-DPO is reached through name=dpo, mode_loss=beta_DPO (beta-DPO repo README)
-_CONFIG_NAMES = ('sft', 'dpo', 'ipo', 'tdpo')
+class MixtureSpec(LossSpec):
+    """TRL's loss_type=[...] with loss_weights (e.g. MPO = sigmoid + bco_pair + sft): sum_i w_i L_i.
+
+    Config: losses (TRL loss_type names), weights (null: all 1.0) and the shared keys
+    MIXTURE_SHARED_KEYS, each passed to the terms whose function takes it, as TRL does. The
+    trainer supplies summed log-probs and 'chosen_tokens' / 'rejected_tokens'; terms that need
+    per-token means (ipo, sigmoid_norm) get sum / tokens, TRL's own division; the `sft` term is
+    `chosen_nll`. Metrics: the plain reward metrics (beta * (policy - reference)) plus each
+    term's unweighted loss as '<term>/loss' (logged as '<term>_train/loss').
+    """
+
+    @property
+    def required_keys(self) -> Tuple[str, ...]:
+        return ('losses', 'beta')
+
+    def terms(self, args: dict):
+        """[(term spec, weight)] of this config."""
+        names = [_ALIASES.get(n, n) for n in args['losses']]
+        weights = args.get('weights') or [1.0] * len(names)
+        return [(LOSSES[n], float(w)) for n, w in zip(names, weights)]
+
+    def needs_reference(self, args: dict) -> bool:
+        return any(term.needs_reference(args) for term, _ in self.terms(args))
+
+    def average_log_prob(self, args: dict) -> bool:
+        return False
+
+    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """As LossSpec.compute; logps must also hold 'chosen_tokens' and 'rejected_tokens'.
+        With ld_alpha the paired terms see LD-DPO's log-probs and the sft term the plain sums,
+        as in TRL; with use_weighting every term's per-pair losses are WPO-weighted."""
+        chosen_sum = logps['policy_chosen']
+        logps = _length_desensitised(logps, args)
+        pc, pr = logps['policy_chosen'], logps['policy_rejected']
+        if self.needs_reference(args):
+            rc, rr = logps['reference_chosen'], logps['reference_rejected']
+        else:  # a mixture of sft alone
+            rc, rr = torch.zeros_like(pc).detach(), torch.zeros_like(pr).detach()
+        counts = (logps['chosen_tokens'].clamp(min=1), logps['rejected_tokens'].clamp(min=1))
+        wpo = _wpo(logps, args)
+        loss, metrics = 0.0, {}
+        for term, weight in self.terms(args):
+            if not term.paired:
+                term_loss = chosen_nll(chosen_sum, logps['chosen_tokens'], gather, wpo)
+            else:
+                inputs = (pc, pr, rc, rr)
+                if term.averaged:
+                    inputs = (pc / counts[0], pr / counts[1], rc / counts[0], rr / counts[1])
+                losses = term.per_pair(inputs, args, state, gather, train, generator, rank)[0]
+                term_loss = (losses if wpo is None else losses * wpo).mean()
+            loss = loss + weight * term_loss
+            metrics[f'{term.name}/loss'] = term_loss.detach()
+        metrics.update(_reward_metrics(*_rewards(args['beta'], pc, pr, rc, rr), pc, pr))
+        if wpo is not None:
+            metrics['wpo/weights'] = wpo
+        return loss, metrics
+
+
+def _trl(name: str, fn: Callable, **facts) -> LossSpec:
+    return LossSpec(name, fn, trl=True, **facts)
+
+
+LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
+    LossSpec('sft', sft_loss, paired=False, reference='never'),
+    # the DPO repository's name for sigmoid; its config file also carries beta-DPO's keys
+    LossSpec('dpo', sigmoid_loss, reference='unless_free',
+             config_only=frozenset({'mode_loss', 'mode_weight', 'a', 'gamma'})),
+    LossSpec('ipo', ipo_loss, reference='unless_free', averaged=True, config_only=frozenset({'average_log_prob'}),
+             trl=True),
+    LossSpec('tdpo', tdpo_loss, token_level=True),
+    LossSpec('beta_dpo', beta_dpo_loss, initial_state=(('gap_mean', 0.0), ('gap_std', 0.0)),
+             update_state=update_beta_dpo_state, config_only=frozenset({'mode_loss'}),
+             zero_only=frozenset({'label_smoothing'}), selected_by=('dpo', 'mode_loss', 'beta_DPO')),
+    _trl('sigmoid', sigmoid_loss, reference='unless_free'),
+    _trl('hinge', hinge_loss),
+    _trl('exo_pair', exo_pair_loss),
+    _trl('nca_pair', nca_pair_loss),
+    _trl('robust', robust_loss),
+    _trl('bco_pair', bco_pair_loss),
+    _trl('sppo_hard', sppo_hard_loss),
+    _trl('aot', aot_loss),
+    _trl('aot_unpaired', aot_unpaired_loss, aliases=('aot_pair',)),
+    _trl('apo_zero', apo_zero_loss),
+    _trl('apo_down', apo_down_loss),
+    _trl('discopop', discopop_loss),
+    _trl('sigmoid_norm', sigmoid_norm_loss, averaged=True),
+    MixtureSpec('mix', chosen_nll, config_only=frozenset({'losses', 'weights', *MIXTURE_SHARED_KEYS,
+                                                         'use_weighting', 'ld_alpha'})),
+)}
+# TRL's ipo is ours with averaged log-probs (its default); as a mixture term it is TRL's
+_TRL_TERMS = tuple(n for n, s in LOSSES.items() if s.trl) + ('sft',)
+_ALIASES = {alias: name for name, spec in LOSSES.items() for alias in spec.aliases}
+# config `name` values: entries reached through another name's key (beta-DPO) are not among them
+_CONFIG_NAMES = tuple(n for n, s in LOSSES.items() if s.selected_by is None) + tuple(_ALIASES)
 # 'mean' is the beta-DPO repo's default mode_loss, meaning plain DPO
-_PLAIN_DPO_MODES = ('dpo', 'mean')
-_MODE_LOSSES = _PLAIN_DPO_MODES + ('beta_DPO',)
-# keys that are config-only (no function parameter of that name)
-_CONFIG_ONLY_KEYS = frozenset({'name', 'mode_loss', 'average_log_prob'})
-_REQUIRED_KEYS = {'sft': (), 'dpo': ('beta',), 'ipo': ('beta',), 'tdpo': ('beta',), 'beta_dpo': ('beta',)}
+_MODE_LOSSES = ('dpo', 'mean', 'beta_DPO')
 
 
 def get_loss(loss_args: dict) -> LossSpec:
@@ -896,7 +916,7 @@ def get_loss(loss_args: dict) -> LossSpec:
         loss_args: the loss config as a plain dict, including `name`.
 
     Returns:
-        The LossSpec; name=dpo with mode_loss=beta_DPO resolves to 'beta_dpo'.
+        The LossSpec; name=dpo with mode_loss=beta_DPO resolves to 'beta_dpo'; aliases to their entry.
 
     Raises:
         ValueError: unknown or missing name.
@@ -905,13 +925,59 @@ def get_loss(loss_args: dict) -> LossSpec:
     if name not in _CONFIG_NAMES:
         raise ValueError(f'unknown loss name {name!r}; known: {", ".join(_CONFIG_NAMES)} '
                          f'(beta-DPO is name=dpo with mode_loss=beta_DPO)')
-    if name == 'dpo' and loss_args.get('mode_loss', 'dpo') == 'beta_DPO':
-        return LOSSES['beta_dpo']
-    return LOSSES[name]
+    for spec in LOSSES.values():
+        if spec.selected_by is not None:
+            base, key, value = spec.selected_by
+            if name == base and loss_args.get(key) == value:
+                return spec
+    return LOSSES[_ALIASES.get(name, name)]
 
 
 def _is_number(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+_CHECKS = {
+    'beta': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    'label_smoothing': (lambda v: _is_number(v) and 0 <= v < 0.5, 'a number in [0, 0.5)'),
+    'mode_weight': (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    'alpha': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    'a': (_is_number, 'a finite number'),
+    'gamma': (lambda v: _is_number(v) and 0 < v <= 1, 'a number in (0, 1]'),
+    'mode_loss': (lambda v: v in _MODE_LOSSES, f'one of {", ".join(_MODE_LOSSES)}'),
+    'reference_free': (lambda v: isinstance(v, bool), 'true or false'),
+    'if_tdpo2': (lambda v: isinstance(v, bool), 'true or false'),
+    'average_log_prob': (lambda v: isinstance(v, bool), 'true or false'),
+    'f_divergence_type': (lambda v: v in F_DIVERGENCES, f'one of {", ".join(F_DIVERGENCES)}'),
+    'f_alpha_divergence_coef': (_is_number, 'a finite number'),
+    'discopop_tau': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    'rpo_alpha': (lambda v: v is None or (_is_number(v) and v >= 0), 'null or a number >= 0'),
+    'use_weighting': (lambda v: isinstance(v, bool), 'true or false'),
+    'ld_alpha': (lambda v: v is None or (_is_number(v) and 0 <= v <= 1), 'null or a number in [0, 1]'),
+    'losses': (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and len(set(v)) == len(v)
+               and all(n in _TRL_TERMS or _ALIASES.get(n) in _TRL_TERMS for n in v),
+               f'a non-empty list of distinct TRL loss types from {", ".join(_TRL_TERMS)}'),
+    'weights': (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_number(w) for w in v)),
+                'null (all 1.0) or a list of numbers, one per loss'),
+}
+
+
+def _check_mixture(loss_args: dict, spec: 'MixtureSpec') -> None:
+    """What TRL refuses in a mixture, and what would make a term differ from TRL's."""
+    weights = loss_args.get('weights')
+    if weights is not None and len(weights) != len(loss_args['losses']):
+        raise ValueError(f'loss.weights={weights!r}: needs one weight per entry of loss.losses '
+                         f'({len(loss_args["losses"])})')
+    for term, _ in spec.terms(loss_args):
+        if term.name == 'exo_pair' and loss_args.get('label_smoothing', 0) == 0:
+            raise ValueError('loss.label_smoothing=0: exo_pair needs a value > 0 (the EXO paper uses 1e-3)')
+        if term.name == 'sigmoid' and loss_args.get('label_smoothing', 0) != 0:
+            raise ValueError(f'loss.label_smoothing={loss_args["label_smoothing"]!r}: TRL\'s sigmoid term '
+                             'ignores it, ours would be cDPO; use 0 with sigmoid in a mixture')
+        if loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl' and term.paired \
+                and 'f_divergence_type' not in term.hyper_parameters:
+            raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: not supported by '
+                             f'the {term.name} term; use reverse_kl')
 
 
 def validate_loss_args(loss_args: dict) -> None:
@@ -925,40 +991,33 @@ def validate_loss_args(loss_args: dict) -> None:
     """
     spec = get_loss(loss_args)
     name = loss_args['name']
-
-    if spec.name == 'ipo' and 'label_smoothing' in loss_args:
-        raise ValueError(f'loss.label_smoothing={loss_args["label_smoothing"]!r}: meaningless for ipo '
-                         '(conservative smoothing is a DPO variant); remove the key')
     accepted = spec.config_keys | {'name'}
     for key in loss_args:
         if key not in accepted:
             raise ValueError(f'loss.{key}={loss_args[key]!r}: unknown key for loss {name!r}; '
                              f'accepted keys: {", ".join(sorted(accepted))}')
-    for key in _REQUIRED_KEYS[spec.name]:
+    for key in spec.required_keys:
         if key not in loss_args:
             raise ValueError(f'loss.{key} is missing: required for loss {name!r}')
-
-    def bad(key, allowed):
-        return ValueError(f'loss.{key}={loss_args[key]!r}: must be {allowed}')
-
-    checks = {
-        'beta': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
-        'label_smoothing': (lambda v: _is_number(v) and 0 <= v < 0.5, 'a number in [0, 0.5)'),
-        'mode_weight': (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
-        'alpha': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
-        'a': (_is_number, 'a finite number'),
-        'gamma': (lambda v: _is_number(v) and 0 < v <= 1, 'a number in (0, 1]'),
-        'mode_loss': (lambda v: v in _MODE_LOSSES, f'one of {", ".join(_MODE_LOSSES)}'),
-        'reference_free': (lambda v: isinstance(v, bool), 'true or false'),
-        'if_tdpo2': (lambda v: isinstance(v, bool), 'true or false'),
-        'average_log_prob': (lambda v: isinstance(v, bool), 'true or false'),
-    }
-    for key, (ok, allowed) in checks.items():
+    for key, (ok, allowed) in _CHECKS.items():
         if key in loss_args and not ok(loss_args[key]):
-            raise bad(key, allowed)
-
-    if spec.name == 'beta_dpo' and loss_args.get('label_smoothing', 0) != 0:
-        # the beta-DPO repo never applies label smoothing; refuse rather than ignore it
-        raise ValueError(f'loss.label_smoothing={loss_args["label_smoothing"]!r}: must be 0 with '
-                         'mode_loss=beta_DPO (beta-DPO has no conservative variant)')
-
+            raise ValueError(f'loss.{key}={loss_args[key]!r}: must be {allowed}')
+    for key in spec.zero_only:
+        if loss_args.get(key, 0) != 0:
+            # e.g. the beta-DPO repo never applies label smoothing; refuse rather than ignore it
+            raise ValueError(f'loss.{key}={loss_args[key]!r}: must be 0 with loss {spec.name} '
+                             f'(selected by {"=".join(spec.selected_by[1:])})')
+    if spec.name == 'exo_pair' and loss_args.get('label_smoothing') == 0:
+        raise ValueError('loss.label_smoothing=0: exo_pair needs a value > 0 (the EXO paper uses 1e-3; '
+                         'TRL 1.16 refuses 0 too)')
+    if loss_args.get('reference_free') and loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl':
+        raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: needs the reference; '
+                         'use reverse_kl with reference_free=true')
+    if isinstance(spec, MixtureSpec):
+        _check_mixture(loss_args, spec)
+    terms = [term for term, _ in spec.terms(loss_args)] if isinstance(spec, MixtureSpec) else [spec]
+    sorting = [term.name for term in terms if term.name in ('aot', 'aot_unpaired')]
+    if loss_args.get('use_weighting') and sorting:
+        # TRL refuses it too: sorting moves the pairs away from their weights
+        raise ValueError(f'loss.use_weighting=true: WPO weights cannot be applied to {sorting[0]}, '
+                         'which sorts the pairs; use use_weighting=false')

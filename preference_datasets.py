@@ -6,7 +6,8 @@ Every loader returns the same structure, keyed by prompt text in first-seen orde
               'pairs': [(i_preferred, j_dispreferred), ...],
               'sft_target': str}}
 
-so that ``prompt + responses[i]`` is the full text of a response.  Loaders are listed
+(a ``LoadedData``, which also counts the pairs loading dropped and why), so that
+``prompt + responses[i]`` is the full text of a response.  Loaders are listed
 in ``DATASETS``; adding a named dataset means writing one function with the signature
 ``loader(split, silent=False, cache_dir=None, path=None, tokenizer=None)`` and adding
 one entry there.
@@ -16,25 +17,21 @@ Data sources:
 * ``path=None``: the Hugging Face hub copy (``datasets.load_dataset``).
 * ``path=<directory>``: a local copy laid out like the hub repository; files whose name
   contains the split as a word (``test.jsonl.gz``, ``helpful-base-test.jsonl``) are read.
-* ``path=<file>``: one ``.jsonl``/``.json``/``.parquet`` file (optionally ``.gz``) in the
-  hub's row schema.  A file has no split of its own, so the same file serves every
+* ``path=<file>``: one ``.jsonl``/``.json``/``.parquet``/``.csv`` file (optionally ``.gz``)
+  in the hub's row schema.  A file has no split of its own, so the same file serves every
   split unless the path contains ``{split}``, which is replaced by the split name.
 * ``get_dataset('<file path>', split, tokenizer=...)``: the user's own data in TRL's
   preference format (``prompt``/``chosen``/``rejected`` as text or chat messages).
 
-Malformed rows raise ``DatasetFormatError`` naming the file, the 1-based line (JSON
-Lines) or row (JSON arrays, parquet) and the problem.
+Files are read by ``data_files``.  Malformed rows, empty files and data with no pair left
+raise ``DatasetFormatError`` naming the file, the 1-based line (JSON Lines, CSV) or row
+(JSON arrays, parquet) and the problem.
 """
 import contextlib
-import gzip
-import hashlib
 import itertools
-import json
 import math
 import os
 import random
-import re
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -44,143 +41,24 @@ import torch
 from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 
-ASSISTANT_MARKER = '\n\nAssistant:'
-HUMAN_MARKER = '\n\nHuman:'
+import data_files
+# re-exported: callers and tests import these from here
+from data_files import (ASSISTANT_MARKER, HUMAN_MARKER, SUPPORTED_FORMATS, DatasetFormatError,  # noqa: F401
+                        _field, data_suffix, preference_row_to_text, read_rows, resolve_data_files,
+                        html_to_text, split_hh_transcripts, unsupported_format_message)
+
 SHP_MIN_SCORE_RATIO = 2.0      # the DPO paper's SHP filter: keep pairs whose scores differ 2x
 SE_SPLIT_SEED = 42             # seed the DPO code uses to carve a test split out of SE 'train'
 SE_TEST_FRACTION = 0.01
 GROUP_BY_LENGTH_CHUNK = 50     # batches per length-sorted mega-chunk
 _TOKENIZED_FORMAT_VERSION = 1  # bump when the tokenised columns change, to invalidate caches
-_DATA_SUFFIXES = ('.jsonl', '.json', '.parquet')
 
 PromptData = Dict[str, Dict]
 
 
-class DatasetFormatError(ValueError):
-    """A data file or row does not have the expected schema (message names file and line/row)."""
-
-
 # ---------------------------------------------------------------------------
-# Reading rows from local files
+# Rows of one split: the hub or local files (read by data_files)
 # ---------------------------------------------------------------------------
-
-def _data_suffix(path: Path) -> Optional[str]:
-    """'.jsonl', '.json' or '.parquet' for a (possibly gzipped) data file, else None."""
-    name = path.name.lower()
-    if name.endswith('.gz'):
-        name = name[:-3]
-    return next((s for s in _DATA_SUFFIXES if name.endswith(s)), None)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """Whole file contents, decompressed when the name ends in .gz."""
-    try:
-        if path.name.lower().endswith('.gz'):
-            with gzip.open(path, 'rb') as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as e:  # BadGzipFile is an OSError; truncated gzip is EOFError
-        raise DatasetFormatError(f'{path}: cannot read the file ({e}). '
-                                 'Check that it is complete and, if named .gz, really gzipped.') from None
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise DatasetFormatError(f'{where}: not UTF-8 text ({e}). Re-save the file as UTF-8.') from None
-
-
-def _iter_jsonl(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
-    for number, raw in enumerate(data.split(b'\n'), start=1):
-        where = f'{path}, line {number}'
-        line = _decode(raw, where).strip()
-        if not line:  # blank lines (e.g. after the final newline) carry no row
-            continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f'{where}: not valid JSON ({e.msg} at column {e.colno}). '
-                                     'Each line must hold one JSON object.') from None
-
-
-def _iter_json_array(path: Path, text: str) -> Iterator[Tuple[str, object]]:
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetFormatError(f'{path}, line {e.lineno}: not valid JSON ({e.msg}).') from None
-    for number, row in enumerate(rows, start=1):
-        yield f'{path}, row {number}', row
-
-
-def _iter_parquet(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as e:
-        raise DatasetFormatError(f'{path}: not a readable parquet file ({e}).') from None
-    number = 0
-    for record_batch in parquet.iter_batches():
-        for row in record_batch.to_pylist():
-            number += 1
-            yield f'{path}, row {number}', row
-
-
-def read_rows(path) -> Iterator[Tuple[str, dict]]:
-    """Yield ``(where, row)`` for every row of one local data file.
-
-    ``where`` is a human-readable location ("file, line 3" / "file, row 3") for error
-    messages.  ``.json`` files may be a JSON array or, like SHP's hub files, JSON Lines.
-    """
-    path = Path(path)
-    suffix = _data_suffix(path)
-    if suffix is None:
-        raise ValueError(f'{path}: unsupported file type; use .jsonl, .json or .parquet (optionally .gz).')
-    data = _read_bytes(path)
-    if suffix == '.parquet':
-        rows = _iter_parquet(path, data)
-    elif suffix == '.json' and data.lstrip()[:1] == b'[':
-        rows = _iter_json_array(path, _decode(data, str(path)))
-    else:
-        rows = _iter_jsonl(path, data)
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise DatasetFormatError(f'{where}: expected a JSON object (one row), got {type(row).__name__}.')
-        yield where, row
-
-
-def _split_words(path: Path) -> List[str]:
-    """Words of a file name without its extensions: 'helpful-base-test.jsonl' -> [helpful, base, test]."""
-    stem = path.name.lower().split('.')[0]
-    return [w for w in re.split(r'[^a-z0-9]+', stem) if w]
-
-
-def resolve_data_files(path, split: str, match_split: bool = True) -> List[Path]:
-    """The local data files holding ``split``.
-
-    Args:
-        path: a data file, or a directory laid out like the hub repository. ``{split}``
-            in the path is replaced by the split name.
-        split: split name, e.g. 'train'.
-        match_split: in a directory, keep only files whose name contains the split as a
-            word. (StackExchange has a single split and derives its own test set.)
-    """
-    resolved = Path(str(path).replace('{split}', split)).expanduser()
-    if resolved.is_file():
-        return [resolved]
-    if not resolved.is_dir():
-        raise ValueError(f'data path {resolved} does not exist; pass an existing file or directory.')
-    files = sorted(f for f in resolved.rglob('*')
-                   if f.is_file() and _data_suffix(f) is not None
-                   and not any(part.startswith('.') for part in f.relative_to(resolved).parts)
-                   and (not match_split or split in _split_words(f)))
-    if not files:
-        wanted = f"whose name contains '{split}'" if match_split else ''
-        raise ValueError(f'no data files {wanted} under {resolved}; expected .jsonl/.json/.parquet '
-                         f'(optionally .gz) files laid out like the hub repository.')
-    return files
-
 
 def _load_hub(hub_name: str, split: str, cache_dir: Optional[str]):
     """Load one split from the hub, turning network/config failures into one clear error."""
@@ -209,22 +87,33 @@ def _rows(hub_name: str, split: str, cache_dir, path, silent: bool) -> Iterator[
 # Row validation and the prompt table shared by all loaders
 # ---------------------------------------------------------------------------
 
-def _field(row: dict, key: str, kind, where: str, what: str):
-    """row[key], checked to be of type ``kind``; ``what`` names the expected schema."""
-    if key not in row:
-        present = ', '.join(sorted(map(str, row))) or 'none'
-        raise DatasetFormatError(f"{where}: missing column '{key}' (columns present: {present}). {what}")
-    value = row[key]
-    # bool is an int subclass; a True score is almost certainly a schema mix-up
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)
-        raise DatasetFormatError(f"{where}: column '{key}' must be {expected}, "
-                                 f'got {type(value).__name__}. {what}')
-    return value
+class LoadedData(dict):
+    """PromptData (a plain dict, prompt -> entry) that also says what loading dropped.
+
+    Attributes:
+        source: where the split was read from (file, directory or hub name), for messages.
+        offered: candidate pairs seen (one per chosen/rejected row; one per answer pair in SE).
+        dropped: reason -> number of candidate pairs dropped for it.
+    """
+
+    def __init__(self, data: PromptData, offered: int = 0, dropped: Optional[Dict[str, int]] = None):
+        super().__init__(data)
+        self.source = ''
+        self.offered = offered
+        self.dropped = dict(dropped or {})
+
+    def kept_summary(self, label: str) -> str:
+        """One line, e.g. "hh [train]: kept 9,996 of 10,000 pairs (4 with chosen equal to rejected)"."""
+        kept = self.offered - sum(self.dropped.values())
+        reasons = ', '.join(f'{n:,} {reason}' for reason, n in self.dropped.items() if n)
+        return f'{label}: kept {kept:,} of {self.offered:,} pairs' + (f' ({reasons})' if reasons else '')
+
+
+EQUAL_PAIR = 'with chosen equal to rejected'
 
 
 class _PromptTable:
-    """Accumulates responses, pairs and SFT targets per prompt.
+    """Accumulates responses, pairs and SFT targets per prompt, counting dropped pairs.
 
     Responses are de-duplicated per prompt (SHP repeats a comment across many rows), and a
     pair whose two sides are the same text is dropped: it carries no preference signal.
@@ -234,6 +123,8 @@ class _PromptTable:
         self._data: PromptData = {}
         self._index: Dict[str, Dict[str, int]] = {}
         self._sft_score: Dict[str, float] = {}
+        self._offered = 0
+        self._dropped: Dict[str, int] = {}
 
     def _entry(self, prompt: str) -> dict:
         if prompt not in self._data:
@@ -249,9 +140,17 @@ class _PromptTable:
             entry['responses'].append(text)
         return index[text]
 
+    def skip(self, reason: str) -> None:
+        """Count a candidate pair the loader filtered out (reason reads "4 <reason>")."""
+        self._offered += 1
+        self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
     def add_pair(self, prompt: str, preferred: str, dispreferred: str) -> None:
         i, j = self.response(prompt, preferred), self.response(prompt, dispreferred)
-        if i != j:
+        if i == j:
+            self.skip(EQUAL_PAIR)
+        else:
+            self._offered += 1
             self._data[prompt]['pairs'].append((i, j))
 
     def add_row(self, prompt: str, chosen: str, rejected: str) -> None:
@@ -266,43 +165,13 @@ class _PromptTable:
             self._sft_score[prompt] = score
             self._data[prompt]['sft_target'] = text
 
-    def finish(self) -> PromptData:
-        return self._data
+    def finish(self) -> LoadedData:
+        return LoadedData(self._data, self._offered, self._dropped)
 
 
 # ---------------------------------------------------------------------------
 # Anthropic HH
 # ---------------------------------------------------------------------------
-
-def _common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search: slice compares run in C)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def split_hh_transcripts(chosen: str, rejected: str, where: str = 'row') -> Tuple[str, str, str]:
-    """Split an HH pair into (prompt, chosen_response, rejected_response).
-
-    The prompt is the longest common prefix of the two transcripts, cut back to the end of
-    the last complete '\\n\\nAssistant:' inside it.  Cutting each side at its own last
-    marker (as the DPO reference code does) breaks rows whose reply itself contains the
-    marker; the common prefix cannot.  By construction prompt + response reproduces each
-    transcript byte for byte.
-    """
-    cut = chosen.rfind(ASSISTANT_MARKER, 0, _common_prefix_length(chosen, rejected))
-    if cut < 0:
-        raise DatasetFormatError(f"{where}: chosen and rejected share no '\\n\\nAssistant:' turn, so the "
-                                 'prompt cannot be found. HH transcripts must read '
-                                 "'\\n\\nHuman: ...\\n\\nAssistant: reply'.")
-    end = cut + len(ASSISTANT_MARKER)
-    return chosen[:end], chosen[end:], rejected[end:]
-
 
 _HH_SCHEMA = "HH rows need string columns 'chosen' and 'rejected' (whole transcripts)."
 
@@ -357,6 +226,7 @@ def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, p
         if label not in (0, 1):
             raise DatasetFormatError(f"{where}: column 'labels' must be 0 or 1, got {label}. {_SHP_SCHEMA}")
         if _score_ratio(score_a, score_b) < SHP_MIN_SCORE_RATIO:
+            table.skip('with a score ratio below 2')
             continue
         prompt = HUMAN_MARKER + ' ' + history + ASSISTANT_MARKER
         a, b = ' ' + ref_a, ' ' + ref_b
@@ -369,63 +239,6 @@ def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, p
 # ---------------------------------------------------------------------------
 # StackExchange
 # ---------------------------------------------------------------------------
-
-class _HTMLToText(HTMLParser):
-    """Reduce StackExchange HTML to text: blocks separated by blank lines, <code> kept.
-
-    Code spans are kept as ``<code>...</code>`` (as the DPO code does, since they hold real
-    code); whitespace inside <pre> is preserved, elsewhere it is collapsed as a browser would.
-    """
-
-    BLOCKS = {'p', 'div', 'pre', 'blockquote', 'li', 'ul', 'ol', 'table', 'tr', 'hr',
-              'h1', 'h2', 'h3', 'h4', 'h5', 'h6'}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.blocks: List[str] = []
-        self.parts: List[str] = []
-        self.pre_depth = 0
-
-    def _flush(self):
-        text = ''.join(self.parts).strip()
-        self.parts = []
-        if text:
-            self.blocks.append(text)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == 'br':
-            self.parts.append('\n')
-            return
-        if tag in self.BLOCKS:
-            self._flush()
-        if tag == 'pre':
-            self.pre_depth += 1
-        elif tag == 'code':
-            self.parts.append('<code>')
-
-    def handle_endtag(self, tag):
-        if tag == 'code':
-            self.parts.append('</code>')
-        elif tag == 'pre':
-            self.pre_depth = max(0, self.pre_depth - 1)
-        if tag in self.BLOCKS:
-            self._flush()
-
-    def handle_data(self, data):
-        self.parts.append(data if self.pre_depth else re.sub(r'\s+', ' ', data))
-
-    def text(self) -> str:
-        self.close()
-        self._flush()
-        return '\n\n'.join(self.blocks)
-
-
-def html_to_text(html: str) -> str:
-    """Plain text of an HTML fragment, keeping ``<code>`` spans (no third-party parser)."""
-    parser = _HTMLToText()
-    parser.feed(html)
-    return parser.text()
-
 
 def se_split_indices(n_rows: int, split: str) -> np.ndarray:
     """Row indices of the derived SE split, in the order the DPO code visits them.
@@ -494,7 +307,9 @@ def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
             table.offer_sft(prompt, text, score)
         for i, (text_i, score_i) in enumerate(scored):
             for text_j, score_j in scored[i + 1:]:
-                if score_i != score_j:
+                if score_i == score_j:
+                    table.skip('with tied scores')  # a tie states no preference
+                else:
                     table.add_pair(prompt, *((text_i, text_j) if score_i > score_j else (text_j, text_i)))
     return table.finish()
 
@@ -613,100 +428,6 @@ def synthetic_corpus() -> List[str]:
 # The user's own data: TRL preference format
 # ---------------------------------------------------------------------------
 
-_TRL_SCHEMA = ("Preference files need columns 'chosen' and 'rejected' and optionally 'prompt': "
-               "all strings, or all lists of {'role', 'content'} messages.")
-
-
-def _messages(value, column: str, where: str) -> List[dict]:
-    """Check a conversational column: a non-empty list of {role: str, content: str}."""
-    if not value:
-        raise DatasetFormatError(f"{where}: column '{column}' is an empty message list. {_TRL_SCHEMA}")
-    for k, message in enumerate(value, start=1):
-        ok = (isinstance(message, dict) and isinstance(message.get('role'), str)
-              and isinstance(message.get('content'), str))
-        if not ok:
-            raise DatasetFormatError(f"{where}: column '{column}', message {k} must be an object with "
-                                     f"string 'role' and 'content', got {message!r:.80}. {_TRL_SCHEMA}")
-    return value
-
-
-def _split_implicit_text(chosen: str, rejected: str) -> Tuple[str, str, str]:
-    """Prompt = common prefix, for rows without a prompt column.
-
-    HH-style transcripts are split after the last shared '\\n\\nAssistant:'; other text is
-    cut back to the last shared whitespace, so responses start with it and no word is split.
-    """
-    n = _common_prefix_length(chosen, rejected)
-    if chosen.rfind(ASSISTANT_MARKER, 0, n) >= 0:
-        return split_hh_transcripts(chosen, rejected)
-    cut = max((chosen.rfind(space, 0, n) for space in (' ', '\n', '\t')), default=-1)
-    cut = max(cut, 0)
-    return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: str) -> Tuple[str, str]:
-    """Render (prompt text, completion text) with the tokenizer's chat template.
-
-    The prompt is rendered with the generation prompt; the completion is the rendering of
-    the whole conversation minus that prefix.
-    """
-    if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
-        raise DatasetFormatError(f'{where}: conversational rows are rendered with a chat template; pass '
-                                 'tokenizer= a tokenizer whose chat_template is set.')
-    try:
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    except Exception as e:  # jinja templates raise arbitrary errors (e.g. on role order)
-        raise DatasetFormatError(f'{where}: the chat template failed on this row ({type(e).__name__}: {e}).') from None
-    if not full_text.startswith(prompt_text):
-        raise DatasetFormatError(f'{where}: the chat template does not render the prompt (with generation '
-                                 'prompt) as a prefix of the whole conversation, so the completion cannot be '
-                                 'separated; use text columns instead.')
-    return prompt_text, full_text[len(prompt_text):]
-
-
-def _strip_shared_prompt(prompt: List[dict], completion: List[dict]) -> List[dict]:
-    """Drop the prompt messages when a completion repeats the whole conversation."""
-    if len(completion) > len(prompt) and completion[:len(prompt)] == prompt:
-        return completion[len(prompt):]
-    return completion
-
-
-def _conversational_triple(prompt, chosen, rejected, where, tokenizer) -> Tuple[str, str, str]:
-    chosen, rejected = _messages(chosen, 'chosen', where), _messages(rejected, 'rejected', where)
-    if prompt is None:  # implicit prompt: the shared leading messages
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-            shared += 1
-        if shared == 0:
-            raise DatasetFormatError(f"{where}: without a 'prompt' column, chosen and rejected must share "
-                                     f'their leading (prompt) messages. {_TRL_SCHEMA}')
-        prompt = chosen[:shared]
-    else:
-        prompt = _messages(prompt, 'prompt', where)
-    chosen, rejected = _strip_shared_prompt(prompt, chosen), _strip_shared_prompt(prompt, rejected)
-    prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen, where)
-    _, rejected_text = _render_chat(tokenizer, prompt, rejected, where)
-    return prompt_text, chosen_text, rejected_text
-
-
-def preference_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) as text for one TRL-format row."""
-    chosen = _field(row, 'chosen', (str, list), where, _TRL_SCHEMA)
-    rejected = _field(row, 'rejected', (str, list), where, _TRL_SCHEMA)
-    # parquet/JSON tables with some implicit-prompt rows hold a null prompt there
-    prompt = _field(row, 'prompt', (str, list), where, _TRL_SCHEMA) if row.get('prompt') is not None else None
-    kinds = {type(v) for v in (prompt, chosen, rejected) if v is not None}
-    if len(kinds) > 1:
-        raise DatasetFormatError(f"{where}: mixes text and message lists across 'prompt', 'chosen' and "
-                                 f"'rejected'. {_TRL_SCHEMA}")
-    if isinstance(chosen, list):
-        return _conversational_triple(prompt, chosen, rejected, where, tokenizer)
-    if prompt is None:
-        return _split_implicit_text(chosen, rejected)
-    return prompt, chosen, rejected
-
-
 def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
                         tokenizer=None) -> PromptData:
     """The user's preference data in TRL's format, from local file(s) at ``path``.
@@ -717,12 +438,13 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
     ``{role, content}`` messages rendered with ``tokenizer.apply_chat_template``; chosen and
     rejected may also repeat the prompt messages).  Rows sharing a prompt are merged; the
     SFT target is the first row's chosen response.  ``{split}`` in ``path`` selects per-split
-    files, otherwise every split reads the same file.
+    files, otherwise every split reads the same file; in a directory, a split reads the files
+    whose name contains it as a word (``test.csv``, ``prefs-train.jsonl``).
     """
     if path is None:
-        raise ValueError('get_preference_file needs path= pointing at a .jsonl/.json/.parquet file.')
+        raise ValueError(f'get_preference_file needs path= pointing at a {SUPPORTED_FORMATS} file.')
     table = _PromptTable()
-    for file in resolve_data_files(path, split, match_split=False):
+    for file in resolve_data_files(path, split):
         if not silent:
             print(f'Reading preference data ({split} split) from {file}')
         for where, row in read_rows(file):
@@ -750,7 +472,7 @@ def truncation_mode_for(name: str) -> str:
 
 
 def _is_data_file_name(name: str, split: str) -> bool:
-    return _data_suffix(Path(name.replace('{split}', split))) is not None
+    return data_suffix(Path(name.replace('{split}', split))) is not None
 
 
 def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None,
@@ -770,14 +492,28 @@ def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional
         loader = DATASETS[name]
     elif path is not None or _is_data_file_name(name, split):
         loader, path = get_preference_file, (path if path is not None else name)
+    elif Path(name.replace('{split}', split)).is_file():
+        raise DatasetFormatError(unsupported_format_message(name))
     else:
-        raise ValueError(f"unknown dataset '{name}'; known names: {', '.join(sorted(DATASETS))}. "
-                         'A path to a local .jsonl/.json/.parquet preference file is accepted too.')
+        raise DatasetFormatError(f"unknown dataset '{name}'; known names: {', '.join(sorted(DATASETS))}. "
+                                 f'A path to a local {SUPPORTED_FORMATS} preference file is accepted too.')
     data = loader(split, silent=silent, cache_dir=cache_dir, path=path, tokenizer=tokenizer)
+    if not isinstance(data, LoadedData):  # a loader that builds its own dict counts no drops
+        data = LoadedData(data, offered=sum(len(entry['pairs']) for entry in data.values()))
+    data.source = str(path).replace('{split}', split) if path is not None else f"'{name}' from the hub"
     if not data:
-        raise ValueError(f"dataset '{name}' split '{split}' has no usable prompts; check the split name "
-                         'and the data files.')
+        raise DatasetFormatError(f'{data.source}: no usable prompts in the {split} split of {name!r}'
+                                 f'{_dropped_note(data)}; check the split name and the data files.')
     return data
+
+
+def _dropped_note(data: LoadedData) -> str:
+    """' (all 5 pairs dropped: 5 with chosen equal to rejected)', or '' when nothing was dropped."""
+    if not data.dropped:
+        return ''
+    reasons = ', '.join(f'{n:,} {reason}' for reason, n in data.dropped.items())
+    every = data.offered == sum(data.dropped.values())
+    return f' (all {data.offered:,} pairs dropped: {reasons})' if every else f' ({reasons})'
 
 
 # ---------------------------------------------------------------------------
@@ -877,31 +613,6 @@ def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, m
     return out
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
-    """Stable description of a tokenizer for cache keys (vocabulary, merges, special tokens)."""
-    backend = getattr(tokenizer, 'backend_tokenizer', None)
-    if backend is not None:
-        description = backend.to_str()
-    else:
-        from datasets.fingerprint import Hasher
-        description = Hasher.hash(tokenizer)
-    extra = f'{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{getattr(tokenizer, "padding_side", "")}'
-    return hashlib.sha256((description + extra).encode('utf-8')).hexdigest()
-
-
-def _cache_key(columns: Dict[str, List[str]], tokenizer, truncation_mode: str, max_length: int,
-               max_prompt_length: int) -> str:
-    digest = hashlib.sha256()
-    digest.update(f'v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|'.encode())
-    digest.update(_tokenizer_fingerprint(tokenizer).encode())
-    for name in sorted(columns):
-        for text in columns[name]:
-            encoded = text.encode('utf-8')
-            digest.update(len(encoded).to_bytes(8, 'little'))  # length prefix: no ambiguous joins
-            digest.update(encoded)
-    return digest.hexdigest()[:32]
-
-
 @contextlib.contextmanager
 def _progress_bars(enabled: bool):
     """Temporarily silence datasets' progress bars, restoring the caller's setting after."""
@@ -928,20 +639,27 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
 
     The result is written to an Arrow file under ``cache_dir/tokenized/`` named by a hash of
     the texts, the tokenizer and the length settings, so later runs memory-map it instead
-    of tokenising again.  A file lock keeps concurrent ranks from writing it twice.
+    of tokenising again.  A file lock keeps concurrent ranks from writing it twice.  A
+    checksum written after the Arrow file marks it complete; a cache file without a matching
+    one (a run killed mid-write, a full disk, a damaged file) is rebuilt with one warning.
     """
-    key = _cache_key(columns, tokenizer, truncation_mode, max_length, max_prompt_length)
+    settings = f'v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|'
+    key = data_files.cache_key(settings, tokenizer, columns)
     directory = Path(cache_dir or _default_cache_dir()) / 'tokenized'
     directory.mkdir(parents=True, exist_ok=True)
     cache_file = directory / f'{key}.arrow'
     with FileLock(str(cache_file) + '.lock'), _progress_bars(not silent):
-        if cache_file.exists():
-            return datasets.Dataset.from_file(str(cache_file))
+        cached = data_files.open_verified_cache(cache_file)
+        if cached is not None:
+            return cached
         flat = datasets.Dataset.from_dict(columns)
-        return flat.map(_tokenize_columns, batched=True, batch_size=1000, remove_columns=flat.column_names,
-                        fn_kwargs=dict(tokenizer=tokenizer, truncation_mode=truncation_mode,
-                                       max_length=max_length, max_prompt_length=max_prompt_length),
-                        cache_file_name=str(cache_file), new_fingerprint=key, desc='Tokenising')
+        tokenized = flat.map(_tokenize_columns, batched=True, batch_size=1000,
+                             remove_columns=flat.column_names, cache_file_name=str(cache_file),
+                             fn_kwargs=dict(tokenizer=tokenizer, truncation_mode=truncation_mode,
+                                            max_length=max_length, max_prompt_length=max_prompt_length),
+                             new_fingerprint=key, desc='Tokenising')
+        data_files.write_cache_checksum(cache_file)
+        return tokenized
 
 
 # ---------------------------------------------------------------------------
@@ -1068,7 +786,10 @@ def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_le
                            path=(paths or {}).get(name), tokenizer=tokenizer)
         columns, sizes = _flatten(data, sft_mode)
         if not sizes:
-            raise ValueError(f"dataset '{name}' split '{split}' has no preference pairs to train on.")
+            raise DatasetFormatError(f'{data.source}: no preference pairs to train on in the {split} split '
+                                     f'of {name!r}{_dropped_note(data)}.')
+        if not silent and not sft_mode:
+            print(data.kept_summary(f'{name} [{split}]'))
         parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
                                       max_prompt_length, cache_dir=cache_dir, silent=silent))
         group_sizes.extend(sizes)
@@ -1119,13 +840,25 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
     tokenized, group_sizes = _load_tokenized(names, tokenizer, split, sft_mode, max_length,
                                              max_prompt_length, silent, cache_dir, paths)
     if len(tokenized) < batch_size:
-        raise ValueError(f'split {split!r} of {names} has {len(tokenized)} elements, fewer than '
-                         f'batch_size={batch_size}, so no full batch can be formed; lower batch_size.')
+        raise DatasetFormatError(_too_small_message(names, split, len(tokenized), batch_size))
     lengths = np.asarray(tokenized.data.column('length'))
     schedule = _batch_schedule(group_sizes, lengths, batch_size, shuffle, seed, group_by_length,
                                n_epochs, n_examples)
     columns = [c for c in tokenized.column_names if c != 'length']
     return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id)
+
+
+def _too_small_message(names: List[str], split: str, n_elements: int, batch_size: int) -> str:
+    """One line for a split that cannot fill one batch, naming the setting to lower.
+
+    Training reads the 'train' split with ``batch_size``; evaluation reads every other split
+    with ``eval_batch_size`` (see trainers.BasicTrainer.build_eval_batches).
+    """
+    setting = ('batch_size' if split == 'train'
+               else 'eval_batch_size (n_eval_examples then counts whole batches of it)')
+    return (f'the {split} split of {", ".join(map(str, names))} has {n_elements:,} examples, fewer than '
+            f'one batch of {batch_size:,}, so no full batch can be formed; set {setting} to at most '
+            f'{n_elements:,}, or add data.')
 
 
 def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_batches: int,

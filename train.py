@@ -13,15 +13,20 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import copy
+import difflib
+import math
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
 import losses
 import preference_datasets
 import trainers
@@ -54,6 +59,7 @@ def _number(config, key: str, low=None, strict_low=False):
     value = OmegaConf.select(config, key)
     _require(isinstance(value, (int, float)) and not isinstance(value, bool),
              f"{key}={value!r} must be a number")
+    _require(math.isfinite(value), f"{key}={value!r} must be a finite number")
     if low is not None:
         bad = value <= low if strict_low else value < low
         _require(not bad, f"{key}={value!r} must be {'>' if strict_low else '>='} {low}")
@@ -82,7 +88,9 @@ def validate_config(config: DictConfig, world_size: int):
     _number(config, "minimum_log_interval_secs", 0)
     _require(isinstance(config.warmup_steps, int) and config.warmup_steps >= 0,
              f"warmup_steps={config.warmup_steps!r} must be a non-negative integer")
-    _require(isinstance(config.seed, int), f"seed={config.seed!r} must be an integer")
+    # The data order is drawn with NumPy, whose seeds must be non-negative.
+    _require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0,
+             f"seed={config.seed!r} must be a non-negative integer")
     for key in ("do_first_eval", "sample_during_eval", "activation_checkpointing", "debug",
                 "group_by_length", "precompute_ref_log_probs", "save_hf_format", "wandb.enabled",
                 "model.trust_remote_code"):
@@ -106,12 +114,14 @@ def validate_config(config: DictConfig, world_size: int):
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "
              "(e.g. RMSprop, Adam, AdamW, SGD)")
     validate_model_config(config.model)
+    validate_mixed_precision(config)
     validate_datasets(config)
     try:
         losses.validate_loss_args(OmegaConf.to_container(config.loss))
     except ValueError as e:
         raise ConfigError(str(e))
     validate_loss_combination(config)
+    validate_reference_options(config)
     if config.resume_from is not None:
         _require(Path(config.resume_from).is_dir(),
                  f"resume_from={config.resume_from} is not a directory")
@@ -127,24 +137,62 @@ def validate_model_config(model: DictConfig):
     if model.from_config is not None:
         _require("model_type" in model.from_config,
                  "model.from_config needs a model_type (e.g. llama, gpt_neox, gpt2)")
+    if model.gguf_file is not None:
+        _require(model.from_config is None and model.name_or_path is not None,
+                 f"model.gguf_file={model.gguf_file} needs model.name_or_path (the directory or "
+                 "hub repository holding it) and model.from_config=null")
+        if os.path.isdir(model.name_or_path):
+            _require(os.path.isfile(os.path.join(model.name_or_path, model.gguf_file)),
+                     f"model.gguf_file={model.gguf_file} is not a file in "
+                     f"model.name_or_path={model.name_or_path}")
+    if model.offline_gguf is not None:
+        _require(set(model.offline_gguf) == {"package", "file", "install"},
+                 f"model.offline_gguf needs exactly package, file and install, got "
+                 f"{sorted(model.offline_gguf)}")
     if model.archive is not None:
-        _require(os.path.isfile(model.archive),
-                 f"model.archive={model.archive} does not exist; pass the policy.pt of an earlier "
-                 "run, e.g. model.archive=RUN_DIR/LATEST/policy.pt")
+        utils.resolve_policy_file(model.archive, "model.archive")
+
+
+def validate_mixed_precision(config: DictConfig):
+    mp, model = config.mixed_precision, config.model
+    allowed = ", ".join(trainers.MIXED_PRECISION_DTYPES)
+    _require(mp is None or mp in trainers.MIXED_PRECISION_DTYPES,
+             f"mixed_precision={mp} must be null, {allowed.replace(', ', ' or ')}")
+    if mp is None:
+        return
+    _require(model.policy_dtype == "float32",
+             f"mixed_precision={mp} keeps float32 master weights, but model.policy_dtype="
+             f"{model.policy_dtype}; set model.policy_dtype=float32 (or mixed_precision=null for "
+             f"pure {model.policy_dtype})")
+    # model.fsdp_policy_mp (FSDPTrainer only) is the older name of the same setting
+    same = model.fsdp_policy_mp is None or (
+        getattr(torch, model.fsdp_policy_mp) == trainers.MIXED_PRECISION_DTYPES[mp])
+    _require(same, f"mixed_precision={mp} and model.fsdp_policy_mp={model.fsdp_policy_mp} "
+                   "disagree; set only mixed_precision (model.fsdp_policy_mp=null)")
 
 
 def validate_datasets(config: DictConfig):
     _require(len(config.datasets) > 0, "datasets=[] is empty; name at least one dataset")
-    known = sorted(preference_datasets.DATASETS)
+    registered = preference_datasets.DATASETS
+    paths = {name: path for name, path in config.dataset_paths.items() if path is not None}
     for name in config.datasets:
-        _require(name in preference_datasets.DATASETS or _local_path_exists(name, os.path.isfile),
-                 f"datasets: unknown dataset {name!r}; use one of {', '.join(known)} or the path "
-                 "of a local .jsonl/.json/.parquet file with prompt/chosen/rejected columns "
-                 "(a {split} in the path stands for train and test)")
-    for name, path in config.dataset_paths.items():
-        if path is not None:
-            _require(_local_path_exists(path, os.path.exists),
-                     f"dataset_paths.{name}={path} does not exist")
+        _require(name in registered or name in paths or _local_path_exists(name, os.path.isfile),
+                 f"datasets: unknown dataset {name!r}; use one of {', '.join(sorted(registered))}, "
+                 f"the path of a local {preference_datasets.SUPPORTED_FORMATS} file with "
+                 "prompt/chosen/rejected columns (a {split} in the path stands for train and test), "
+                 f"or set dataset_paths.{name}=PATH")
+    for name, path in paths.items():
+        _require(_local_path_exists(path, os.path.exists),
+                 f"dataset_paths.{name}={path} does not exist")
+    # a file's format is known from its name: refuse an unreadable one now, before anything is built
+    local = [("datasets", name) for name in config.datasets
+             if name not in registered and name not in paths]
+    local += [(f"dataset_paths.{name}", path) for name, path in paths.items()]
+    for label, path in local:
+        for split in ("train", "test"):
+            file = str(path).replace("{split}", split)
+            _require(not os.path.isfile(file) or preference_datasets.data_suffix(file) is not None,
+                     f"{label}: {preference_datasets.unsupported_format_message(file)}")
 
 
 def _local_path_exists(path, exists) -> bool:
@@ -165,6 +213,53 @@ def validate_loss_combination(config: DictConfig):
                  f"{'needs per-position reference logits' if spec.token_level else 'uses none'}")
 
 
+# Modules LoRA must leave alone: log-probs read the output layer's weight directly (logps.py), so
+# an adapter on it (or on the embeddings it may be tied to) would be silently skipped.
+LORA_UNADAPTABLE = ("lm_head", "embed_out", "embed_tokens", "wte", "wpe")
+
+
+def validate_reference_options(config: DictConfig):
+    """lora.*, sync_ref_model and router_aux_loss_coef (README "LoRA", "TR-DPO", "Mixture of experts")."""
+    lo = config.lora
+    if lo.r is None:
+        for key in ("reference_adapter", "merge_archive", "modules_to_save", "target_modules"):
+            _require(lo[key] is None, f"lora.{key}={lo[key]} needs lora.r (e.g. lora.r=8); "
+                     "lora.r=null trains the whole model")
+    else:
+        _positive_int(config, "lora.r")
+        _number(config, "lora.alpha", 0, strict_low=True)
+        _number(config, "lora.dropout", 0)
+        _require(lo.dropout < 1, f"lora.dropout={lo.dropout} must be below 1")
+        _require(config.trainer != "TensorParallelTrainer",
+                 "lora.r with trainer=TensorParallelTrainer is not supported; use BasicTrainer "
+                 "or FSDPTrainer")
+        for key in ("target_modules", "modules_to_save"):
+            names = list(lo[key] or [])
+            _require(lo[key] is None or len(names) > 0, f"lora.{key}=[] is empty; use null")
+            bad = [n for n in names if str(n).split(".")[-1] in LORA_UNADAPTABLE]
+            _require(not bad, f"lora.{key}: {bad} cannot be adapted (log-probs read the output "
+                     "layer and embeddings directly); leave them out")
+        for key in ("reference_adapter", "merge_archive"):
+            path = lo[key]
+            _require(path is None or os.path.isfile(os.path.join(str(path), "adapter_config.json")),
+                     f"lora.{key}={path} is not a PEFT adapter directory (no adapter_config.json); "
+                     "pass e.g. an earlier LoRA run's LATEST/adapter")
+    _flag(config, "sync_ref_model")
+    _number(config, "ref_model_mixup_alpha", 0, strict_low=True)
+    _require(config.ref_model_mixup_alpha <= 1,
+             f"ref_model_mixup_alpha={config.ref_model_mixup_alpha} must be in (0, 1]")
+    _positive_int(config, "ref_model_sync_steps")
+    if config.sync_ref_model:
+        _require(not config.precompute_ref_log_probs,
+                 "sync_ref_model=true needs a live reference that follows the policy; "
+                 "precompute_ref_log_probs=true caches a fixed one: set one of them to false")
+        spec = losses.get_loss(OmegaConf.to_container(config.loss))
+        _require(spec.needs_reference(OmegaConf.to_container(config.loss)),
+                 f"sync_ref_model=true: loss={config.loss.name} uses no reference model")
+    if config.router_aux_loss_coef is not None:
+        _number(config, "router_aux_loss_coef", 0)
+
+
 # ----------------------------------------------------------------------------- building
 
 def build_models(config: DictConfig, tokenizer):
@@ -176,11 +271,13 @@ def build_models(config: DictConfig, tokenizer):
     reference_dtype = utils.get_dtype("model.reference_dtype", m.reference_dtype)
     utils.set_seed(config.seed)
     policy = utils.build_model(m.name_or_path, from_config, tokenizer, policy_dtype,
-                               m.trust_remote_code)
+                               m.trust_remote_code, gguf_file=m.gguf_file)
     utils.disable_dropout(policy)
     reference = None
-    if spec.needs_reference(OmegaConf.to_container(config.loss)):
-        if from_config is not None:
+    # With LoRA the reference is the policy with its adapter off: no second model.
+    if spec.needs_reference(OmegaConf.to_container(config.loss)) and config.lora.r is None:
+        if from_config is not None or m.gguf_file is not None:
+            # the same weights; a GGUF file would be dequantised a second time for nothing
             reference = copy.deepcopy(policy).to(reference_dtype)
         else:
             reference = utils.build_model(m.name_or_path, None, tokenizer, reference_dtype,
@@ -188,26 +285,185 @@ def build_models(config: DictConfig, tokenizer):
         utils.disable_dropout(reference)
         reference.requires_grad_(False)
     if m.archive is not None:
-        state = utils.load_policy_archive(m.archive)
+        state = utils.load_policy_archive(m.archive, "model.archive")
+        source = f"model.archive={m.archive}"
         for model in (policy, reference):
             if model is not None:
-                try:
-                    model.load_state_dict(state)
-                except RuntimeError as e:
-                    raise ConfigError(f"model.archive={m.archive} does not fit model "
-                                      f"{m.name}: {str(e).splitlines()[0]}")
-        utils.rank0_print(f"loaded model.archive {m.archive}")
+                utils.load_checked_state_dict(model, state, source)
+        utils.rank0_print(f"loaded model.archive {utils.resolve_policy_file(m.archive)}")
+    if config.lora.r is not None:
+        policy = build_lora_policy(config, policy, spec)
     return policy, reference
 
 
-def prepare_run_dir(config: DictConfig):
+def build_lora_policy(config: DictConfig, policy, spec):
+    """The policy with lora.merge_archive merged into its weights and a fresh adapter on top (and
+    the frozen reference adapter, when one is asked for or TR-DPO syncs one)."""
+    import lora  # imports peft: only when lora.r is set
+    lo = config.lora
+    if lo.merge_archive is not None:
+        policy = lora.merge_adapter(policy, lo.merge_archive)
+        utils.rank0_print(f"merged lora.merge_archive {lo.merge_archive} into the base weights")
+    needs_reference = spec.needs_reference(OmegaConf.to_container(config.loss))
+    return lora.apply_lora(policy, lo.r, lo.alpha, lo.dropout,
+                           OmegaConf.to_container(lo.target_modules) if lo.target_modules else None,
+                           OmegaConf.to_container(lo.modules_to_save) if lo.modules_to_save else None,
+                           lo.reference_adapter,
+                           copy_as_reference=config.sync_ref_model and needs_reference)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+# The settings that may differ when a run is relaunched into its own local_run_dir (and resumes):
+# how long to train, how to evaluate, log and checkpoint, and how the run is launched, never what
+# is trained. Any other difference is refused by check_relaunch. README "Resuming" lists the same.
+RESUMABLE_KEYS = (
+    "n_examples", "n_epochs",  # to train longer
+    "eval_every", "n_eval_examples", "n_eval_model_samples", "sample_during_eval", "wandb",
+    "minimum_log_interval_secs", "keep_checkpoints", "save_hf_format", "debug",
+    # Launch settings: the directory itself (a moved run directory keeps its old path in its
+    # saved config), what names it and the wandb run (local_dirs, exp_name), the rendezvous port
+    # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
+    # three save full state dicts, so a run resumes under any of them).
+    "local_run_dir", "local_dirs", "exp_name", "fsdp_port", "resume_from", "trainer",
+)
+
+
+def check_run_dir(config: DictConfig) -> bool:
+    """Before any model is built: refuse a local_run_dir that cannot hold this run, and say so
+    when the run to resume has already finished and this config would train no further.
+
+    Returns:
+        True to go on and train; False when there is nothing to do (the message is printed).
+    Raises:
+        ConfigError: an unusable or busy directory, or a relaunch that changes what is trained.
+    """
     run_dir = Path(config.local_run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, run_dir / "config.yaml", resolve=True)
-    return run_dir
+    utils.check_run_dir_usable(config.local_run_dir, "local_run_dir")
+    utils.check_run_dir_unlocked(run_dir, "local_run_dir")
+    own = checkpoints.newest_checkpoint(run_dir) if run_dir.is_dir() else None
+    saved = own / "config.yaml" if own is not None else run_dir / "config.yaml"
+    if saved.is_file():
+        check_relaunch(config, saved, own)
+    resume = checkpoints.resume_checkpoint(config.resume_from, run_dir)
+    if resume is None:
+        return True
+    option = f"resume_from={config.resume_from}" if config.resume_from else f"run in {run_dir}"
+    state = utils.safe_torch_load(str(resume / checkpoints.TRAINER_STATE),
+                                  "resume_from" if config.resume_from else "checkpoint")
+    trained = state["example_counter"]
+    if state["finished"] and not trains_further(config, resume / "config.yaml", trained):
+        utils.rank0_print(
+            f"{option} is complete: {trained} examples trained, final weights in "
+            f"{resume / 'policy.pt'}; to train further, relaunch with more examples, e.g. "
+            f"n_examples={2 * trained}")
+        return False
+    return True
+
+
+def check_relaunch(config: DictConfig, saved: Path, checkpoint: Optional[Path]):
+    """Refuse, in one line, a relaunch into a run directory whose run was trained with other
+    settings than `config`, naming each changed key with both values and the ways out."""
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    new = OmegaConf.to_container(config, resolve=True)
+    changes = utils.changed_settings(old, new, RESUMABLE_KEYS)
+    if not changes:
+        return
+    listed = ", ".join(f"{key}: {a} -> {b}" for key, a, b in changes)
+    run_dir = config.local_run_dir
+    if checkpoint is not None:
+        way_out = (f"start a new run in a new local_run_dir=PATH, or continue from its weights in a "
+                   f"new directory with resume_from={checkpoint} local_run_dir=NEW_PATH")
+    else:
+        way_out = f"start a new run in a new local_run_dir=PATH, or delete {run_dir} to start over"
+    raise ConfigError(f"local_run_dir={run_dir} holds a run with other settings ({listed}); "
+                      f"{way_out} (only {', '.join(RESUMABLE_KEYS)} may change when a run is "
+                      "relaunched in its own directory)")
+
+
+def trains_further(config: DictConfig, saved: Path, trained: int) -> bool:
+    """Whether `config` asks for more training than a finished run did (`trained` examples,
+    its config at `saved`): a larger n_examples, or more n_epochs than it ran."""
+    if config.n_examples is not None:
+        return trained_examples(config.n_examples, config.batch_size) > trained
+    old = OmegaConf.load(saved) if saved.is_file() else None
+    return old is not None and old.n_examples is None and config.n_epochs > old.n_epochs
+
+
+def trained_examples(n_examples: int, batch_size: int) -> int:
+    """Examples a run with n_examples trains on: the data iterator ends after the batch that
+    reaches n_examples, i.e. after ceil(n_examples / batch_size) whole batches (DPO repository)."""
+    return math.ceil(n_examples / batch_size) * batch_size
+
+
+def note_rounding(config: DictConfig):
+    """Say, in one line, that n_examples is rounded up to whole batches (never silently)."""
+    n, size = config.n_examples, config.batch_size
+    if n is not None and n % size:
+        total = trained_examples(n, size)
+        utils.rank0_print(f"note: n_examples={n} is not a multiple of batch_size={size}; training "
+                          f"on {total} examples ({total // size} batches of {size})")
+
+
+def open_run_dir(config: DictConfig, rank: int) -> Optional[int]:
+    """Create the run directory (rank 0, once models and data have loaded), lock it for this run
+    and write the resolved config. Every rank gets rank 0's outcome, so a refusal stops all.
+
+    Returns:
+        the lock's file descriptor on rank 0 (None elsewhere); utils.unlock_run_dir releases it.
+    """
+    run_dir, lock, error = Path(config.local_run_dir), None, None
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = utils.lock_run_dir(run_dir, "local_run_dir")
+            OmegaConf.save(config, run_dir / "config.yaml", resolve=True)
+        except ConfigError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"local_run_dir={run_dir} could not be written: {e.strerror or e}"
+        if error is not None:
+            utils.unlock_run_dir(lock)
+    if torch.distributed.is_initialized():
+        error = utils.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+    utils.rank0_print(f"run directory: {run_dir}")
+    return lock
+
+
+def run_dir_checked_on_rank0(config: DictConfig, rank: int) -> bool:
+    """check_run_dir on rank 0 only, its outcome (go on, stop, or the refusal) on every rank, so
+    the processes of one launch never disagree (e.g. about a lock taken in between)."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = check_run_dir(config)
+        except ConfigError as e:
+            outcome = str(e)
+    if torch.distributed.is_initialized():
+        outcome = utils.broadcast_object(outcome)
+    if isinstance(outcome, str):
+        raise ConfigError(outcome)
+    return outcome
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "LATEST").exists() or any(run_dir.glob("step-*"))
 
 
 # ----------------------------------------------------------------------------- launching
+
+def resolve_model_source(m: DictConfig):
+    """Where the model comes from: the hub when reachable, else a packaged GGUF file named by
+    model.offline_gguf (model=smollm2). Done before the config is saved or compared with a
+    relaunched run's, so both see the source actually used."""
+    offline = OmegaConf.to_container(m.offline_gguf) if m.offline_gguf is not None else None
+    m.name_or_path, m.gguf_file, note = utils.resolve_model_source(m.name_or_path, m.gguf_file,
+                                                                   offline)
+    if note:
+        utils.rank0_print(note)
+
 
 def distributed_env():
     """(rank, world_size, local_rank) from torchrun's environment, or a single process."""
@@ -228,19 +484,23 @@ def run(config: DictConfig):
         validate_config(config, torch.cuda.device_count())
         return spawn_local_workers(config, torch.cuda.device_count())
     validate_config(config, world_size)
+    resolve_model_source(config.model)
     if world_size > 1:
         utils.init_distributed(rank, world_size, local_rank)
         # Each rank stamped its own run directory name; all must use rank 0's.
         config.local_run_dir = utils.broadcast_object(config.local_run_dir)
-    run_dir = Path(config.local_run_dir)
-    created = not run_dir.exists()
-    try:
-        build_and_train(config, rank, world_size)
-    except (ConfigError, preference_datasets.DatasetFormatError):
-        # Bad input found after the run directory was made: leave nothing half-written.
-        if created and rank == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    if run_dir_checked_on_rank0(config, rank):
+        note_rounding(config)
+        run_dir = Path(config.local_run_dir)
+        created = not run_dir.exists()
+        try:
+            build_and_train(config, rank, world_size)
+        except (ConfigError, preference_datasets.DatasetFormatError):
+            # Bad input found after this launch made the run directory (data read when training
+            # starts): leave nothing behind, unless a checkpoint was already saved in it.
+            if created and rank == 0 and not has_checkpoint(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     if torch.distributed.is_initialized():
         # Tear the process group down together, not in each rank's interpreter shutdown.
         torch.distributed.barrier()
@@ -273,10 +533,9 @@ def free_port() -> int:
 
 
 def build_and_train(config: DictConfig, rank: int, world_size: int):
-    if rank == 0:
-        utils.rank0_print(f"run directory: {prepare_run_dir(config)}")
-    tokenizer = utils.build_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
-                                      config.model.trust_remote_code)
+    m = config.model
+    tokenizer = utils.build_model_tokenizer(m.name_or_path, m.tokenizer_name_or_path, m.gguf_file,
+                                            m.trust_remote_code)
     policy, reference = build_models(config, tokenizer)
     trainer_class = getattr(trainers, config.trainer)
     trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
@@ -284,7 +543,109 @@ def build_and_train(config: DictConfig, rank: int, world_size: int):
                             tokenizer=tokenizer)
     # The trainer owns the models now; with precompute_ref_log_probs it frees the reference.
     del policy, reference
-    trainer.train()
+    # Only now, with the models and the evaluation data loaded (the trainer's constructor writes
+    # nothing to the run directory), so a failed start leaves no run directory behind.
+    lock = open_run_dir(config, rank)
+    try:
+        trainer.train()
+    finally:
+        utils.unlock_run_dir(lock)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+# Mappings whose keys are open, so `+KEY=VALUE` may add one (e.g.
+# `+model.from_config.num_local_experts=4`, `+dataset_paths.mine=DIR`); anywhere else a `+` key
+# would be ignored, so it is refused like an unknown key.
+OPEN_MAPPINGS = ("model.from_config", "dataset_paths")
+# Keys the DPO repository's command lines use under another name here.
+KEY_ALIASES = {"model.block": "model.block_name"}
+
+
+def check_command_line(args: List[str]) -> Tuple[List[str], List[str]]:
+    """Rewrite aliases and find unknown keys among Hydra overrides, before Hydra sees them (it
+    would refuse an unknown key with a traceback before main() runs).
+
+    Args:
+        args: the command-line overrides, e.g. ["model=tiny", "lr_rate=1e-3"].
+    Returns:
+        (the overrides with aliases rewritten, one problem line per unknown key). Anything this
+        does not understand (Hydra flags, a syntax error, an unknown preset) is left to Hydra.
+    """
+    args = [_rewrite_alias(a) for a in args]
+    if any(a.startswith("-") for a in args):
+        return args, []
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    # The config groups config.yaml picks presets from (model, loss): `model=tiny` chooses one.
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=args)
+        chosen = [o.input_line for o in parsed if o.key_or_group in groups]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            tree = OmegaConf.to_container(compose("config", overrides=chosen), resolve=False)
+    except Exception:  # Hydra's own message says what is wrong
+        return args, []
+    groups &= set(tree)
+    known = sorted(utils.flatten_settings(tree)) + _inner_keys(tree)
+    problems = []
+    for o in parsed:
+        key = o.key_or_group
+        if key in groups or key.split(".")[0] == "hydra" or "/" in key:
+            continue
+        if o.is_add() or o.is_force_add():
+            if not key.startswith(tuple(m + "." for m in OPEN_MAPPINGS)) and not _has_key(tree, key):
+                problems.append(f"+{key} adds a key train.py never reads; keys can be added only "
+                                f"under {' or '.join(OPEN_MAPPINGS)}{_did_you_mean(key, known)}")
+        elif not _has_key(tree, key):
+            problems.append(f"unknown key '{key}'{_did_you_mean(key, known)}")
+    return args, problems
+
+
+def _rewrite_alias(arg: str) -> str:
+    prefix = arg[:len(arg) - len(arg.lstrip("+~"))]
+    key, sep, value = arg[len(prefix):].partition("=")
+    return f"{prefix}{KEY_ALIASES.get(key, key)}{sep}{value}"
+
+
+def _has_key(tree, key: str) -> bool:
+    node = tree
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _inner_keys(tree: dict, prefix: str = "") -> List[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            keys += [f"{prefix}{key}"] + _inner_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _did_you_mean(key: str, known: List[str]) -> str:
+    """'; did you mean 'lr'?' for the closest known key, or a pointer to the config files when
+    nothing is close. Closeness is difflib's ratio, raised for a key with the same last part
+    elsewhere (beta -> loss.beta) or one whose last part starts the other's (lr_rate -> lr)."""
+    leaf = key.rsplit(".", 1)[-1]
+
+    def score(candidate: str) -> float:
+        other = candidate.rsplit(".", 1)[-1]
+        ratio = difflib.SequenceMatcher(None, key, candidate).ratio()
+        if other == leaf:
+            return ratio + 1
+        short, long = sorted((leaf, other), key=len)
+        return ratio + (0.5 if len(short) >= 2 and long.startswith(short) else 0)
+
+    best = max(known, key=score, default=None)
+    if best is not None and score(best) >= 0.6:
+        return f"; did you mean '{best}'?"
+    return "; the known keys are in config/config.yaml, config/model/ and config/loss/"
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
@@ -297,7 +658,23 @@ def main(config: DictConfig):
     except trainers.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except checkpoints.CheckpointWriteError as e:
+        utils.rank0_print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
+    except trainers.TrainingInterrupted as e:
+        # 128 + the signal number, as a shell reports a process the signal stopped
+        utils.rank0_print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # before training started (or after it ended)
+        utils.rank0_print("interrupted before training started; nothing new was saved; relaunch "
+                          "the same command to start again", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
+    sys.argv[1:], problems = check_command_line(sys.argv[1:])
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+    if problems:
+        sys.exit(2)
     main()

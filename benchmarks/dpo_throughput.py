@@ -155,11 +155,11 @@ def run(args, tmp: Path) -> dict:
     precompute_s, cache = None, None
     if args.precompute_ref:
         start = time.perf_counter()
-        trainer.prepare_reference_cache()
+        trainer.prepare_reference()
         precompute_s = time.perf_counter() - start
         # a file from an earlier run with the same seed and settings is reused, not recomputed
-        fresh = trainer.reference_cache_file.stat().st_mtime >= time.time() - precompute_s - 1
-        cache = {"file": str(trainer.reference_cache_file), "computed": fresh}
+        fresh = trainer.reference.path.stat().st_mtime >= time.time() - precompute_s - 1
+        cache = {"file": str(trainer.reference.path), "computed": fresh}
     setup_s = time.perf_counter() - t0
 
     load_start = os.getloadavg()[0]
@@ -203,7 +203,7 @@ def run(args, tmp: Path) -> dict:
         "setup_s": round(setup_s, 2),
         "precompute_s": None if precompute_s is None else round(precompute_s, 2),
         "reference_cache": cache,
-        "reference_in_memory": trainer.reference_model is not None,
+        "reference_in_memory": trainer.reference.model is not None,
         "settings": {
             "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
             "intermediate": args.intermediate, "vocab": args.vocab,

@@ -629,7 +629,7 @@ def test_n_examples_and_n_epochs(tok, cache, source):
     for bad in ({'n_epochs': None}, {'n_epochs': 1, 'n_examples': 8}):
         with pytest.raises(ValueError, match='exactly one of n_epochs and n_examples'):
             batches(source, tok, cache, **bad)
-    with pytest.raises(ValueError, match='fewer than batch_size'):
+    with pytest.raises(DatasetFormatError, match='fewer than one batch'):
         batches(source, tok, cache, batch_size=n + 1)
     with pytest.raises(ValueError, match='seed must be a non-negative integer'):
         batches(source, tok, cache, seed=-1)
@@ -696,3 +696,246 @@ def test_tokenisation_is_cached(tmp_path, tok, monkeypatch):
     with pytest.raises(AssertionError, match='tokenizer was called'):  # other lengths: a new cache entry
         pdx.get_batch_iterator(['synthetic'], tok, max_length=300, **settings)
 
+
+
+# ---------------------------------------------------------------------------
+# CSV files, unsupported formats, empty and degenerate data (issue 11 item 4, issue 12 items 11-13)
+# ---------------------------------------------------------------------------
+
+# tests/fixtures/trl_standard.csv, worked out by hand: CRLF records, a quoted line break, doubled
+# quotes, commas inside quotes, UTF-8 text, and one row whose chosen equals its rejected.
+TRL_CSV_EXPECTED = {
+    'Q: capital of France?\nA:': {'responses': [' Paris', ' Rome', ' Paris.', ' Lyon'],
+                                  'pairs': [(0, 1), (2, 3)], 'sft_target': ' Paris'},
+    'Say "hi", politely:': {'responses': [' Hi, friend!', ' hi'], 'pairs': [(0, 1)], 'sft_target': ' Hi, friend!'},
+    'Café?': {'responses': [' Oui.', ' Non.'], 'pairs': [(0, 1)], 'sft_target': ' Oui.'},
+    'Same?': {'responses': [' yes'], 'pairs': [], 'sft_target': ' yes'},  # the pair itself is dropped
+}
+
+
+def test_csv_file_reads_like_jsonl(tmp_path):
+    csv_bytes = (FIXTURES / 'trl_standard.csv').read_bytes()
+    data = pdx.get_dataset(str(FIXTURES / 'trl_standard.csv'), 'train', silent=True)
+    assert data == TRL_CSV_EXPECTED and list(data) == list(TRL_CSV_EXPECTED)
+    # the same rows as JSON Lines load identically
+    as_jsonl = write_jsonl(tmp_path / 'same.jsonl', [
+        {'prompt': p, 'chosen': c, 'rejected': r} for p, c, r in [
+            ('Q: capital of France?\nA:', ' Paris', ' Rome'), ('Q: capital of France?\nA:', ' Paris.', ' Lyon'),
+            ('Say "hi", politely:', ' Hi, friend!', ' hi'), ('Café?', ' Oui.', ' Non.'), ('Same?', ' yes', ' yes')]])
+    assert pdx.get_dataset(str(as_jsonl), 'train', silent=True) == data
+    # a BOM (Excel's "CSV UTF-8"), gzip, and a {split} pattern
+    (tmp_path / 'bom.csv').write_bytes(b'\xef\xbb\xbf' + csv_bytes)
+    (tmp_path / 'rows.csv.gz').write_bytes(gzip.compress(csv_bytes))
+    (tmp_path / 'prefs_train.csv').write_bytes(csv_bytes)
+    (tmp_path / 'prefs_test.csv').write_text('prompt,chosen,rejected\nT, c, d\n')
+    for path in (tmp_path / 'bom.csv', tmp_path / 'rows.csv.gz'):
+        assert pdx.get_dataset(str(path), 'test', silent=True) == data, path
+    template = str(tmp_path / 'prefs_{split}.csv')
+    assert pdx.get_dataset(template, 'train', silent=True) == data
+    assert pdx.get_dataset(template, 'test', silent=True) == {
+        'T': {'responses': [' c', ' d'], 'pairs': [(0, 1)], 'sft_target': ' c'}}
+    # implicit prompt: no prompt column, the prompt is the common prefix
+    (tmp_path / 'implicit.csv').write_text('chosen,rejected\nThe sky is blue.,The sky is green.\n')
+    assert pdx.get_dataset(str(tmp_path / 'implicit.csv'), 'train', silent=True) == \
+        {'The sky is': {'responses': [' blue.', ' green.'], 'pairs': [(0, 1)], 'sft_target': ' blue.'}}
+
+
+def test_csv_file_trains_through_the_batch_iterator(tmp_path, tok):
+    out = list(pdx.get_batch_iterator([str(FIXTURES / 'trl_standard.csv')], tok, split='train', batch_size=1,
+                                      shuffle=False, n_epochs=1, silent=True, cache_dir=str(tmp_path)))
+    assert [(b['prompt'][0], b['chosen_response_only'][0], b['rejected_response_only'][0]) for b in out] == [
+        ('Q: capital of France?\nA:', ' Paris', ' Rome'), ('Q: capital of France?\nA:', ' Paris.', ' Lyon'),
+        ('Say "hi", politely:', ' Hi, friend!', ' hi'), ('Café?', ' Oui.', ' Non.')]
+
+
+BAD_CSV = [  # (file text, expected fragments); line numbers are 1-based physical lines
+    ('prompt,chosen,rejected\n"multi\nline", a, b\np, only two\n', ['line 4', 'has 2 fields but the header names 3']),
+    ('prompt,chosen\np, a\n', ['line 2', "missing column 'rejected'"]),
+    ('prompt,chosen,chosen\np,a,b\n', ['line 1', "repeats column 'chosen'"]),
+    ('prompt,chosen,rejected\n', ['holds no rows', 'header row']),
+    ('prompt,chosen,rejected\n"p, a, b\n', ['not valid CSV']),
+    (b'prompt,chosen,rejected\np,\xff,b\n', ['not UTF-8']),
+]
+
+
+@pytest.mark.parametrize('text, fragments', BAD_CSV)
+def test_bad_csv_names_file_and_line(tmp_path, text, fragments):
+    path = tmp_path / 'p.csv'
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DatasetFormatError) as error:
+        pdx.get_dataset(str(path), 'train', silent=True)
+    message = str(error.value)
+    assert '\n' not in message
+    for fragment in [str(path)] + fragments:
+        assert fragment in message
+
+
+def test_unsupported_file_types_are_refused_at_validation(tmp_path):
+    import train
+    from conftest import compose
+    from utils import ConfigError
+    for name in ('prefs.txt', 'prefs.xlsx', 'prefs.tsv.gz'):
+        (tmp_path / name).write_text('prompt,chosen,rejected\np,a,b\n')
+    cases = [([f'datasets=[{tmp_path}/prefs.txt]'], f'datasets: {tmp_path}/prefs.txt: unsupported'),
+             ([f"datasets=['{tmp_path}/prefs_{{split}}.xlsx']"], f'datasets: {tmp_path}/prefs_train.xlsx: unsupported'),
+             (['datasets=[hh]', f'dataset_paths.hh={tmp_path}/prefs.tsv.gz'], f'dataset_paths.hh: {tmp_path}/prefs.tsv.gz')]
+    (tmp_path / 'prefs_train.xlsx').write_text('x')
+    (tmp_path / 'prefs_test.xlsx').write_text('x')
+    for overrides, fragment in cases:
+        with pytest.raises(ConfigError) as error:
+            train.validate_datasets(compose(overrides))
+        message = str(error.value)
+        assert fragment in message and '.jsonl, .json, .parquet or .csv (each optionally .gz)' in message
+    # supported files, and a user-named dataset given by dataset_paths, pass validation
+    (tmp_path / 'ok.csv.gz').write_bytes(gzip.compress(b'prompt,chosen,rejected\np,a,b\n'))
+    train.validate_datasets(compose([f'datasets=[{tmp_path}/ok.csv.gz]']))
+    train.validate_datasets(compose(['datasets=[mine]', f'+dataset_paths.mine={tmp_path}']))
+    # the loaders refuse the same files
+    with pytest.raises(DatasetFormatError, match=r'prefs\.txt: unsupported data file type; use \.jsonl'):
+        pdx.get_dataset(str(tmp_path / 'prefs.txt'), 'train', silent=True)
+    with pytest.raises(DatasetFormatError, match=r'prefs\.tsv\.gz: unsupported data file type'):
+        pdx.get_dataset('hh', 'train', silent=True, path=str(tmp_path / 'prefs.tsv.gz'))
+
+
+def test_empty_and_degenerate_data_name_the_file(tmp_path, tok):
+    empty = tmp_path / 'empty.jsonl'
+    empty.write_text('\n')
+    with pytest.raises(DatasetFormatError, match=re.escape(f'{empty}: the data file holds no rows')):
+        pdx.get_dataset(str(empty), 'train', silent=True)
+    same = write_jsonl(tmp_path / 'same.jsonl', [{'prompt': f'p{k}', 'chosen': ' a', 'rejected': ' a'} for k in range(3)])
+    with pytest.raises(DatasetFormatError) as error:
+        pdx.get_batch_iterator([str(same)], tok, n_epochs=1, silent=True, cache_dir=str(tmp_path / 'c'))
+    assert str(error.value) == (f"{same}: no preference pairs to train on in the train split of '{same}' "
+                                '(all 3 pairs dropped: 3 with chosen equal to rejected).')
+    # SFT needs no pairs: the same file gives one element per prompt
+    sft = list(pdx.get_batch_iterator([str(same)], tok, n_epochs=1, sft_mode=True, silent=True,
+                                      cache_dir=str(tmp_path / 'c')))
+    assert len(sft) == 3
+    (tmp_path / 'nothing').mkdir()
+    with pytest.raises(DatasetFormatError, match=re.escape(f'{tmp_path}/nothing: the dataset directory holds no data files')):
+        pdx.get_dataset('hh', 'train', silent=True, path=str(tmp_path / 'nothing'))
+    # SHP: every pair below the score-ratio filter leaves no prompt
+    shp = write_jsonl(tmp_path / 'train.jsonl', [{'history': 'h', 'human_ref_A': 'a', 'human_ref_B': 'b',
+                                                  'score_A': 3, 'score_B': 2, 'labels': 1}])
+    with pytest.raises(DatasetFormatError, match=re.escape(f"{shp}: no usable prompts in the train split of 'shp' "
+                                                           '(all 1 pairs dropped: 1 with a score ratio below 2)')):
+        pdx.get_dataset('shp', 'train', silent=True, path=str(shp))
+
+
+def test_directory_without_the_split_says_what_was_looked_for(tmp_path):
+    write_jsonl(tmp_path / 'train.jsonl', [{'prompt': 'p', 'chosen': ' a', 'rejected': ' b'}])
+    for name in ('hh', 'mine'):
+        with pytest.raises(DatasetFormatError) as error:
+            pdx.get_dataset(name, 'test', silent=True, path=str(tmp_path))
+        message = str(error.value)
+        for fragment in (str(tmp_path), "whose name contains 'test'", 'for the test split',
+                         "'{split}' in the path (it is replaced by the split name"):
+            assert fragment in message, (name, message)
+        assert 'unknown dataset' not in message
+    # a user directory reads only its split's files: test rows never leak into train
+    write_jsonl(tmp_path / 'test.jsonl', [{'prompt': 'q', 'chosen': ' c', 'rejected': ' d'}])
+    assert list(pdx.get_dataset('mine', 'train', silent=True, path=str(tmp_path))) == ['p']
+    assert list(pdx.get_dataset('mine', 'test', silent=True, path=str(tmp_path))) == ['q']
+
+
+# ---------------------------------------------------------------------------
+# dropped pairs are reported (issue 12 item 12)
+# ---------------------------------------------------------------------------
+
+def test_dropped_pairs_are_counted_and_reported_once(tmp_path, tok, capsys):
+    rows = [{'prompt': f'p{k}', 'chosen': ' a', 'rejected': ' b'} for k in range(6)]
+    rows[1]['rejected'] = rows[4]['rejected'] = ' a'
+    path = write_jsonl(tmp_path / 'prefs.jsonl', rows)
+    settings = dict(split='train', batch_size=2, n_epochs=1, cache_dir=str(tmp_path / 'c'))
+    list(pdx.get_batch_iterator([str(path)], tok, silent=True, **settings))
+    assert capsys.readouterr().out == ''  # other ranks: silent
+    list(pdx.get_batch_iterator([str(path)], tok, silent=False, **settings))
+    lines = [l for l in capsys.readouterr().out.splitlines() if 'kept' in l]
+    assert lines == [f'{path} [train]: kept 4 of 6 pairs (2 with chosen equal to rejected)']
+    # SHP's ratio filter and equal pairs, counted independently from the fixture's scores
+    shp_rows = [row for file in sorted((FIXTURES / 'shp').rglob('*train*')) for row in jsonl_rows(file)]
+    below = sum(max(r['score_A'], r['score_B']) / min(r['score_A'], r['score_B']) < 2 for r in shp_rows)
+    data = pdx.get_dataset('shp', 'train', silent=True, path=str(FIXTURES / 'shp'))
+    assert below > 0 and data.offered == len(shp_rows)
+    assert data.dropped.get('with a score ratio below 2') == below
+    kept = sum(len(entry['pairs']) for entry in data.values())
+    assert kept == len(shp_rows) - sum(data.dropped.values())
+    assert data.kept_summary('shp') == (f'shp: kept {kept:,} of {len(shp_rows):,} pairs ('
+                                        + ', '.join(f'{n} {r}' for r, n in data.dropped.items()) + ')')
+
+
+# ---------------------------------------------------------------------------
+# a damaged tokenisation cache is rebuilt (issue 12 item 6)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip_byte', 'no_checksum'])
+def test_damaged_tokenisation_cache_is_rebuilt(tmp_path, tok, capsys, damage):
+    settings = dict(split='test', batch_size=8, n_epochs=1, shuffle=False, silent=True, cache_dir=str(tmp_path))
+    first = list(pdx.get_batch_iterator(['synthetic'], tok, **settings))
+    [arrow] = (tmp_path / 'tokenized').glob('*.arrow')
+    checksum = arrow.with_name(arrow.name + '.sha256')
+    assert checksum.is_file()
+    raw = arrow.read_bytes()
+    if damage == 'truncate':  # a run killed while writing the cache
+        arrow.write_bytes(raw[:len(raw) // 2])
+    elif damage == 'flip_byte':  # same size, one token id changed
+        middle = len(raw) // 2
+        arrow.write_bytes(raw[:middle] + bytes([raw[middle] ^ 0xFF]) + raw[middle + 1:])
+    else:  # a cache written without its completion marker
+        checksum.unlink()
+    capsys.readouterr()
+    again = list(pdx.get_batch_iterator(['synthetic'], tok, **settings))
+    warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith('warning:')]
+    assert len(warnings) == 1 and str(arrow) in warnings[0] and 'rebuilding' in warnings[0]
+    assert arrow.read_bytes() == raw and checksum.is_file()  # rebuilt byte for byte
+    assert len(again) == len(first)
+    for a, b in zip(again, first):
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    list(pdx.get_batch_iterator(['synthetic'], tok, **settings))
+    assert 'warning' not in capsys.readouterr().out  # intact now: used as is
+
+
+# ---------------------------------------------------------------------------
+# an evaluation split smaller than one batch (issue 11 item 10)
+# ---------------------------------------------------------------------------
+
+def test_split_smaller_than_a_batch_names_the_setting(tmp_path, tok):
+    path = write_jsonl(tmp_path / 'prefs.jsonl', [{'prompt': f'p{k}', 'chosen': ' a', 'rejected': ' b'}
+                                                   for k in range(5)])
+    settings = dict(batch_size=16, n_epochs=1, silent=True, cache_dir=str(tmp_path / 'c'))
+    with pytest.raises(DatasetFormatError) as error:
+        pdx.get_batch_iterator([str(path)], tok, split='test', **settings)
+    assert str(error.value) == (f'the test split of {path} has 5 examples, fewer than one batch of 16, so no '
+                                'full batch can be formed; set eval_batch_size (n_eval_examples then counts '
+                                'whole batches of it) to at most 5, or add data.')
+    with pytest.raises(DatasetFormatError, match='set batch_size to at most 5'):
+        pdx.get_batch_iterator([str(path)], tok, split='train', **settings)
+
+
+def test_bad_data_is_one_line_from_train_py(tmp_path):
+    """train.py prints DatasetFormatError as one `error:` line, exit status 2, no run directory left."""
+    from conftest import FAST, run_subprocess
+    empty = tmp_path / 'empty.csv'
+    empty.write_text('prompt,chosen,rejected\n')
+    rows = ''.join(f'p{k}, a, b\n' for k in range(40))
+    (tmp_path / 'prefs_train.csv').write_text('prompt,chosen,rejected\n' + rows)
+    (tmp_path / 'prefs_test.csv').write_text('prompt,chosen,rejected\n' + rows[:3 * 9])  # 3 rows
+    cases = [(f'datasets=[{empty}]', f'error: {empty}: the data file holds no rows'),
+             (f"datasets=['{tmp_path}/prefs_{{split}}.csv']",
+              'error: the test split of ' + str(tmp_path / 'prefs_{split}.csv') + ' has 3 examples, fewer than '
+              'one batch of 16, so no full batch can be formed; set eval_batch_size')]
+    for dataset, expected in cases:
+        run_dir = tmp_path / 'run'
+        result = run_subprocess([*FAST, dataset, f'local_run_dir={run_dir}'], timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+        errors = [l for l in result.stderr.splitlines() if l.startswith('error')]
+        assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
+        assert not run_dir.exists()
+
+
+def test_a_loader_returning_a_plain_dict_still_works(monkeypatch):
+    entry = {'responses': [' a', ' b'], 'pairs': [(0, 1)], 'sft_target': ' a'}
+    monkeypatch.setitem(pdx.DATASETS, 'plain', lambda split, **kwargs: {'P': dict(entry)})
+    data = pdx.get_dataset('plain', 'train', silent=True)
+    assert data == {'P': entry} and data.kept_summary('plain') == 'plain: kept 1 of 1 pairs'

@@ -220,7 +220,7 @@ sys.path.insert(0, ROOT)
 import torch, torch.distributed as dist, transformers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-import losses, trainers
+import logps, parallel
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 rank = dist.get_rank()
@@ -233,17 +233,17 @@ ARCHS = {
     "gpt2": (dict(n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0), "GPT2Block"),
 }
 # The output layer weight must reach the log-prob kernel whole, never as a DTensor shard.
-kernel = losses.completion_logps
+kernel = logps.completion_logps
 def checked_kernel(hidden, weight, *args, **kwargs):
     assert not isinstance(weight, DTensor) and weight.shape[0] == 128, type(weight)
     return kernel(hidden, weight, *args, **kwargs)
-trainers.losses.completion_logps = checked_kernel
+logps.completion_logps = checked_kernel
 
 def grads(model, ref):
     worst = 0.0
     for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
         g = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
-        worst = max(worst, (p.grad - trainers.unfuse_columns(model, name, g)).abs().max().item())
+        worst = max(worst, (p.grad - parallel.unfuse_columns(model, name, g)).abs().max().item())
     return worst
 
 report = {}
@@ -257,28 +257,28 @@ for arch, (settings, block) in ARCHS.items():
     ids = torch.randint(1, 128, (4, 12))
     mask, labels = torch.ones_like(ids), ids.clone()
     labels[:, :4] = -100
-    full = trainers.sequence_logps(ref, ids, mask, labels, False, 1024)
+    full = logps.sequence_logps(ref, ids, mask, labels, False, 1024)
     full.mean().backward()
     out = {}
 
-    tp = trainers.tensor_parallelize(copy.deepcopy(ref), mesh, block)
-    got = trainers.sequence_logps(tp, ids, mask, labels, False, 1024)
+    tp = parallel.tensor_parallelize(copy.deepcopy(ref), mesh, block)
+    got = logps.sequence_logps(tp, ids, mask, labels, False, 1024)
     got.mean().backward()
     out["tp_logps"] = (got - full).abs().max().item()
     out["tp_grads"] = grads(tp, ref)
-    state = trainers.get_model_state_dict(tp, options=trainers.FULL_STATE_SAVE)
+    state = parallel.get_model_state_dict(tp, options=parallel.FULL_STATE_SAVE)
     if rank == 0:
-        state = {k: trainers.unfuse_columns(tp, k, v) for k, v in state.items()}
+        state = {k: parallel.unfuse_columns(tp, k, v) for k, v in state.items()}
         out["tp_state"] = max((v - state[k]).abs().max().item()
                               for k, v in ref.state_dict().items())
     moved = {k: v + 0.01 * torch.randn_like(v) for k, v in ref.state_dict().items()}
-    fused = {k: trainers.fuse_columns(tp, k, v) for k, v in moved.items()}
-    trainers.set_model_state_dict(tp, fused, options=trainers.FULL_STATE_LOAD)
+    fused = {k: parallel.fuse_columns(tp, k, v) for k, v in moved.items()}
+    parallel.set_model_state_dict(tp, fused, options=parallel.FULL_STATE_LOAD)
     plain = copy.deepcopy(ref)
     plain.load_state_dict(moved)
     with torch.no_grad():
         out["tp_reloaded"] = (tp(ids).logits - plain(ids).logits).abs().max().item()
-        with trainers.seeded_rng(1, torch.device("cpu")):
+        with parallel.seeded_rng(1, torch.device("cpu")):
             sampled = tp.generate(ids[:, :4], max_new_tokens=6, do_sample=True, pad_token_id=0)
         greedy = tp.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
         greedy_plain = plain.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -289,11 +289,11 @@ for arch, (settings, block) in ARCHS.items():
 
     for p in ref.parameters():
         p.grad = None
-    full = trainers.sequence_logps(ref, ids, mask, labels, False, 1024)
+    full = logps.sequence_logps(ref, ids, mask, labels, False, 1024)
     full.mean().backward()
-    fsdp = trainers.fsdp_shard(copy.deepcopy(ref), mesh, block, {})
+    fsdp = parallel.fsdp_shard(copy.deepcopy(ref), mesh, block, {})
     rows = slice(2 * rank, 2 * rank + 2)
-    got = fsdp.run_in_forward(trainers.sequence_logps, fsdp, ids[rows], mask[rows], labels[rows],
+    got = fsdp.run_in_forward(logps.sequence_logps, fsdp, ids[rows], mask[rows], labels[rows],
                               False, 1024)
     got.mean().backward()
     out["fsdp_logps"] = (got - full[rows]).abs().max().item()
@@ -342,8 +342,8 @@ def test_tensor_parallel_does_not_split_the_batch():
 
 def test_block_plans_cover_llama_neox_and_gpt2():
     import transformers
-    import trainers
-    plans = {t: trainers.block_tp_plan(types.SimpleNamespace(
+    import parallel
+    plans = {t: parallel.block_tp_plan(types.SimpleNamespace(
         config=transformers.AutoConfig.for_model(t))) for t in ("llama", "gpt_neox", "gpt2")}
     assert plans["llama"] == {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
                               "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise",
@@ -352,19 +352,19 @@ def test_block_plans_cover_llama_neox_and_gpt2():
     assert set(plans["gpt_neox"].values()) == {"colwise", "rowwise"}
     assert plans["gpt2"]["attn.c_attn"] == "colwise_qkv"
     unknown = types.SimpleNamespace(model_type="mystery", base_model_tp_plan=None)
-    with pytest.raises(trainers.ConfigError, match="no tensor-parallel plan"):
-        trainers.block_tp_plan(types.SimpleNamespace(config=unknown))
+    with pytest.raises(parallel.ConfigError, match="no tensor-parallel plan"):
+        parallel.block_tp_plan(types.SimpleNamespace(config=unknown))
 
 
 def test_fused_column_order_groups_each_ranks_heads_and_inverts():
-    import trainers
-    order = trainers.fused_column_order(12, parts=3, tp=2)  # q, k, v of 4 columns each
+    import parallel
+    order = parallel.fused_column_order(12, parts=3, tp=2)  # q, k, v of 4 columns each
     assert order.tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
     assert torch.equal(order[torch.argsort(order)], torch.arange(12))
 
 
 def test_mixed_clip_matches_clip_grad_norm_on_plain_tensors():
-    import trainers
+    import parallel
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
@@ -372,7 +372,7 @@ def test_mixed_clip_matches_clip_grad_norm_on_plain_tensors():
         p.grad = torch.randn_like(p)
         q.grad = p.grad.clone()
     want = torch.nn.utils.clip_grad_norm_(a, 0.5).item()
-    got = trainers.clip_grad_norm_mixed(b, 0.5)
+    got = parallel.clip_grad_norm_mixed(b, 0.5)
     assert got == pytest.approx(want, rel=1e-6)
     for p, q in zip(a, b):
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)
@@ -380,10 +380,10 @@ def test_mixed_clip_matches_clip_grad_norm_on_plain_tensors():
 
 def test_unknown_block_name_is_a_config_error():
     import transformers
-    import trainers
+    import parallel
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
         "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         vocab_size=64))
-    assert len(trainers.find_blocks(model, "LlamaDecoderLayer")) == 1
-    with pytest.raises(trainers.ConfigError, match="candidates: LlamaDecoderLayer"):
-        trainers.find_blocks(model, "GPT2Block")
+    assert len(parallel.find_blocks(model, "LlamaDecoderLayer")) == 1
+    with pytest.raises(parallel.ConfigError, match="candidates: LlamaDecoderLayer"):
+        parallel.find_blocks(model, "GPT2Block")

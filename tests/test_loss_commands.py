@@ -1,4 +1,5 @@
-"""The reference repositories' loss command lines, verbatim, two steps each on the embedded model."""
+"""The reference repositories' loss command lines, verbatim, and one per TRL loss type, two steps each
+on the embedded model."""
 import math
 
 import pytest
@@ -78,3 +79,51 @@ def test_beta_dpo_statistics_are_saved_and_restored(tmp_path):
               and "record_train/gap_mean" in m][0]
     assert state["gap_mean"] == pytest.approx(logged["record_train/gap_mean"], rel=1e-6)
     assert state["gap_std"] == pytest.approx(logged["record_train/gap_std"], rel=1e-6)
+
+
+LN2 = math.log(2)
+EXO_EPS = 1e-3
+# loss=NAME command -> the first training loss, where the policy still equals the reference:
+# every log-ratio is 0 (the hand values of tests/test_losses_trl.py at delta = 0)
+TRL_COMMANDS = {
+    "sigmoid": ("loss=sigmoid loss.beta=0.1", LN2),
+    "hinge": ("loss=hinge loss.beta=0.1", 1.0),                                   # relu(1 - 0)
+    "exo_pair": ("loss=exo_pair", 0.5 * (-LN2 - math.log1p(-EXO_EPS)) + 0.5 * (-LN2 - math.log(EXO_EPS))),
+    "nca_pair": ("loss=nca_pair", 2 * LN2),                                     # ln2 + ln2/2 + ln2/2
+    "robust": ("loss=robust loss.label_smoothing=0.1", LN2),                   # (0.9 ln2 - 0.1 ln2) / 0.8
+    "bco_pair": ("loss=bco_pair", 2 * LN2),
+    "sppo_hard": ("loss=sppo_hard loss.beta=0.1", 50.0),                       # (0 - 5)^2 + (0 + 5)^2
+    "aot": ("loss=aot", LN2),
+    "aot_unpaired": ("loss=aot_unpaired", LN2),
+    "aot_pair": ("loss=aot_pair", LN2),
+    "apo_zero": ("loss=apo_zero", 1.0),                                         # 1 - 1/2 + 1/2
+    "apo_down": ("loss=apo_down", 1.0),                                         # 1/2 + 1 - 1/2
+    "discopop": ("loss=discopop", 0.5 * LN2 + 0.5),                              # sig(0) = 1/2 blend of ln2 and e^0
+    "sigmoid_norm": ("loss=sigmoid_norm", LN2),
+    "f_divergence": ("loss=sigmoid loss.f_divergence_type=js_divergence", LN2),  # f'(1) - f'(1) = 0 too
+    # the added NLL is not known by hand: only its presence is checked
+    "rpo": ("loss=sigmoid loss.rpo_alpha=1.0", None),
+    "mpo": ("loss=mix", None),
+}
+QUICK = ["n_examples=16", "n_eval_examples=8", "eval_batch_size=8"]
+
+
+@pytest.mark.parametrize("which", list(TRL_COMMANDS))
+def test_trl_loss_command_line_runs_two_steps(which, tmp_path):
+    command, first_loss = TRL_COMMANDS[which]
+    run_dir = run_in_process([*FAST, *QUICK, *command.split(), f"local_run_dir={tmp_path}/{which}"])
+    train_rows = [m for m in read_metrics(run_dir) if "loss/train" in m]
+    assert len(train_rows) == 2
+    assert names(DPO_NAMES, "train") <= set(train_rows[0])
+    assert all(math.isfinite(v) for m in train_rows for v in m.values())
+    if first_loss is not None:
+        assert train_rows[0]["loss/train"] == pytest.approx(first_loss, rel=1e-5)
+    if which == "rpo":
+        # + rpo_alpha x chosen NLL: the loss exceeds DPO's ln 2 by exactly the logged NLL
+        assert train_rows[0]["loss/train"] == pytest.approx(LN2 + train_rows[0]["nll_train/chosen"], rel=1e-5)
+    if which == "mpo":
+        row = train_rows[0]
+        # 0.8 sigmoid + 0.2 bco_pair + 1.0 sft, each term logged under its own prefix
+        assert row["sigmoid_train/loss"] == pytest.approx(LN2, rel=1e-5)
+        assert row["bco_pair_train/loss"] == pytest.approx(2 * LN2, rel=1e-5)
+        assert row["loss/train"] == pytest.approx(0.8 * LN2 + 0.2 * 2 * LN2 + row["sft_train/loss"], rel=1e-5)

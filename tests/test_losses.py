@@ -15,19 +15,17 @@ import torch
 
 from losses import (
     LOSSES,
+    TRL_OPTIONS,
     LossSpec,
     beta_dpo_loss,
-    completion_logps,
-    completion_token_kl,
-    get_batch_logps,
     get_loss,
     preference_loss,
     sft_loss,
-    tdpo_get_batch_logps,
     tdpo_loss,
     update_gap_stats,
     validate_loss_args,
 )
+from logps import completion_logps, completion_token_kl, get_batch_logps, tdpo_get_batch_logps
 
 D = torch.float64
 LN2 = math.log(2.0)
@@ -85,7 +83,8 @@ def test_get_batch_logps_shape_mismatch():
 
 
 def test_sft_loss():
-    assert close(sft_loss(t(-2.0, -0.5)), [2.0, 0.5])
+    losses, chosen_rewards, rejected_rewards = sft_loss(t(-2.0, -0.5))
+    assert close(losses, [2.0, 0.5]) and chosen_rewards is None and rejected_rewards is None
 
 
 # ---------------------------------------------------------------------------
@@ -199,10 +198,7 @@ def test_tdpo_kl_finite_when_reference_prob_underflows():
     pol = torch.zeros(1, 2, 2)
     ref = torch.tensor([[[0.0, -1000.0], [0.0, 0.0]]])
     labels = torch.tensor([[0, 0]])
-    ps = ref[:, :-1].softmax(-1)
-    # the TDPO repository's formula: p_ref * (log(p_ref) - log pi) -> 0 * -inf = NaN
-    repo_kl = (ps * (ps.log() - pol[:, :-1].log_softmax(-1))).sum(-1)
-    assert torch.isnan(repo_kl).all()
+    # (the TDPO repository's p_ref * (log(p_ref) - log pi) gives 0 * -inf = NaN here)
     _, kl, _ = tdpo_get_batch_logps(pol, ref, labels)
     # KL((1, 0) || (1/2, 1/2)) = ln 2
     assert torch.isfinite(kl).all()
@@ -271,10 +267,17 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _beta_dpo(*args, **kwargs):
+    """beta_dpo_loss unpacked as (losses, mask, chosen_rewards, rejected_rewards, beta_used)."""
+    losses, cr, rjr, extras = beta_dpo_loss(*args, **kwargs)
+    assert extras['mask_count'].item() == extras['weights'].sum().item()
+    return losses, extras['weights'], cr, rjr, extras['beta_used']
+
+
 def test_beta_dpo_hand_values_keep_all():
     # gaps (1, 2, 3, 6); keep all; mean 3; beta_used = 0.1 (1 + 0.5 (3 - 1)) = 0.2
     pc, pr, rc, rr = _beta_inputs([1.0, 2.0, 3.0, 6.0], requires_grad=True)
-    losses, mask, cr, rjr, beta_used = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.5, mode_weight=0.0,
+    losses, mask, cr, rjr, beta_used = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.5, mode_weight=0.0,
                                                       gap_mean=1.0, gap_std=2.0, generator=gen())
     assert close(beta_used, 0.2)
     assert close(mask, [1.0] * 4)
@@ -290,7 +293,7 @@ def test_beta_dpo_hand_values_keep_all():
 def test_beta_dpo_beta_clamped():
     pc, pr, rc, rr = _beta_inputs([1.0, 2.0, 3.0, 6.0])
     # 0.1 (1 - 10 (3 - 1)) < 0 -> 1e-3
-    *_, beta_used = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=-10.0, mode_weight=0.0,
+    *_, beta_used = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=-10.0, mode_weight=0.0,
                                   gap_mean=1.0, gap_std=2.0, generator=gen())
     assert close(beta_used, 1e-3)
 
@@ -300,7 +303,7 @@ def test_beta_dpo_reference_free_uses_reference_in_gaps_only():
     pc, pr = g.clone(), torch.zeros(2, dtype=D)
     rc, rr = torch.full((2,), 1.0, dtype=D), torch.zeros(2, dtype=D)
     # gaps (0, 2): mean 1; beta_used = 0.1 (1 + 1 (1 - 0)) = 0.2; h = pi_c - pi_r = (1, 3)
-    losses, mask, *_, beta_used = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=1.0, mode_weight=0.0,
+    losses, mask, *_, beta_used = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=1.0, mode_weight=0.0,
                                                gap_mean=0.0, gap_std=1.0, reference_free=True,
                                                generator=gen())
     assert close(beta_used, 0.2)
@@ -317,7 +320,7 @@ def test_beta_dpo_selection_matches_reference_sampler():
         ref_idx = torch.multinomial(torch.exp(-0.5 * ((gaps - m) / s) ** 2), 12, replacement=False,
                                     generator=gen(seed))
         pc, pr = gaps.clone(), torch.zeros(16)
-        _, mask, *_, beta_used = beta_dpo_loss(pc, pr, torch.zeros(16), torch.zeros(16), beta=0.1, a=0.6,
+        _, mask, *_, beta_used = _beta_dpo(pc, pr, torch.zeros(16), torch.zeros(16), beta=0.1, a=0.6,
                                                mode_weight=0.25, gap_mean=m, gap_std=s, generator=gen(seed))
         assert int(mask.sum()) == 12
         assert set(mask.nonzero().flatten().tolist()) == set(ref_idx.tolist())
@@ -329,7 +332,7 @@ def test_beta_dpo_prefers_gaps_near_running_mean():
     # weights (1, e^-0.00005, ~0, ~0): two kept must be the first two, whatever the seed
     pc, pr, rc, rr = _beta_inputs([0.0, 0.01, 50.0, 100.0])
     for seed in range(5):
-        _, mask, *_ = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.5,
+        _, mask, *_ = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.5,
                                     gap_mean=0.0, gap_std=1.0, generator=gen(seed))
         assert mask.tolist() == [1.0, 1.0, 0.0, 0.0]
 
@@ -344,7 +347,7 @@ def test_beta_dpo_fewer_nonzero_weights_than_kept():
     # the fallback fills by weight order (50, then 100), never the farthest (200)
     pc, pr, rc, rr = _beta_inputs([0.0, 50.0, 100.0, 200.0])
     for seed in range(5):
-        out = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.01, mode_weight=0.25,
+        out = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.01, mode_weight=0.25,
                             gap_mean=0.0, gap_std=1.0, generator=gen(seed))
         _assert_finite(out)
         assert out[1].tolist() == [1.0, 1.0, 1.0, 0.0]
@@ -353,11 +356,10 @@ def test_beta_dpo_fewer_nonzero_weights_than_kept():
 
 
 def test_beta_dpo_all_weights_underflow():
+    # every Gaussian weight underflows to 0 (the reference sampler's multinomial raises here)
     gaps = [100.0, 200.0, 300.0, 400.0]
-    with pytest.raises(RuntimeError):  # what the reference sampler does here
-        torch.multinomial(torch.exp(-0.5 * torch.tensor(gaps, dtype=D) ** 2), 3, replacement=False)
     pc, pr, rc, rr = _beta_inputs(gaps)
-    out = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.001, mode_weight=0.25,
+    out = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.001, mode_weight=0.25,
                         gap_mean=0.0, gap_std=1.0, generator=gen())
     _assert_finite(out)
     assert out[1].tolist() == [1.0, 1.0, 1.0, 0.0]
@@ -367,7 +369,7 @@ def test_beta_dpo_all_weights_underflow():
 def test_beta_dpo_zero_std_policy_equals_reference():
     # first step: policy == reference, gaps 0, stats 0 -> 0/0 in the repo; here uniform weights
     x = torch.randn(8, dtype=D)
-    losses, mask, cr, rjr, beta_used = beta_dpo_loss(x, x - 1, x, x - 1, beta=0.1, a=0.6, mode_weight=0.2,
+    losses, mask, cr, rjr, beta_used = _beta_dpo(x, x - 1, x, x - 1, beta=0.1, a=0.6, mode_weight=0.2,
                                                      gap_mean=0.0, gap_std=0.0, generator=gen())
     assert int(mask.sum()) == int(8 * 0.8) == 6
     assert close(beta_used, 0.1)
@@ -378,7 +380,7 @@ def test_beta_dpo_zero_std_policy_equals_reference():
 @pytest.mark.parametrize('std', [float('nan'), float('inf'), -1.0])
 def test_beta_dpo_unusable_std_falls_back_to_uniform(std):
     pc, pr, rc, rr = _beta_inputs([0.5, 1.0, 2.0, 4.0, 8.0])
-    out = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.4,
+    out = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.4,
                         gap_mean=0.0, gap_std=std, generator=gen())
     _assert_finite(out)
     assert int(out[1].sum()) == 3  # int(5 * 0.6)
@@ -387,7 +389,7 @@ def test_beta_dpo_unusable_std_falls_back_to_uniform(std):
 def test_beta_dpo_single_pair_keeps_one():
     # int(1 * 0.8) = 0 pairs in the repo (multinomial of 0 samples raises); here 1
     pc, pr, rc, rr = _beta_inputs([2.0])
-    out = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.2,
+    out = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.2,
                         gap_mean=0.0, gap_std=0.0, generator=gen())
     _assert_finite(out)
     assert out[1].tolist() == [1.0]
@@ -398,7 +400,7 @@ def test_beta_dpo_single_pair_keeps_one():
 
 def test_beta_dpo_keep_count_rounds_down_like_reference():
     pc, pr, rc, rr = _beta_inputs(torch.linspace(0, 1, 10).tolist())
-    _, mask, *_ = beta_dpo_loss(pc, pr, rc, rr, beta=0.1, a=0.0, mode_weight=0.75,
+    _, mask, *_ = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.0, mode_weight=0.75,
                                 gap_mean=0.5, gap_std=1.0, generator=gen())
     assert int(mask.sum()) == 2  # int(10 * 0.25)
 
@@ -409,7 +411,7 @@ def test_beta_dpo_gradcheck_fixed_mask():
     xs = [torch.randn(4, dtype=D, requires_grad=True) for _ in range(4)]
 
     def f(*a):
-        return beta_dpo_loss(*a, beta=0.3, a=0.0, mode_weight=0.0, gap_mean=0.1, gap_std=1.0,
+        return _beta_dpo(*a, beta=0.3, a=0.0, mode_weight=0.0, gap_mean=0.1, gap_std=1.0,
                              generator=gen())[0]
     assert torch.autograd.gradcheck(f, xs)
 
@@ -620,6 +622,8 @@ CONFIGS = {
     'tdpo': {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': True},
 }
 BETA_DPO = dict(CONFIGS['dpo'], mode_loss='beta_DPO')
+TRL_LOSS_TYPES = ('sigmoid', 'hinge', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot',
+                  'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm')
 
 
 def args_of(cfg):
@@ -638,7 +642,8 @@ def test_get_loss_resolution():
     assert get_loss(BETA_DPO) is LOSSES['beta_dpo']
     assert get_loss(CONFIGS['ipo']) is LOSSES['ipo']
     assert get_loss(CONFIGS['tdpo']) is LOSSES['tdpo']
-    assert set(LOSSES) == {'sft', 'dpo', 'ipo', 'tdpo', 'beta_dpo'}
+    assert get_loss({'name': 'aot_pair'}) is LOSSES['aot_unpaired']  # TRL's name before 1.0
+    assert {'sft', 'dpo', 'ipo', 'tdpo', 'beta_dpo', 'mix'} | set(TRL_LOSS_TYPES) == set(LOSSES)
     assert all(isinstance(s, LossSpec) and s.name == k for k, s in LOSSES.items())
 
 
@@ -656,7 +661,7 @@ def test_spec_flags_and_functions():
     assert (s['sft'].paired, s['dpo'].paired, s['tdpo'].paired) == (False, True, True)
     assert [n for n in s if s[n].token_level] == ['tdpo']
     assert [n for n in s if s[n].stateful] == ['beta_dpo']
-    assert s['sft'].fn is sft_loss and s['dpo'].fn is preference_loss and s['ipo'].fn is preference_loss
+    assert s['sft'].fn is sft_loss and s['dpo'].fn is s['sigmoid'].fn
     assert s['tdpo'].fn is tdpo_loss and s['beta_dpo'].fn is beta_dpo_loss
 
 
@@ -758,19 +763,17 @@ def test_validate_refuses_missing_beta_and_unknown_name():
 
 
 def test_config_keys_are_function_parameters_or_config_only():
-    params = set()
-    for fn in (preference_loss, tdpo_loss, beta_dpo_loss, update_gap_stats):
-        params |= set(inspect.signature(fn).parameters)
-    config_only = {'name', 'mode_loss', 'average_log_prob'}
+    # the keys that parametrise a loss are its function's own parameters (or its running-state
+    # rule's); the rest are declared in the entry (dpo.yaml carries beta-DPO's keys; beta_dpo
+    # accepts dpo's label_smoothing only as 0; rpo_alpha is added to every TRL loss)
     for spec in LOSSES.values():
         own = set(inspect.signature(spec.fn).parameters)
-        assert spec.config_keys <= params | config_only, spec.name
-        # the keys that parametrise this loss's own function are its own parameters
-        # (beta_dpo shares dpo's config; there label_smoothing is only accepted as 0)
-        shared = {'mode_loss', 'mode_weight', 'a', 'gamma', 'average_log_prob'}
-        if spec.name == 'beta_dpo':
-            shared.add('label_smoothing')
-        assert spec.config_keys - shared <= own, spec.name
+        if spec.update_state is not None:
+            own |= set(inspect.signature(spec.update_state).parameters)
+        declared = spec.config_only | spec.zero_only | (set(TRL_OPTIONS) if spec.trl else set())
+        assert spec.config_keys - declared <= own, spec.name
+        assert 'beta' in spec.config_keys or not spec.paired, spec.name
+    assert LOSSES['dpo'].config_keys - LOSSES['sigmoid'].config_keys == {'mode_loss', 'mode_weight', 'a', 'gamma'}
 
 
 # --- compute() --------------------------------------------------------------
@@ -894,14 +897,14 @@ def test_compute_beta_dpo_updates_state_with_gathered_gaps_only_in_train():
     _, metrics = spec.compute(logps, args, state, gather, False, generator=gen())
     assert state == {'gap_mean': 0.0, 'gap_std': 0.0}           # eval: untouched
     assert close(metrics['record/gap_mean'], exp_mean)           # but this batch used the update
-    assert len(seen) == 1 and not seen[0].requires_grad
+    assert seen and not any(x.requires_grad for x in seen)     # only detached values cross ranks
     loss, metrics = spec.compute(logps, args, state, gather, True, generator=gen())
     assert math.isclose(state['gap_mean'], exp_mean) and math.isclose(state['gap_std'], exp_std)
     assert close(metrics['record/gap_std'], exp_std)
     # all kept: mean gap 2; beta_used = 0.1 (1 + 0.5 (2 - 0.2)) = 0.19; loss = mean softplus(-0.19 h)
     assert close(metrics['record/beta_used'], 0.19)
     assert close(loss, (softplus_neg(0.19) + softplus_neg(0.57)) / 2)
-    assert metrics['record/mask_count'].item() == 2
+    assert metrics['record/mask_count'].item() == 4  # kept pairs of the gathered (global) batch
 
 
 def test_compute_beta_dpo_loss_is_mean_over_kept_pairs():

@@ -84,7 +84,7 @@ def test_chunked_train_step_equals_full_logits_in_float64(chunk, tmp_path, token
     trainer.batch_loss = catch_loss
     trainer.train_step(batch)
 
-    loss = plain_dpo_loss(policy0, trainer.reference_model, batch, beta=0.1)
+    loss = plain_dpo_loss(policy0, trainer.reference.model, batch, beta=0.1)
     loss.backward()
     assert step_losses[0].dtype == torch.float64
     assert step_losses[0].item() == pytest.approx(loss.item(), rel=1e-12, abs=1e-14)
@@ -115,7 +115,7 @@ def test_no_full_logits_are_built(tmp_path, tokenizer):
     def refuse(*args, **kwargs):
         raise AssertionError("the output layer was applied to every position")
 
-    for model in (trainer.policy, trainer.reference_model):
+    for model in (trainer.policy, trainer.reference.model):
         model.get_output_embeddings().forward = refuse
     assert head.weight.shape[0] == 8192
     assert 0 < largest_allocation(lambda: trainer.train_step(batch)) < full / 2
@@ -159,8 +159,9 @@ def _watch_reference(monkeypatch):
 
 def test_precomputed_reference_log_probs_train_identically_and_are_reused(tmp_path, monkeypatch,
                                                                           capsys):
+    import references
     import trainers
-    cache_dir = trainers.reference_cache_dir()
+    cache_dir = references.reference_cache_dir()
     before = set(cache_dir.glob("ref-logps-*.pt")) if cache_dir.exists() else set()
 
     live = read_metrics(run_in_process([*SHORT, *DPO, f"local_run_dir={tmp_path}/live"]))
@@ -170,7 +171,7 @@ def test_precomputed_reference_log_probs_train_identically_and_are_reused(tmp_pa
     step = trainers.BasicTrainer.train_step
 
     def step_and_check(self, batch):
-        during.append((self.reference_model is None, seen["model"]() is None))
+        during.append((self.reference.model is None, seen["model"]() is None))
         return step(self, batch)
 
     monkeypatch.setattr(trainers.BasicTrainer, "train_step", step_and_check)
@@ -196,14 +197,14 @@ def test_precomputed_reference_log_probs_train_identically_and_are_reused(tmp_pa
 
 
 def test_a_sequence_missing_from_the_cache_is_an_error(tmp_path, tokenizer):
-    import trainers
+    import references
     trainer = make_trainer([*DPO, "precompute_ref_log_probs=true"], tmp_path, tokenizer)
-    trainer.prepare_reference_cache()
-    assert trainer.reference_model is None
+    trainer.prepare_reference()
+    assert trainer.reference.model is None
     batch = trainer.rank_slice(next(iter(trainer.train_iterator())), 0, 1)
     trainer.batch_loss(batch, train=True)  # every training sequence is there
     batch["rejected_input_ids"][0, 0] += 1
-    with pytest.raises(trainers.ReferenceCacheMiss, match="rejected sequence of this batch has no "
+    with pytest.raises(references.ReferenceCacheMiss, match="rejected sequence of this batch has no "
                                                           "precomputed reference log-prob"):
         trainer.batch_loss(batch, train=True)
 

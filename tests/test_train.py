@@ -34,11 +34,11 @@ def test_blank_model_refuses_missing_name_or_path(tmp_path):
         train.validate_config(config, 1)
 
 
-def test_default_run_dir_is_named_after_the_experiment():
+def test_default_run_dir_is_named_after_the_experiment(tmp_path):
     from omegaconf import OmegaConf
-    config = compose(["local_dirs=[/tmp/dpo-test-dirs]"])
+    config = compose([f"local_dirs=[{tmp_path}]"])
     OmegaConf.resolve(config)
-    assert Path(config.local_run_dir).parent.parent == Path("/tmp/dpo-test-dirs")
+    assert Path(config.local_run_dir).parent.parent == tmp_path
     assert Path(config.local_run_dir).name.startswith("sft_tiny_")
 
 
@@ -169,13 +169,18 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[b[1][:30] for b in BAD_INPUTS])
-def test_bad_config_is_refused_before_anything_is_built(overrides, message, tmp_path):
+def test_bad_config_is_refused_before_anything_is_built(overrides, message, tmp_path,
+                                                        monkeypatch):
     import train
-    from omegaconf import OmegaConf
+    import utils
+
+    def built(*args, **kwargs):
+        raise AssertionError("a tokenizer or model was built for a config that is refused")
+    monkeypatch.setattr(utils, "build_tokenizer", built)
+    monkeypatch.setattr(train, "build_models", built)
     config = compose([*FAST, f"local_run_dir={tmp_path}/run", *overrides])
     with pytest.raises(train.ConfigError) as err:
-        OmegaConf.resolve(config)
-        train.validate_config(config, 1)
+        train.run(config)  # the entry point itself, not only the validation function
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
@@ -211,8 +216,14 @@ def test_user_file_with_split_placeholder_trains_and_evaluates(tmp_path):
         (tmp_path / f"prefs_{split}.jsonl").write_text("\n".join(rows) + "\n")
     pattern = str(tmp_path / "prefs_{split}.jsonl")
     run_dir = run_in_process([*FAST, "n_examples=16", "n_eval_examples=8", "eval_batch_size=8",
-                              "loss=dpo", f"datasets=['{pattern}']", f"local_run_dir={tmp_path}/run"])
-    assert [m for m in read_metrics(run_dir) if "rewards_eval/accuracies" in m]
+                              "loss=dpo", f"datasets=['{pattern}']", "sample_during_eval=true",
+                              "n_eval_model_samples=8", f"local_run_dir={tmp_path}/run"])
+    import json
+    evals = [m for m in read_metrics(run_dir) if "rewards_eval/accuracies" in m]
+    assert [m["counters/examples"] for m in evals] == [0, 16]  # first and final evaluation
+    # Evaluation read the test file ({split} -> test): its 8 prompts, and no training prompt.
+    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["prompt"] for s in samples}) == sorted(f"Q{i} test" for i in range(8))
 
 
 @pytest.mark.slow

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The reward-KL frontier in miniature (the DPO paper's Figure 2, on the embedded default).
+
+One SFT run on the synthetic tasks, then preference runs from that SFT checkpoint: DPO at several
+beta, IPO, TDPO2 and, where config/loss/ has them, a few of TRL's losses. Each checkpoint of each
+run (step-N/ and LATEST/) is scored by evaluate.py against the SFT model with the ground-truth
+synthetic reward: one point (KL(pi || pi_ref) of the policy's samples, mean reward of its samples).
+The SFT model itself is the point at KL = 0.
+
+    python benchmarks/frontier.py                 # writes docs/frontier.png, .md and .json
+    python benchmarks/frontier.py --quick         # a smaller run to try the script (~1/4 the time)
+
+Training runs `python -u train.py ...` as a user would; evaluation calls evaluate.evaluate on a
+config composed from config/evaluate.yaml (the same code as `python evaluate.py ...`, without
+starting a new interpreter per checkpoint). The last stdout line is one JSON object.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (label, family, loss overrides). A family is drawn in one colour; its runs differ in beta.
+METHODS = [
+    ("DPO b=0.03", "DPO", ["loss=dpo", "loss.beta=0.03"]),
+    ("DPO b=0.1", "DPO", ["loss=dpo", "loss.beta=0.1"]),
+    ("DPO b=0.3", "DPO", ["loss=dpo", "loss.beta=0.3"]),
+    ("DPO b=1", "DPO", ["loss=dpo", "loss.beta=1.0"]),
+    ("IPO b=0.1", "IPO", ["loss=ipo", "loss.beta=0.1"]),
+    ("TDPO2 b=0.1", "TDPO2", ["loss=tdpo", "loss.beta=0.1", "loss.alpha=0.5"]),
+    ("TDPO2 b=0.3", "TDPO2", ["loss=tdpo", "loss.beta=0.3", "loss.alpha=0.5"]),
+]
+# TRL's losses, run when the loss zoo provides their config/loss/NAME.yaml
+OPTIONAL_METHODS = [
+    ("hinge b=0.1", "TRL hinge", "hinge", ["loss=hinge", "loss.beta=0.1"]),
+    ("robust b=0.1", "TRL robust", "robust", ["loss=robust", "loss.beta=0.1"]),
+]
+QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
+
+
+def train(run_dir: Path, overrides, log):
+    """`python -u train.py OVERRIDES local_run_dir=RUN_DIR`; stops the benchmark if it fails."""
+    cmd = [sys.executable, "-u", "train.py", *overrides, f"local_run_dir={run_dir}",
+           "wandb.enabled=false", "sample_during_eval=false"]
+    log(" ".join(["python", *cmd[1:]]))
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"training failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
+
+
+def checkpoints(run_dir: Path):
+    """step-N/ in order, then LATEST/."""
+    steps = sorted(run_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [*steps, run_dir / "LATEST"]
+
+
+def evaluate_checkpoint(checkpoint: Path, reference: Path, eval_overrides):
+    """evaluate.py's results for one checkpoint (also written to its eval.json)."""
+    import evaluate
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose("evaluate", overrides=[f"checkpoint={checkpoint}", f"reference={reference}",
+                                             "reward=synthetic", *eval_overrides])
+    return evaluate.evaluate(cfg)
+
+
+def point(label: str, family: str, checkpoint: Path, results: dict) -> dict:
+    return {"label": label, "family": family, "checkpoint": checkpoint.name, "step": results["step"],
+            "kl": results["kl_per_position"]["mean"], "kl_se": results["kl_per_position"]["se"],
+            "kl_log_ratio": results["kl_log_ratio"]["mean"], "kl_log_ratio_se": results["kl_log_ratio"]["se"],
+            "reward": results["reward_policy"]["mean"], "reward_se": results["reward_policy"]["se"],
+            "win_vs_reference": results["win_rate_vs_reference"]["mean"],
+            "win_vs_reference_ci": results["win_rate_vs_reference"]["ci95"],
+            "implicit_accuracy": results["implicit_accuracy"]["mean"]}
+
+
+def draw(points, out_path: Path, title: str):
+    """Reward against KL: one line per run through its checkpoints, one colour per family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    families = list(dict.fromkeys(p["family"] for p in points))
+    markers = "os^vDP*X<>"
+    labels = list(dict.fromkeys(p["label"] for p in points))
+    for label in labels:
+        run = [p for p in points if p["label"] == label]
+        family = run[0]["family"]
+        colour = colours[families.index(family) % len(colours)]
+        marker = "*" if family == "SFT" else markers[[l for l in labels if l.startswith(family)].index(label) % len(markers)]
+        ax.errorbar([p["kl"] for p in run], [p["reward"] for p in run],
+                    xerr=[p["kl_se"] or 0 for p in run], yerr=[p["reward_se"] or 0 for p in run],
+                    color=colour, marker=marker, markersize=12 if family == "SFT" else 6,
+                    linestyle="-" if len(run) > 1 else "none", linewidth=1, capsize=2, label=label)
+    ax.set_xlabel("KL(policy || SFT reference) of the policy's samples, nats (per-position estimate)")
+    ax.set_ylabel("mean synthetic-task reward of samples")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=130)
+    plt.close(fig)
+
+
+def table(points) -> str:
+    lines = ["| run | checkpoint | KL (per-position) | KL (log-ratio) | reward | win rate vs SFT [95% CI] | implicit acc. |",
+             "|---|---|---|---|---|---|---|"]
+    for p in points:
+        ci = p["win_vs_reference_ci"]
+        lines.append(f"| {p['label']} | {p['checkpoint']} | {p['kl']:.2f} ± {p['kl_se'] or 0:.2f} | "
+                     f"{p['kl_log_ratio']:.2f} ± {p['kl_log_ratio_se'] or 0:.2f} | "
+                     f"{p['reward']:.3f} ± {p['reward_se'] or 0:.3f} | "
+                     f"{p['win_vs_reference']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {p['implicit_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def methods(quick: bool):
+    available = {p.stem for p in (ROOT / "config" / "loss").glob("*.yaml")}
+    chosen = [m for m in METHODS if not quick or m[0] in QUICK_METHODS]
+    if not quick:
+        chosen += [(label, fam, over) for label, fam, name, over in OPTIONAL_METHODS if name in available]
+    return chosen
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=str(ROOT / "docs"), help="where frontier.{png,md,json} go")
+    parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary directory, removed)")
+    parser.add_argument("--quick", action="store_true", help="fewer runs, prompts and examples")
+    parser.add_argument("--n-prompts", type=int, default=None, help="evaluation prompts (default 128; quick 32)")
+    parser.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="frontier-"))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_prompts = args.n_prompts or (32 if args.quick else 128)
+    length = ["n_examples=2048", "eval_every=1024"] if args.quick else ["eval_every=2048"]
+    eval_overrides = [f"n_prompts={n_prompts}", f"n_samples={args.n_samples}", "max_new_tokens=16",
+                      f"seed={args.seed}", "batch_size=128"]
+    seed = [f"seed={args.seed}"]
+    sft = work / "sft"
+    train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log)
+    reference = sft / "LATEST"
+    points = [point("SFT", "SFT", reference, evaluate_checkpoint(reference, reference, eval_overrides))]
+    log(f"SFT: reward {points[0]['reward']:.3f}")
+    for label, family, overrides in methods(args.quick):
+        run_dir = work / label.replace(" ", "_").replace("=", "")
+        train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log)
+        for checkpoint in checkpoints(run_dir):
+            points.append(point(label, family, checkpoint, evaluate_checkpoint(checkpoint, reference, eval_overrides)))
+            log(f"{label} {checkpoint.name}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}")
+    elapsed = time.time() - start
+    title = (f"embedded default (synthetic tasks), {n_prompts} held-out prompts x {args.n_samples} samples; "
+             f"seed {args.seed}; {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
+    draw(points, out_dir / "frontier.png", title)
+    (out_dir / "frontier.md").write_text(f"{title}\n\n{table(points)}\n")
+    (out_dir / "frontier.json").write_text(json.dumps({"points": points, "seconds": elapsed,
+                                                       "quick": args.quick}, indent=1))
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(points))
+    print(json.dumps({"seconds": round(elapsed, 1), "points": len(points), "out": str(out_dir / "frontier.png")}))
+
+
+if __name__ == "__main__":
+    main()

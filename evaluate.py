@@ -1,0 +1,707 @@
+"""Score what a checkpoint generates: `python evaluate.py checkpoint=RUN/LATEST reward=synthetic`.
+
+Samples `n_samples` completions per evaluation prompt from the policy and from the reference model,
+scores them with a reward from `REWARDS`, estimates the sequence KL(pi || pi_ref) on the policy's
+own samples, and writes `eval.json` (and the samples, `eval_samples.jsonl`) beside the checkpoint:
+
+- mean reward of policy samples, of reference samples and of the dataset's chosen completions;
+- KL(pi || pi_ref) three ways (the log-ratio, Schulman's k3 and the exact per-position sum);
+- win rates of the policy's samples against the chosen completion and the reference's samples,
+  judged by the reward (ties count half), with Wilson 95% intervals;
+- mean sample length; the held-out implicit-reward accuracy on the split's preference pairs.
+
+Every mean comes with a standard error clustered by prompt (the samples of one prompt are not
+independent of each other): the standard deviation of the per-prompt means over sqrt(#prompts).
+
+The checkpoint is a step-N/ or LATEST/ directory of any trainer (policy.pt holds a full state dict;
+the run's config.yaml says how to build the model, the tokenizer, the data and the reference), or
+a Hugging Face directory (config.json, no policy.pt), for which `reference=PATH` is required.
+"""
+import os
+
+# The same bitwise-reproducible CPU math as train.py (set before torch loads MKL).
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import copy
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import hydra
+import torch
+import tqdm
+from omegaconf import DictConfig, OmegaConf
+
+import preference_datasets
+import utils
+from utils import ConfigError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
+Z95 = 1.959963984540054  # the two-sided 95% normal quantile
+
+# ----------------------------------------------------------------------------- rewards
+
+# The embedded synthetic tasks (preference_datasets._task_*): the question, how the right answer
+# follows from its items.
+_SYNTHETIC_TASKS = (
+    (re.compile(r"Repeat the words: ([a-z ]+)$"), lambda items: items),
+    (re.compile(r"Reverse the letters: ([a-z ]+)$"), lambda items: items[::-1]),
+    (re.compile(r"Sort the digits: ([0-9 ]+)$"), sorted),
+    (re.compile(r"What is ([0-9]+ \+ [0-9]+)\?$"),
+     lambda items: [str(int(items[0]) + int(items[2]))]),
+)
+
+
+def synthetic_answer(prompt: str) -> List[str]:
+    """The right answer (a list of items) to a synthetic-task prompt.
+
+    Args:
+        prompt: the prompt text, '\\n\\nHuman: QUESTION\\n\\nAssistant:'.
+    Raises:
+        ConfigError: the prompt is not one of the embedded synthetic tasks.
+    """
+    question = prompt.strip()
+    human, assistant = preference_datasets.HUMAN_MARKER.strip(), preference_datasets.ASSISTANT_MARKER.strip()
+    if question.startswith(human) and question.endswith(assistant):
+        question = question[len(human):-len(assistant)].strip()
+    for pattern, solve in _SYNTHETIC_TASKS:
+        match = pattern.match(question)
+        if match:
+            return solve(match.group(1).split())
+    raise ConfigError(f"reward=synthetic scores only the embedded synthetic tasks, and the prompt "
+                      f"{prompt!r} is not one; use reward=reward_model reward.name_or_path=DIR or "
+                      "reward=implicit for other data")
+
+
+def answer_credit(answer: Sequence[str], right: Sequence[str], partial_credit: bool) -> float:
+    """1 for the right answer; with partial credit, the fraction of positions holding the right
+    item over the longer of the two lists (so wrong, missing and extra items all cost), else 0."""
+    if list(answer) == list(right):
+        return 1.0
+    if not partial_credit:
+        return 0.0
+    hits = sum(a == r for a, r in zip(answer, right))
+    return hits / max(len(answer), len(right))
+
+
+def synthetic_reward(prompts: Sequence[str], completions: Sequence[str],
+                     partial_credit: bool = True) -> torch.Tensor:
+    """The ground-truth reward of the synthetic tasks. Returns (N,) float64 in [0, 1]."""
+    return torch.tensor([answer_credit(c.split(), synthetic_answer(p), partial_credit)
+                         for p, c in zip(prompts, completions)], dtype=torch.float64)
+
+
+def reward_model_scores(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int,
+                        label_index: Optional[int], device) -> torch.Tensor:
+    """The reward model's score of each text (prompt + completion), in batches. Returns (N,)."""
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length).to(device)
+        with torch.no_grad():
+            logits = model(**enc).logits.float()
+        scores.append(logits[:, 0 if label_index is None else label_index].cpu())
+    return torch.cat(scores).double()
+
+
+def implicit_reward(policy_logps: torch.Tensor, reference_logps: torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) (arXiv 2305.18290, eq. 5).
+
+    Args: policy_logps, reference_logps: (N,) summed log-probs of the completions.
+    Returns: (N,).
+    """
+    return beta * (policy_logps - reference_logps)
+
+
+@dataclass
+class RewardContext:
+    """What a reward may need besides its own arguments."""
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    run_loss: Optional[dict]
+    score_batch_size: int
+    trust_remote_code: bool
+
+
+Scorer = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
+
+
+def _build_synthetic(args: dict, ctx: RewardContext) -> Scorer:
+    return lambda prompts, completions: synthetic_reward(prompts, completions, args["partial_credit"])
+
+
+def _build_reward_model(args: dict, ctx: RewardContext) -> Scorer:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = args["name_or_path"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=ctx.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=ctx.trust_remote_code).to(ctx.device).eval()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"reward.name_or_path={path} is not a loadable sequence-classification "
+                          f"model: {str(e).splitlines()[0]}")
+    if args["label_index"] is None and model.config.num_labels != 1:
+        raise ConfigError(f"reward.name_or_path={path} has {model.config.num_labels} outputs; pass "
+                          "reward.label_index=I to say which logit is the reward")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    # The classifier reads the last non-pad token; it finds it through the config's pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.truncation_side = "left"  # keep the completion when a text is too long
+    return lambda prompts, completions: reward_model_scores(
+        model, tokenizer, [p + c for p, c in zip(prompts, completions)], args["batch_size"],
+        args["max_length"], args["label_index"], ctx.device)
+
+
+def _build_implicit(args: dict, ctx: RewardContext) -> Scorer:
+    beta = args["beta"]
+    if beta is None:
+        beta = (ctx.run_loss or {}).get("beta")
+        if beta is None:
+            raise ConfigError("reward=implicit needs a beta and the run's loss has none; "
+                              "pass reward.beta=0.1")
+
+    def score(prompts, completions):
+        prompt_ids, completion_ids = tokenize_completions(ctx.tokenizer, prompts, completions)
+        stats = score_completions(ctx.policy, ctx.reference, prompt_ids, completion_ids,
+                                  ctx.score_batch_size, ctx.device)
+        return implicit_reward(stats["policy_logps"], stats["reference_logps"], beta)
+    return score
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A reward: `build(args, context)` returns scorer(prompts, completions) -> (N,) rewards.
+
+    Attributes: name: registry key; fn: the pure reward function; config_keys: the keys its
+    config/reward/NAME.yaml holds besides `name`.
+    """
+    name: str
+    fn: Callable
+    build: Callable[[dict, RewardContext], Scorer]
+    config_keys: frozenset
+
+
+REWARDS: Dict[str, RewardSpec] = {
+    "synthetic": RewardSpec("synthetic", synthetic_reward, _build_synthetic,
+                            frozenset({"partial_credit"})),
+    "reward_model": RewardSpec("reward_model", reward_model_scores, _build_reward_model,
+                               frozenset({"name_or_path", "label_index", "batch_size", "max_length"})),
+    "implicit": RewardSpec("implicit", implicit_reward, _build_implicit, frozenset({"beta"})),
+}
+
+
+# ----------------------------------------------------------------------------- estimators
+
+def mean_and_se(values: torch.Tensor) -> Dict[str, float]:
+    """Mean and standard error of (P, S) values: S samples for each of P prompts.
+
+    The error is clustered by prompt: the standard deviation of the P per-prompt means over
+    sqrt(P), since samples of one prompt are correlated. With one prompt, the samples' own.
+    """
+    values = values.double().reshape(values.shape[0], -1)
+    units = values.mean(dim=1) if values.shape[0] > 1 else values.reshape(-1)
+    se = units.std(unbiased=True) / math.sqrt(units.numel()) if units.numel() > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": _finite(float(se))}
+
+
+def wilson_interval(p: float, n: float, z: float = Z95) -> List[float]:
+    """The Wilson score interval of a proportion p observed over n trials (Wilson 1927)."""
+    if n <= 0:
+        return [0.0, 1.0]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at p = 0 or 1 the bound on that side is exactly 0 or 1 (rounding would leave it off by ~1e-17)
+    return [0.0 if p <= 0 else max(0.0, centre - half), 1.0 if p >= 1 else min(1.0, centre + half)]
+
+
+def win_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 where a beats b, 0.5 for a tie, 0 where b wins (broadcasting)."""
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
+def proportion_summary(scores: torch.Tensor) -> Dict[str, object]:
+    """Mean, clustered standard error and Wilson 95% interval of (P, S) scores in [0, 1].
+
+    Wilson's interval is computed with the effective sample size p(1-p)/se^2 (the design effect
+    of the clustering; Korn & Graubard 1998), capped at the number of scores. Ties make a score
+    less variable than a coin flip, which this also accounts for; with se = 0 it uses all scores.
+    """
+    summary = mean_and_se(scores)
+    p, se, n = summary["mean"], summary["se"], scores.numel()
+    n_eff = n if not se or se != se or p in (0.0, 1.0) else min(n, p * (1 - p) / se ** 2)
+    summary.update(ci95=wilson_interval(p, n_eff), n=n)
+    return summary
+
+
+def kl_terms(policy_token_logps: torch.Tensor, reference_token_logps: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-token terms of two Monte-Carlo estimators of KL(pi || pi_ref) on tokens sampled from pi.
+
+    With log r = log pi_ref(y_t | y_<t) - log pi(y_t | y_<t):
+    - k1 = -log r: its sum over a sequence is log pi(y) - log pi_ref(y), unbiased for the sequence KL;
+    - k3 = (r - 1) - log r >= 0: also unbiased, since E_pi[r - 1] = 0 at every position, and with
+      far less variance when pi is close to pi_ref (J. Schulman, "Approximating KL Divergence",
+      2020, http://joschu.net/blog/kl-approx.html).
+    Args: (T,) log-probs of the sampled tokens under each model. Returns {'k1': (T,), 'k3': (T,)}.
+    """
+    log_r = reference_token_logps - policy_token_logps
+    return {"k1": -log_r, "k3": torch.expm1(log_r) - log_r}
+
+
+def position_kl(policy_logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """The exact KL(pi(.|y_<t) || pi_ref(.|y_<t)) at each position. Summed over a sequence sampled
+    from pi it is the Rao-Blackwellised (lowest-variance) estimate of the sequence KL; TDPO's
+    sequential KL is the same quantity on dataset completions.
+
+    Args: (T, V) log-softmax of each model at the same positions. Returns (T,).
+    """
+    return (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _right_padded(prompt_ids, completion_ids, pad_id: int):
+    """input ids, attention mask and labels (-100 off the completion), each (B, T)."""
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (row, p) in enumerate(zip(rows, prompt_ids)):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+        labels[i, len(p):len(row)] = ids[i, len(p):len(row)]
+    return ids, mask, labels
+
+
+def _completion_logprobs(model, ids, mask, labels):
+    """log-softmax (N, V) at the N completion positions of the batch, and the label there (N,)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return torch.log_softmax(logits[keep].float(), dim=-1), targets[keep]
+
+
+def score_completions(policy, reference, prompt_ids: Sequence[Sequence[int]],
+                      completion_ids: Sequence[Sequence[int]], batch_size: int,
+                      device) -> Dict[str, torch.Tensor]:
+    """Summed log-probs and KL terms of each completion under the policy and the reference.
+
+    Args: token ids of N prompts and of their N completions (each completion non-empty).
+    Returns: {'policy_logps', 'reference_logps', 'k1', 'k3', 'position_kl', 'length'}, each (N,)
+        float64: sums over the completion's tokens.
+    """
+    out = {k: [] for k in ("policy_logps", "reference_logps", "k1", "k3", "position_kl")}
+    pad = 0
+    for start in range(0, len(prompt_ids), batch_size):
+        ids, mask, labels = _right_padded(prompt_ids[start:start + batch_size],
+                                          completion_ids[start:start + batch_size], pad)
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        with torch.no_grad():
+            pol, targets = _completion_logprobs(policy, ids, mask, labels)
+            ref, _ = _completion_logprobs(reference, ids, mask, labels)
+        row = (labels[:, 1:] != -100).nonzero()[:, 0]  # the sequence of each completion position
+        pol_tok = pol.gather(-1, targets[:, None])[:, 0]
+        ref_tok = ref.gather(-1, targets[:, None])[:, 0]
+        terms = dict(kl_terms(pol_tok, ref_tok), policy_logps=pol_tok, reference_logps=ref_tok,
+                     position_kl=position_kl(pol, ref))
+        for key in out:
+            sums = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
+            out[key].append(sums.index_add_(0, row, terms[key].double()).cpu())
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["length"] = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
+    return result
+
+
+def tokenize_completions(tokenizer, prompts: Sequence[str], completions: Sequence[str]):
+    """Token ids of prompts and of completions followed by EOS, tokenised separately without
+    special tokens, as training tokenises responses (preference_datasets.tokenize_batch_element)."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    completion_ids = [ids + [tokenizer.eos_token_id] for ids in
+                      tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
+    return prompt_ids, completion_ids
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_completions(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
+                       generation: dict, batch_size: int, device) -> List[List[int]]:
+    """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
+    each ending at and including the first EOS, or max_new_tokens long if none came)."""
+    from transformers import GenerationConfig
+    # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
+    config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
+    samples = []
+    for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False):
+        batch = rows[start:start + batch_size]
+        width = max(len(r) for r in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(batch):  # left-padded, so every row continues at the same column
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config)
+        samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id) for seq in out[:, width:])
+    return samples
+
+
+def _until_eos(tokens: List[int], eos_id: int) -> List[int]:
+    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def content_length(completion: Sequence[int], eos_id: int) -> int:
+    """Tokens before the EOS."""
+    return len(completion) - (1 if completion and completion[-1] == eos_id else 0)
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_initial_model(run_config: DictConfig, tokenizer):
+    """The model a run started from, built as train.build_models builds it (seeded initial
+    weights, then model.archive if any). One place to adapt if that signature changes."""
+    import train
+    config = copy.deepcopy(run_config)
+    config.loss = OmegaConf.create({"name": "sft"})  # a loss without a reference: build one model
+    policy, _ = train.build_models(config, tokenizer)
+    return policy
+
+
+def build_run_tokenizer(model_cfg: DictConfig, trust_remote_code: bool):
+    """The tokenizer a run trained with (its own, or its model's, from a GGUF file if it had one)."""
+    gguf = OmegaConf.select(model_cfg, "gguf_file", default=None)
+    if model_cfg.tokenizer_name_or_path is not None or not gguf:
+        return utils.build_tokenizer(model_cfg.tokenizer_name_or_path or model_cfg.name_or_path,
+                                     trust_remote_code)
+    return utils.build_tokenizer(model_cfg.name_or_path, trust_remote_code, gguf_file=gguf)
+
+
+def load_state(model, path: Path, what: str):
+    """A copy of `model` with the state dict of the policy.pt at `path`."""
+    state = utils.safe_torch_load(str(path), what)
+    state = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{what} file {path} is not a policy.pt from this framework "
+                          "(expected a dict with a 'state' model state dict)")
+    loaded = copy.deepcopy(model)
+    try:
+        loaded.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{what} file {path} does not fit the model: {str(e).splitlines()[0]}")
+    return loaded
+
+
+def load_hf_model(path: str, trust_remote_code: bool, what: str):
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what}={path} could not be loaded as a causal LM: {str(e).splitlines()[0]}")
+
+
+def policy_file(path: Path) -> Optional[Path]:
+    """The policy.pt a path names (the file itself or the one in a checkpoint directory)."""
+    if path.is_file() and path.suffix == ".pt":
+        return path
+    return path / "policy.pt" if (path / "policy.pt").is_file() else None
+
+
+def with_current_defaults(saved: DictConfig) -> DictConfig:
+    """A run's saved config with every key added to config/config.yaml (or to the model presets,
+    config/model/blank_model.yaml) since it was written, at its current default: so checkpoints
+    of older runs still build with today's train.build_models."""
+    base = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml")
+    for key in ("defaults", "hydra", "exp_name", "local_run_dir"):  # Hydra-only, or interpolated
+        if key in base:
+            del base[key]
+    base.model = OmegaConf.load(Path(CONFIG_DIR) / "model" / "blank_model.yaml")
+    return OmegaConf.merge(base, saved)
+
+
+def load_models(cfg: DictConfig):
+    """(policy, reference, tokenizer, run config or None, step or None) for cfg.checkpoint."""
+    checkpoint = Path(cfg.checkpoint)
+    if not checkpoint.is_dir():
+        raise ConfigError(f"checkpoint={checkpoint} is not a directory; pass a step-N/ or LATEST/ "
+                          "directory of a run, or a Hugging Face model directory")
+    run_config = None
+    if (checkpoint / "config.yaml").is_file():
+        run_config = with_current_defaults(OmegaConf.load(checkpoint / "config.yaml"))
+    if policy_file(checkpoint) is not None and run_config is not None:
+        return _load_framework_checkpoint(cfg, checkpoint, run_config)
+    if not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"checkpoint={checkpoint} holds neither policy.pt with config.yaml (a "
+                          "checkpoint of train.py) nor config.json (a Hugging Face model)")
+    if cfg.reference is None:
+        raise ConfigError(f"checkpoint={checkpoint} is a Hugging Face directory, which does not say "
+                          "what it was trained from; pass reference=PATH (a policy.pt, a checkpoint "
+                          "or a Hugging Face directory)")
+    tokenizer = utils.build_tokenizer(str(checkpoint), cfg.trust_remote_code)
+    policy = load_hf_model(str(checkpoint), cfg.trust_remote_code, "checkpoint")
+    return policy, _explicit_reference(cfg, policy), tokenizer, run_config, None
+
+
+def _load_framework_checkpoint(cfg, checkpoint: Path, run_config: DictConfig):
+    run_config.model.trust_remote_code = cfg.trust_remote_code  # never from a saved file
+    if cfg.reference is not None:
+        run_config.model.archive = None  # only the architecture is needed
+    tokenizer = build_run_tokenizer(run_config.model, cfg.trust_remote_code)
+    try:
+        initial = build_initial_model(run_config, tokenizer)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the reference comes from the run's config; pass reference=PATH "
+                          "to give it explicitly)")
+    policy = load_state(initial, checkpoint / "policy.pt", "checkpoint")
+    reference = initial if cfg.reference is None else _explicit_reference(cfg, policy)
+    step = utils.safe_torch_load(str(checkpoint / "policy.pt"), "checkpoint").get("step_idx")
+    return policy, reference, tokenizer, run_config, step
+
+
+def _explicit_reference(cfg: DictConfig, policy):
+    path = Path(cfg.reference)
+    found = policy_file(path)
+    if found is not None:
+        return load_state(policy, found, "reference")
+    return load_hf_model(str(cfg.reference), cfg.trust_remote_code, "reference")
+
+
+# ----------------------------------------------------------------------------- data
+
+def data_settings(cfg: DictConfig, run_config: Optional[DictConfig]) -> dict:
+    """datasets, dataset_paths, max_length, max_prompt_length: evaluate's own, else the run's."""
+    settings = {}
+    for key in ("datasets", "dataset_paths", "max_length", "max_prompt_length"):
+        value = cfg[key]
+        if value is None and run_config is not None:
+            value = run_config[key]
+        if value is None and key != "dataset_paths":
+            raise ConfigError(f"{key} is not set and checkpoint={cfg.checkpoint} has no run "
+                              f"config.yaml to take it from; pass {key}=...")
+        settings[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return settings
+
+
+def load_prompts(settings: dict, tokenizer, split: str, n_prompts: Optional[int]) -> List[dict]:
+    """The first n_prompts distinct prompts of the split, in order, each with its (truncated)
+    prompt ids, its first pair's chosen completion, and all its pairs as (chosen, rejected)
+    completion ids, tokenised as training tokenises them."""
+    paths = {name: (settings["dataset_paths"] or {}).get(name) for name in settings["datasets"]}
+    try:
+        batches = preference_datasets.get_batch_iterator(
+            list(settings["datasets"]), tokenizer, split=split, batch_size=1, shuffle=False,
+            max_length=settings["max_length"], max_prompt_length=settings["max_prompt_length"],
+            n_epochs=1, silent=True, paths=paths)
+    except ValueError as e:
+        raise ConfigError(str(e))
+    prompts: Dict[str, dict] = {}
+    for batch in batches:
+        text = batch["prompt"][0]
+        if text not in prompts:
+            if n_prompts is not None and len(prompts) == n_prompts:
+                break
+            prompts[text] = {"prompt": text, "prompt_ids": batch["prompt_input_ids"][0].tolist(),
+                             "chosen": batch["chosen_response_only"][0], "pairs": []}
+        prompts[text]["pairs"].append(tuple(_response_ids(batch, side) for side in ("chosen", "rejected")))
+    return list(prompts.values())
+
+
+def _response_ids(batch: dict, side: str) -> List[int]:
+    labels = batch[f"{side}_labels"][0]
+    return labels[labels != -100].tolist()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def validate_config(cfg: DictConfig):
+    """Refuse a bad setting with one line naming the key, the value and what is allowed."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required value(s): {', '.join(missing)}; pass them on the "
+                          f"command line, e.g. {missing[0]}=...")
+    for key in ("n_samples", "max_new_tokens", "batch_size", "score_batch_size", "n_prompts"):
+        value = cfg[key]
+        if not (value is None and key == "n_prompts"):
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"{key}={value!r} must be a positive integer")
+    _require(_is_number(cfg.temperature) and cfg.temperature > 0,
+             f"temperature={cfg.temperature!r} must be a number > 0")
+    _require(_is_number(cfg.top_p) and 0 < cfg.top_p <= 1, f"top_p={cfg.top_p!r} must be in (0, 1]")
+    _require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
+    _require(isinstance(cfg.trust_remote_code, bool),
+             f"trust_remote_code={cfg.trust_remote_code!r} must be true or false")
+    name = cfg.reward.name
+    _require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
+    keys = set(cfg.reward) - {"name"}
+    _require(keys == REWARDS[name].config_keys,
+             f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
+             f"{sorted(keys)}; see config/reward/{name}.yaml")
+
+
+def _require(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None  # JSON has no NaN
+
+
+def implicit_accuracy(policy, reference, prompts: List[dict], batch_size: int, device) -> dict:
+    """How often DPO's implicit reward (summed log-probs) ranks a held-out pair's chosen completion
+    above its rejected one, as training's rewards_eval/accuracies does (beta > 0 does not matter)."""
+    prompt_ids, completions = [], []
+    for p in prompts:
+        for chosen, rejected in p["pairs"]:
+            prompt_ids += [p["prompt_ids"], p["prompt_ids"]]
+            completions += [chosen, rejected]
+    stats = score_completions(policy, reference, prompt_ids, completions, batch_size, device)
+    rewards = (stats["policy_logps"] - stats["reference_logps"]).view(-1, 2)
+    correct = (rewards[:, 0] > rewards[:, 1]).double()
+    p, n = float(correct.mean()), correct.numel()
+    return {"mean": p, "se": _finite(math.sqrt(p * (1 - p) / n)), "ci95": wilson_interval(p, n), "n": n}
+
+
+def generate_both(policy, reference, tokenizer, prompts: List[dict], cfg: DictConfig, device):
+    """Completion ids from the policy and from the reference, each (P * n_samples) prompt-major.
+    Each model samples from its own seed, so the reference's samples are the same whichever
+    checkpoint is evaluated against it, and independent of the policy's."""
+    generation = dict(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
+                      max_new_tokens=cfg.max_new_tokens)
+    prompt_ids = [p["prompt_ids"] for p in prompts]
+    out = []
+    for offset, model in ((0, policy), (1, reference)):
+        utils.set_seed(2 * cfg.seed + offset)
+        out.append(sample_completions(model, tokenizer, prompt_ids, cfg.n_samples, generation,
+                                      cfg.batch_size, device))
+    return out
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Sample, score and summarise; writes eval.json and eval_samples.jsonl. Returns the results."""
+    validate_config(cfg)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy, reference, tokenizer, run_config, step = load_models(cfg)
+    policy, reference = policy.to(device).eval(), reference.to(device).eval()
+    prompts = load_prompts(data_settings(cfg, run_config), tokenizer, cfg.split, cfg.n_prompts)
+    P, S = len(prompts), cfg.n_samples
+    policy_ids, reference_ids = generate_both(policy, reference, tokenizer, prompts, cfg, device)
+    repeated_ids = [p["prompt_ids"] for p in prompts for _ in range(S)]
+    kl = score_completions(policy, reference, repeated_ids, policy_ids, cfg.score_batch_size, device)
+    run_loss = OmegaConf.to_container(run_config.loss) if run_config is not None else None
+    context = RewardContext(policy, reference, tokenizer, device, run_loss, cfg.score_batch_size,
+                            cfg.trust_remote_code)
+    reward_args = {k: v for k, v in OmegaConf.to_container(cfg.reward).items() if k != "name"}
+    scorer = REWARDS[cfg.reward.name].build(reward_args, context)
+    texts = {side: tokenizer.batch_decode(ids, skip_special_tokens=True)
+             for side, ids in (("policy", policy_ids), ("reference", reference_ids))}
+    repeated_prompts = [p["prompt"] for p in prompts for _ in range(S)]
+    rewards = {side: scorer(repeated_prompts, texts[side]).view(P, S) for side in texts}
+    rewards["chosen"] = scorer([p["prompt"] for p in prompts], [p["chosen"] for p in prompts]).view(P, 1)
+    eos = tokenizer.eos_token_id
+    results = {
+        "checkpoint": str(cfg.checkpoint), "step": step,
+        "reference": cfg.reference if cfg.reference is not None else "the run's initial model",
+        "reward": OmegaConf.to_container(cfg.reward), "split": cfg.split, "n_prompts": P,
+        "n_samples": S, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "kl_is_of_the_models": cfg.temperature == 1 and cfg.top_p == 1,
+        "reward_policy": mean_and_se(rewards["policy"]),
+        "reward_reference": mean_and_se(rewards["reference"]),
+        "reward_chosen": mean_and_se(rewards["chosen"]),
+        "kl_log_ratio": mean_and_se(kl["k1"].view(P, S)),
+        "kl_k3": mean_and_se(kl["k3"].view(P, S)),
+        "kl_per_position": mean_and_se(kl["position_kl"].view(P, S)),
+        "win_rate_vs_chosen": proportion_summary(win_scores(rewards["policy"], rewards["chosen"])),
+        "win_rate_vs_reference": proportion_summary(win_scores(rewards["policy"], rewards["reference"])),
+        "length_policy": mean_and_se(_lengths(policy_ids, eos).view(P, S)),
+        "length_reference": mean_and_se(_lengths(reference_ids, eos).view(P, S)),
+        "truncated_policy": sum(eos not in ids for ids in policy_ids) / len(policy_ids),
+        "implicit_accuracy": implicit_accuracy(policy, reference, prompts, cfg.score_batch_size, device),
+    }
+    write_outputs(cfg, results, prompts, texts, rewards, kl)
+    return results
+
+
+def _lengths(completions: List[List[int]], eos_id: int) -> torch.Tensor:
+    return torch.tensor([content_length(c, eos_id) for c in completions], dtype=torch.float64)
+
+
+def output_paths(cfg: DictConfig):
+    out = Path(cfg.out) if cfg.out is not None else Path(cfg.checkpoint) / "eval.json"
+    return out, out.with_name(out.stem + "_samples.jsonl")
+
+
+def write_outputs(cfg: DictConfig, results: dict, prompts: List[dict], texts: dict, rewards: dict,
+                  kl: dict):
+    """eval.json, and one line per prompt with its samples and their rewards."""
+    out, samples_path = output_paths(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out)  # never a half-written eval.json
+    S = cfg.n_samples
+    with open(samples_path, "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({
+                "prompt": p["prompt"], "chosen": p["chosen"],
+                "chosen_reward": float(rewards["chosen"][i, 0]),
+                "policy": texts["policy"][i * S:(i + 1) * S],
+                "policy_reward": rewards["policy"][i].tolist(),
+                "policy_kl": kl["k1"][i * S:(i + 1) * S].tolist(),
+                "reference": texts["reference"][i * S:(i + 1) * S],
+                "reference_reward": rewards["reference"][i].tolist()}) + "\n")
+
+
+def format_table(results: dict) -> str:
+    """A short text table of the main numbers (mean ± standard error, [95% interval])."""
+    def pm(entry):
+        se = entry["se"]
+        text = f"{entry['mean']:.4f} ± {se:.4f}" if se is not None else f"{entry['mean']:.4f}"
+        if "ci95" in entry:
+            text += f"  [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
+        return text
+    rows = [(f"reward ({results['reward']['name']}): policy", pm(results["reward_policy"])),
+            ("reward: reference", pm(results["reward_reference"])),
+            ("reward: dataset's chosen", pm(results["reward_chosen"])),
+            ("KL(pi||ref), log-ratio", pm(results["kl_log_ratio"])),
+            ("KL(pi||ref), k3", pm(results["kl_k3"])),
+            ("KL(pi||ref), per-position", pm(results["kl_per_position"])),
+            ("win rate vs chosen", pm(results["win_rate_vs_chosen"])),
+            ("win rate vs reference", pm(results["win_rate_vs_reference"])),
+            ("length: policy / reference", f"{results['length_policy']['mean']:.2f} / "
+                                           f"{results['length_reference']['mean']:.2f} tokens"),
+            ("implicit-reward accuracy", pm(results["implicit_accuracy"]))]
+    width = max(len(name) for name, _ in rows)
+    header = (f"{results['checkpoint']}: {results['n_prompts']} prompts x {results['n_samples']} "
+              f"samples (mean ± s.e. [95% interval])")
+    return "\n".join([header] + [f"  {name:<{width}}  {value}" for name, value in rows])
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base=None)
+def main(cfg: DictConfig):
+    try:
+        results = evaluate(cfg)
+    except (ConfigError, preference_datasets.DatasetFormatError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(format_table(results), flush=True)
+    print(f"wrote {output_paths(cfg)[0]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,758 @@
+"""Log-probs from a causal LM's hidden states, without ever building (B, T, V) logits.
+
+The output layer is applied only at positions whose label is counted (the completion), a chunk of
+rows at a time, and backward recomputes each chunk's logits instead of keeping them. The results
+equal `get_batch_logps` / `tdpo_get_batch_logps`, the full-logits formulas at the top of this file
+(tests/test_losses.py checks this in float64). The model-facing helpers at the end (`sequence_logps`,
+`token_level_logps`) find a model's backbone and output layer and call these kernels.
+"""
+import contextlib
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------
+# The reference formulas on full (B, T, V) logits (the DPO and TDPO repositories'); the chunked
+# kernels below must equal them, and _position_kl is shared so both paths compute KL alike.
+# ---------------------------------------------------------------------------
+
+def _shifted_labels(labels: torch.LongTensor) -> Tuple[torch.LongTensor, torch.BoolTensor]:
+    """Drop the first label (token t is predicted from position t-1) and build the mask.
+
+    Returns:
+        (labels with -100 replaced by 0, mask), both (B, T-1).
+    """
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    # any valid index works for masked positions; their values are zeroed later
+    safe = shifted.masked_fill(~mask, 0)
+    return safe, mask
+
+
+def _reduce_tokens(per_token: torch.Tensor, mask: torch.BoolTensor, average_log_prob: bool) -> torch.Tensor:
+    """Masked sum (or mean) over the sequence axis; an all-masked row gives 0, not NaN.
+
+    Args:
+        per_token: (B, T-1) values.
+        mask: (B, T-1) which positions count.
+        average_log_prob: divide by the number of counted positions.
+
+    Returns:
+        (B,) tensor.
+    """
+    # where() rather than multiply so that a non-finite masked value cannot leak in
+    total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
+    if average_log_prob:
+        # the reference divides by the raw count (0/0 = NaN for an empty row)
+        total = total / mask.sum(-1).clamp(min=1).to(total.dtype)
+    return total
+
+
+def get_batch_logps(logits: torch.Tensor, labels: torch.LongTensor,
+                    average_log_prob: bool = False) -> torch.Tensor:
+    """Log-probability of the labelled tokens of each sequence (DPO repo `_get_batch_logps`).
+
+    Args:
+        logits: (B, T, V) unnormalised scores; position t predicts token t+1.
+        labels: (B, T) token ids, -100 where the token does not count (prompt, padding).
+        average_log_prob: mean over counted tokens instead of the sum.
+
+    Returns:
+        (B,) summed (or averaged) log-probabilities; 0 for a row without counted tokens.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f'logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree')
+    targets, mask = _shifted_labels(labels)
+    logps = logits[:, :-1, :].log_softmax(-1)
+    per_token = torch.gather(logps, 2, targets.unsqueeze(2)).squeeze(2)
+    return _reduce_tokens(per_token, mask, average_log_prob)
+
+
+def _position_kl(ref_logps: torch.Tensor, pol_logps: torch.Tensor) -> torch.Tensor:
+    """KL(ref || pol) over the last axis from log-probabilities.
+
+    A reference probability that underflows to 0 contributes exactly 0
+    (the TDPO repo takes log(softmax) and gets 0 * -inf = NaN there).
+    """
+    p_ref = ref_logps.exp()
+    term = p_ref * (ref_logps - pol_logps)
+    return torch.where(p_ref > 0, term, torch.zeros_like(term)).sum(-1)
+
+
+def tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor,
+                         labels: torch.LongTensor, average_log_prob: bool = False
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence TDPO statistics (TDPO repo `_tdpo_get_batch_logps`).
+
+    Args:
+        logits: (B, T, V) policy logits.
+        reference_logits: (B, T, V) reference logits (the caller decides whether they carry grad).
+        labels: (B, T) token ids with -100 for ignored positions.
+        average_log_prob: means over counted positions instead of sums.
+
+    Returns:
+        (logps_margin, position_kl, logps), each (B,):
+          logps_margin = sum_t [log pi(y_t) - log ref(y_t)],
+          position_kl  = sum_t KL(ref(.|prefix_t) || pi(.|prefix_t)),
+          logps        = sum_t log pi(y_t);
+        summed over counted positions (or averaged; 0 for an empty row).
+    """
+    if logits.shape[:-1] != labels.shape or reference_logits.shape != logits.shape:
+        raise ValueError(f'logits {tuple(logits.shape)}, reference_logits '
+                         f'{tuple(reference_logits.shape)} and labels {tuple(labels.shape)} disagree')
+    targets, mask = _shifted_labels(labels)
+    pol_logps = logits[:, :-1, :].log_softmax(-1)
+    # log_softmax, not softmax().log(): keeps underflowing reference probabilities finite
+    ref_logps = reference_logits[:, :-1, :].log_softmax(-1)
+
+    idx = targets.unsqueeze(2)
+    token_logps = torch.gather(pol_logps, 2, idx).squeeze(2)
+    ref_token_logps = torch.gather(ref_logps, 2, idx).squeeze(2)
+    kl = _position_kl(ref_logps, pol_logps)
+
+    return (_reduce_tokens(token_logps - ref_token_logps, mask, average_log_prob),
+            _reduce_tokens(kl, mask, average_log_prob),
+            _reduce_tokens(token_logps, mask, average_log_prob))
+
+
+
+def get_batch_parts(logits: torch.Tensor, labels: torch.LongTensor,
+                    public_tokens: Optional[torch.Tensor] = None, wpo: bool = False) -> dict:
+    """`completion_parts` on full logits (for models whose logits are not a plain linear layer).
+
+    Args:
+        logits: (B, T, V); labels: (B, T) with -100 where not counted.
+        public_tokens: (B,) LD-DPO's shared completion length per row, or None.
+        wpo: also return WPO's per-sequence log-weights (detached).
+
+    Returns:
+        {'sum': (B,), 'public': (B,) when public_tokens is given, 'wpo_logweight': (B,) when wpo}.
+    """
+    targets, mask = _shifted_labels(labels)
+    log_probs = logits[:, :-1, :].log_softmax(-1)
+    per_token = torch.gather(log_probs, 2, targets.unsqueeze(2)).squeeze(2)
+    out = {'sum': _reduce_tokens(per_token, mask, False)}
+    if public_tokens is not None:
+        # 1-based position among the row's completion tokens (TRL's `comp_pos`)
+        position = mask.long().cumsum(-1)
+        out['public'] = _reduce_tokens(per_token, mask & (position <= public_tokens[:, None]), False)
+    if wpo:
+        out['wpo_logweight'] = _reduce_tokens(
+            per_token - torch.logsumexp(2 * log_probs, -1), mask, False).detach()
+    return out
+
+
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 if any input is float64, float32 otherwise (bf16/fp16 logits are upcast, as the repos do)."""
+    dt = torch.float32
+    for t in tensors:
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  cdt: torch.dtype) -> torch.Tensor:
+    """(R, H) x (V', H) -> (R, V') logits in the input dtype, then upcast (like `.logits.to(float32)`)."""
+    return F.linear(rows, weight, bias).to(cdt)
+
+
+def _autocast_state(device: torch.device) -> Optional[Tuple[str, torch.dtype]]:
+    """(device type, dtype) of the torch.autocast in force for `device`, or None."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return device.type, torch.get_autocast_dtype(device.type)
+
+
+def _autocast_as(state: Optional[Tuple[str, torch.dtype]]):
+    """Re-enter a forward's autocast in backward, which runs outside it, so that recomputed
+    logits are the forward's logits (bf16/fp16 products) and the gradient is theirs."""
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state[0], dtype=state[1])
+
+
+def _accumulate_linear_grads(d: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                             grad_rows: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
+                             grad_b: Optional[torch.Tensor]) -> None:
+    """Backprop d (R, V') = dL/dlogits through logits = rows @ weight.T + bias, into the given buffers."""
+    d_in = d.to(weight.dtype)
+    # addmm_ accumulates inside the GEMM: no (R, H) / (V, H) temporary and no extra pass over it
+    if grad_rows is not None:
+        if grad_rows.dtype == d_in.dtype:
+            grad_rows.addmm_(d_in, weight)
+        else:
+            grad_rows.add_((d_in @ weight).to(grad_rows.dtype))
+    if grad_w is not None:
+        if grad_w.dtype == d_in.dtype:
+            grad_w.addmm_(d_in.t(), rows)
+        else:
+            grad_w.add_((d_in.t() @ rows).to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b.add_(d.sum(0).to(grad_b.dtype))
+
+
+# On CPU, blocks of at most this many logits (16 MiB in float32) are served from the allocator's
+# free lists; larger ones are fresh mmaps whose page faults cost as much as the arithmetic on them.
+CPU_BLOCK_ELEMENTS = 1 << 22
+
+
+def _blocks(n: int, vocab: int, chunk_size: int, device: torch.device):
+    """Row ranges the output layer is computed in: chunk_size rows, on CPU also at most
+    CPU_BLOCK_ELEMENTS logits."""
+    rows = chunk_size
+    if device.type == 'cpu':
+        rows = max(1, min(rows, CPU_BLOCK_ELEMENTS // vocab))
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _in_place(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """fn(x, -1) written over x (no new (rows, V) allocation) where the kernel accepts it."""
+    try:
+        return fn(x, -1, out=x)
+    except RuntimeError:
+        return fn(x, -1)
+
+
+def _target_logps(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  targets: torch.Tensor, chunk_size: int, keep_rows: int, wpo: bool = False):
+    """(per-row log-probs of the targets, {block start: log-softmax} of the blocks within the
+    first keep_rows rows, per-row WPO log-weights or None), computed block by block.
+
+    WPO's log-weight of a row is log p(target) - logsumexp_v(2 log p(v)): the log of the target's
+    probability over the distribution's sum of squares (TRL's `log_sum_sq_probs`)."""
+    cdt = _compute_dtype(rows, weight, bias)
+    n = rows.shape[0]
+    logps = torch.empty(n, dtype=cdt, device=rows.device)
+    wpo_rows = torch.empty(n, dtype=cdt, device=rows.device) if wpo else None
+    kept = {}
+    for s, e in _blocks(n, weight.shape[0], chunk_size, rows.device):
+        # one fused pass per row (max, sum, write) instead of logsumexp's separate passes
+        log_probs = _in_place(torch.log_softmax, _chunk_logits(rows[s:e], weight, bias, cdt))
+        logps[s:e] = log_probs.gather(1, targets[s:e, None]).squeeze(1)
+        if wpo:
+            wpo_rows[s:e] = logps[s:e] - torch.logsumexp(2 * log_probs, -1)
+        if e <= keep_rows:
+            kept[s] = log_probs
+        del log_probs
+    return logps, kept, wpo_rows
+
+
+class _TokenLogpFunction(torch.autograd.Function):
+    """Per-row log softmax(rows @ W.T + b)[target], in blocks of rows, and (when wpo) the rows'
+    WPO log-weights as a second output without gradient (WPO's weights are constants).
+
+    Keeps the log-softmax of the first chunk_size rows (all of them when they fit) for
+    backward, which recomputes the logits of the rest only; with everything kept the output
+    layer costs three matrix products instead of four.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, chunk_size, wpo=False):
+        logps, ctx.kept, wpo_rows = _target_logps(rows, weight, bias, targets, chunk_size,
+                                                  keep_rows=chunk_size, wpo=wpo)
+        ctx.save_for_backward(rows, weight, bias, targets)
+        ctx.chunk_size, ctx.cdt = chunk_size, logps.dtype
+        ctx.autocast = _autocast_state(rows.device)
+        wpo_rows = wpo_rows if wpo else logps.new_zeros(0)
+        ctx.mark_non_differentiable(wpo_rows)
+        return logps, wpo_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps, _grad_wpo):
+        rows, weight, bias, targets = ctx.saved_tensors
+        need_rows, need_w, need_b = ctx.needs_input_grad[:3]
+        cdt = ctx.cdt
+        grad_rows = torch.zeros_like(rows) if need_rows else None
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+        kept, ctx.kept = ctx.kept, {}  # consumed in place; a second backward recomputes
+        for s, e in _blocks(rows.shape[0], weight.shape[0], ctx.chunk_size, rows.device):
+            g = grad_logps[s:e].to(cdt)
+            d = kept.pop(s, None)
+            if d is not None:
+                d = d.exp_()
+            else:
+                with _autocast_as(ctx.autocast):
+                    logits = _chunk_logits(rows[s:e], weight, bias, cdt)
+                d = _in_place(torch.softmax, logits)
+                del logits
+            # d logp[target] / d logits = onehot(target) - softmax
+            d.mul_(-g[:, None])
+            d.scatter_add_(1, targets[s:e, None], g[:, None])
+            sub_rows = grad_rows[s:e] if grad_rows is not None else None
+            _accumulate_linear_grads(d, rows[s:e], weight, sub_rows, grad_w, grad_b)
+            del d
+        return (grad_rows,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None,
+                None, None, None)
+
+
+class _TokenKLFunction(torch.autograd.Function):
+    """Per-row target log-probs of policy and reference and KL(ref || policy), chunked over rows and vocab.
+
+    Forward, per row chunk: pass 1 streams vocab chunks to get both logsumexps
+    (and the target logits); pass 2 streams them again for sum p_ref (logp_ref - logp_pol).
+    Only the policy side gets gradients: dKL/dlogits_pol = p_pol - p_ref and
+    dlogp/dlogits_pol = onehot - p_pol, so one more streamed pass in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, ref_rows, weight, ref_weight, bias, ref_bias, targets,
+                chunk_size, vocab_chunk_size):
+        cdt = _compute_dtype(rows, weight, bias, ref_rows, ref_weight, ref_bias)
+        n, vocab = rows.shape[0], weight.shape[0]
+        dev = rows.device
+        logp = torch.empty(n, dtype=cdt, device=dev)
+        ref_logp = torch.empty(n, dtype=cdt, device=dev)
+        kl = torch.empty(n, dtype=cdt, device=dev)
+        lse = torch.empty(n, dtype=cdt, device=dev)
+        ref_lse = torch.empty(n, dtype=cdt, device=dev)
+        vchunks = [(v, min(v + vocab_chunk_size, vocab)) for v in range(0, vocab, vocab_chunk_size)]
+
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            r, rr, t = rows[s:e], ref_rows[s:e], targets[s:e]
+            lse_c = torch.full((e - s,), -math.inf, dtype=cdt, device=dev)
+            ref_lse_c = lse_c.clone()
+            tgt_c = torch.zeros(e - s, dtype=cdt, device=dev)
+            ref_tgt_c = tgt_c.clone()
+            cached = None
+            for v0, v1 in vchunks:
+                z = _chunk_logits(r, weight[v0:v1], None if bias is None else bias[v0:v1], cdt)
+                zr = _chunk_logits(rr, ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1], cdt)
+                lse_c = torch.logaddexp(lse_c, torch.logsumexp(z, -1))
+                ref_lse_c = torch.logaddexp(ref_lse_c, torch.logsumexp(zr, -1))
+                inside = (t >= v0) & (t < v1)
+                local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
+                tgt_c = torch.where(inside, z.gather(1, local).squeeze(1), tgt_c)
+                ref_tgt_c = torch.where(inside, zr.gather(1, local).squeeze(1), ref_tgt_c)
+                # a single vocab chunk can be reused by pass 2 instead of recomputed
+                cached = (z, zr) if len(vchunks) == 1 else None
+                del z, zr
+            kl_c = torch.zeros(e - s, dtype=cdt, device=dev)
+            for v0, v1 in vchunks:
+                if cached is not None:
+                    z, zr = cached
+                else:
+                    z = _chunk_logits(r, weight[v0:v1], None if bias is None else bias[v0:v1], cdt)
+                    zr = _chunk_logits(rr, ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1], cdt)
+                kl_c += _position_kl(zr - ref_lse_c[:, None], z - lse_c[:, None])
+                del z, zr
+            cached = None
+            lse[s:e], ref_lse[s:e], kl[s:e] = lse_c, ref_lse_c, kl_c
+            logp[s:e] = tgt_c - lse_c
+            ref_logp[s:e] = ref_tgt_c - ref_lse_c
+
+        ctx.save_for_backward(rows, ref_rows, weight, ref_weight, bias, ref_bias, targets, lse, ref_lse)
+        ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
+        ctx.autocast = _autocast_state(dev)
+        ctx.mark_non_differentiable(ref_logp)
+        return logp, ref_logp, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_ref_logp, grad_kl):
+        rows, ref_rows, weight, ref_weight, bias, ref_bias, targets, lse, ref_lse = ctx.saved_tensors
+        need_rows, _, need_w, _, need_b = ctx.needs_input_grad[:5]
+        cdt = lse.dtype
+        n, vocab = rows.shape[0], weight.shape[0]
+        cs, vcs = ctx.chunk_size, ctx.vocab_chunk_size
+        grad_rows = torch.zeros_like(rows) if need_rows else None
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+
+        for s in range(0, n, cs):
+            e = min(s + cs, n)
+            r, rr, t = rows[s:e], ref_rows[s:e], targets[s:e]
+            g_lp = grad_logp[s:e].to(cdt)[:, None]
+            g_kl = grad_kl[s:e].to(cdt)[:, None]
+            sub_rows = grad_rows[s:e] if grad_rows is not None else None
+            for v0 in range(0, vocab, vcs):
+                v1 = min(v0 + vcs, vocab)
+                with _autocast_as(ctx.autocast):
+                    z = _chunk_logits(r, weight[v0:v1], None if bias is None else bias[v0:v1], cdt)
+                    zr = _chunk_logits(rr, ref_weight[v0:v1],
+                                       None if ref_bias is None else ref_bias[v0:v1], cdt)
+                p = torch.exp(z - lse[s:e, None])
+                p_ref = torch.exp(zr - ref_lse[s:e, None])
+                del z, zr
+                # g_lp (onehot - p) + g_kl (p - p_ref)
+                d = (g_kl - g_lp) * p - g_kl * p_ref
+                del p, p_ref
+                # targets outside this vocab chunk add 0 (no data-dependent branch: no device sync)
+                inside = ((t >= v0) & (t < v1))[:, None]
+                local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
+                d.scatter_add_(1, local, torch.where(inside, g_lp, torch.zeros_like(g_lp)))
+                _accumulate_linear_grads(
+                    d, r, weight[v0:v1], sub_rows,
+                    grad_w[v0:v1] if grad_w is not None else None,
+                    grad_b[v0:v1] if grad_b is not None else None)
+                del d
+        return (grad_rows, None,
+                grad_w.to(weight.dtype) if grad_w is not None else None, None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None,
+                None, None, None)
+
+
+def _completion_rows(hidden: torch.Tensor, labels: torch.LongTensor):
+    """Pick the positions that predict a counted label.
+
+    Args:
+        hidden: (B, T, H).
+        labels: (B, T).
+
+    Returns:
+        (seq_index (N,), positions (N,), targets (N,), counts (B,)): position t of
+        sequence b predicts labels[b, t+1] != -100.
+    """
+    if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+        raise ValueError(f'hidden {tuple(hidden.shape)} must be (B, T, H) matching labels {tuple(labels.shape)}')
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    seq, pos = mask.nonzero(as_tuple=True)
+    return seq, pos, shifted[seq, pos], mask.sum(-1)
+
+
+def _per_sequence(per_row: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor,
+                  batch_size: int, average_log_prob: bool) -> torch.Tensor:
+    """Sum (or mean) per-row values into (B,); rows without counted tokens give 0."""
+    out = per_row.new_zeros(batch_size).index_add(0, seq, per_row)
+    if average_log_prob:
+        out = out / counts.clamp(min=1).to(out.dtype)
+    return out
+
+
+def _check_chunks(chunk_size: int, vocab_chunk_size: int = 1) -> None:
+    if int(chunk_size) < 1 or int(vocab_chunk_size) < 1:
+        raise ValueError(f'chunk sizes must be >= 1, got chunk_size={chunk_size}, '
+                         f'vocab_chunk_size={vocab_chunk_size}')
+
+
+def _row_logps(hidden, weight, labels, bias, chunk_size: int, wpo: bool = False):
+    """(per-row target log-probs (N,), per-row WPO log-weights (N,) or None, seq (N,), counts (B,))
+    of the completion rows, through the chunked kernel (with autograd when anything needs grad)."""
+    _check_chunks(chunk_size)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    seq, pos, targets, counts = _completion_rows(hidden, labels)
+    rows = hidden[seq, pos]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, weight, bias))
+    if needs_grad:
+        per_row, wpo_rows = _TokenLogpFunction.apply(rows, weight, bias, targets, int(chunk_size), wpo)
+    else:  # reference / evaluation: nothing saved for a backward that never comes
+        per_row, _, wpo_rows = _target_logps(rows, weight, bias, targets, int(chunk_size),
+                                             keep_rows=0, wpo=wpo)
+    return per_row, (wpo_rows if wpo else None), seq, counts
+
+
+def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor,
+                     bias: Optional[torch.Tensor] = None, average_log_prob: bool = False,
+                     chunk_size: int = 1024) -> torch.Tensor:
+    """`get_batch_logps(hidden @ weight.T + bias, labels)` without materialising the logits.
+
+    Only positions whose shifted label is not -100 are processed, at most
+    `chunk_size` rows at a time (smaller blocks on CPU). With gradients, the
+    log-softmax of the first `chunk_size` rows is kept for backward, which
+    recomputes the rest; so at most (chunk_size, V) values are kept, plus one
+    block in flight. Gradients flow to hidden, weight and bias.
+
+    Args:
+        hidden: (B, T, H) final hidden states (after the final norm).
+        weight: (V, H) output-layer weight.
+        labels: (B, T) token ids, -100 where ignored.
+        bias: optional (V,) output-layer bias.
+        average_log_prob: mean over counted tokens instead of the sum.
+        chunk_size: positions per chunk.
+
+    Returns:
+        (B,) log-probs in float32 (float64 if any input is float64); 0 for a row with no counted token.
+    """
+    per_row, _, seq, counts = _row_logps(hidden, weight, labels, bias, chunk_size)
+    return _per_sequence(per_row, seq, counts, hidden.shape[0], average_log_prob)
+
+
+def _rank_in_sequence(seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(N,) 0-based index of each completion row among its sequence's rows (rows are ordered by
+    sequence, then position, as `_completion_rows` returns them)."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(seq.numel(), device=seq.device) - starts[seq]
+
+
+def completion_parts(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor,
+                     bias: Optional[torch.Tensor] = None, chunk_size: int = 1024,
+                     public_tokens: Optional[torch.Tensor] = None, wpo: bool = False) -> dict:
+    """Summed log-probs plus LD-DPO's and WPO's per-sequence parts, from one chunked pass.
+
+    Args:
+        hidden, weight, labels, bias, chunk_size: as `completion_logps`.
+        public_tokens: (B,) LD-DPO's shared length per row (min of the pair's completion
+            lengths, Liu et al. 2024, arXiv 2409.06411), or None.
+        wpo: also return WPO's log-weights (Zhou et al. 2024, arXiv 2406.11827, Eq. 2).
+
+    Returns:
+        {'sum': (B,) as completion_logps (identical values), 'public': (B,) the sum over each
+        row's first public_tokens completion tokens (with gradient; when public_tokens is given),
+        'wpo_logweight': (B,) detached sum over completion tokens of log p(y_t) -
+        logsumexp_v(2 log p(v | prefix)) (when wpo)}.
+    """
+    per_row, wpo_rows, seq, counts = _row_logps(hidden, weight, labels, bias, chunk_size, wpo)
+    b = hidden.shape[0]
+    out = {'sum': _per_sequence(per_row, seq, counts, b, False)}
+    if public_tokens is not None:
+        public = _rank_in_sequence(seq, counts) < public_tokens.to(seq.device)[seq]
+        out['public'] = _per_sequence(torch.where(public, per_row, torch.zeros_like(per_row)),
+                                      seq, counts, b, False)
+    if wpo:
+        out['wpo_logweight'] = _per_sequence(wpo_rows, seq, counts, b, False).detach()
+    return out
+
+
+def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Tensor,
+                        policy_weight: torch.Tensor, reference_weight: torch.Tensor,
+                        labels: torch.LongTensor,
+                        policy_bias: Optional[torch.Tensor] = None,
+                        reference_bias: Optional[torch.Tensor] = None,
+                        average_log_prob: bool = False,
+                        chunk_size: int = 1024, vocab_chunk_size: int = 8192
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tdpo_get_batch_logps(policy_logits, reference_logits, labels)` without materialising logits.
+
+    Rows are processed `chunk_size` at a time and the vocabulary `vocab_chunk_size`
+    columns at a time, so no block larger than (chunk_size, vocab_chunk_size)
+    exists. The reference side is a constant (detached); gradients flow to the
+    policy hidden states, weight and bias.
+
+    Args:
+        policy_hidden, reference_hidden: (B, T, H) and (B, T, H_ref) final hidden states.
+        policy_weight, reference_weight: (V, H) and (V, H_ref) output-layer weights.
+        labels: (B, T) token ids, -100 where ignored.
+        policy_bias, reference_bias: optional (V,) biases.
+        average_log_prob: means over counted positions instead of sums.
+        chunk_size: positions per chunk.
+        vocab_chunk_size: vocabulary columns per chunk.
+
+    Returns:
+        (logps_margin, position_kl, logps), each (B,), as `tdpo_get_batch_logps`.
+    """
+    _check_chunks(chunk_size, vocab_chunk_size)
+    if policy_weight.shape[0] != reference_weight.shape[0]:
+        raise ValueError('policy and reference vocabularies differ: '
+                         f'{policy_weight.shape[0]} vs {reference_weight.shape[0]}')
+    if policy_hidden.dtype != policy_weight.dtype:
+        policy_hidden = policy_hidden.to(policy_weight.dtype)
+    reference_hidden = reference_hidden.detach().to(reference_weight.dtype)
+    seq, pos, targets, counts = _completion_rows(policy_hidden, labels)
+    if reference_hidden.shape[:2] != labels.shape:
+        raise ValueError(f'reference_hidden {tuple(reference_hidden.shape)} does not match labels')
+    rows = policy_hidden[seq, pos]
+    ref_rows = reference_hidden[seq, pos]
+    logp, ref_logp, kl = _TokenKLFunction.apply(
+        rows, ref_rows, policy_weight, reference_weight.detach(), policy_bias,
+        None if reference_bias is None else reference_bias.detach(), targets,
+        int(chunk_size), int(vocab_chunk_size))
+    b = policy_hidden.shape[0]
+    return (_per_sequence(logp - ref_logp, seq, counts, b, average_log_prob),
+            _per_sequence(kl, seq, counts, b, average_log_prob),
+            _per_sequence(logp, seq, counts, b, average_log_prob))
+
+
+# ---------------------------------------------------------------------------
+# From a model: its backbone, its output layer, and the kernels above
+# ---------------------------------------------------------------------------
+
+def output_layer(model):
+    """(weight (V, H), bias (V,) or None) of a causal LM's output projection."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """Final hidden states (B, T, H) after the last norm, without applying the output layer, times
+    the model's logit_scale when it has one, so that hidden @ weight.T are the model's logits."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    scale = logit_scale(model)
+    # (s h) W^T = s (h W^T) without a bias; with one, has_logit_transform sends the model to the
+    # full-logits path instead
+    return hidden if scale == 1.0 else hidden * scale
+
+
+# Set (to True) on a model whose chunked log-probs differ from its own forward's (the trainer's
+# start-up check, chunked_logps_error): its log-probs then come from its full logits.
+FULL_LOGITS_ATTR = "score_from_full_logits"
+
+
+def logit_scale(model) -> float:
+    """The factor a model multiplies its output layer's logits by: Cohere's `logit_scale`,
+    Granite's 1 / `logits_scaling` (transformers' CohereForCausalLM, GraniteForCausalLM); 1.0 for
+    a plain linear head."""
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None) or 1.0
+    divisor = getattr(cfg, "logits_scaling", None) or 1.0
+    return float(scale) / float(divisor)
+
+
+def has_logit_transform(model) -> bool:
+    """Whether the model's log-probs must come from its own full logits, because the chunked
+    kernels cannot apply what its output layer does: soft-capping (Gemma-2/3's
+    `final_logit_softcapping`: cap * tanh(logits / cap)), a logit scale on a head with a bias, or
+    a head the start-up check found to differ (FULL_LOGITS_ATTR). A logit scale alone is applied
+    in the chunked path (hidden_states)."""
+    if getattr(model, FULL_LOGITS_ATTR, False):
+        return True
+    if getattr(model.config, "final_logit_softcapping", None):
+        return True
+    return logit_scale(model) != 1.0 and output_layer(model)[1] is not None
+
+
+def full_logits(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B, T, V) float32 logits from the model's own forward (every transform of its head)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+def chunked_logps_error(model, chunked: Callable, input_ids, attention_mask, labels) -> float:
+    """Largest difference between `chunked()`, a model's per-token mean log-probs (B,) from the
+    chunked output layer, and the same from the model's own forward; no gradient."""
+    with torch.no_grad():
+        own = get_batch_logps(full_logits(model, input_ids, attention_mask), labels, True)
+        return (chunked().float().to(own.device) - own).abs().max().item()
+
+
+def sequence_logps(model, input_ids, attention_mask, labels, average_log_prob: bool,
+                   chunk_size: int) -> torch.Tensor:
+    """Per-sequence log-probs (B,) of the label tokens. The output layer is applied only at
+    completion positions, in chunks, so no (B x T x V) logits tensor is ever built.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids, attention_mask, labels: (B, T); labels -100 where not scored.
+        average_log_prob: mean over counted tokens instead of the sum.
+        chunk_size: completion positions per output-layer chunk.
+    """
+    if has_logit_transform(model):
+        logits = full_logits(model, input_ids, attention_mask)
+        return get_batch_logps(logits, labels.to(logits.device), average_log_prob)
+    hidden = hidden_states(model, input_ids, attention_mask)
+    weight, bias = output_layer(model)
+    return completion_logps(hidden.to(weight.device), weight, labels.to(weight.device), bias,
+                            average_log_prob, chunk_size)
+
+
+def token_level_logps(policy, reference, input_ids, attention_mask, labels,
+                      average_log_prob: bool, chunk_size: int):
+    """(logps_margin, position_kl, logps), each (B,), for TDPO, streamed over the vocabulary.
+
+    Args:
+        policy: the causal LM being trained.
+        reference: what the policy is compared with, anything with `hidden_states(input_ids,
+            attention_mask) -> (B, T, H_ref)` and `output_layer() -> (weight, bias)` (a
+            references.Reference that supports token-level KL).
+        input_ids, attention_mask, labels: (B, T).
+    """
+    ref_model = reference.model
+    if has_logit_transform(policy) or (ref_model is not None and has_logit_transform(ref_model)):
+        return _token_level_full_logits(policy, reference, input_ids, attention_mask, labels,
+                                        average_log_prob)
+    hidden = hidden_states(policy, input_ids, attention_mask)
+    with torch.no_grad():
+        ref_hidden = reference.hidden_states(input_ids, attention_mask)
+    weight, bias = output_layer(policy)
+    ref_weight, ref_bias = reference.output_layer()
+    device = weight.device
+    return completion_token_kl(
+        hidden.to(device), ref_hidden.to(device).to(hidden.dtype), weight,
+        ref_weight.to(device).to(weight.dtype), labels.to(device), bias,
+        None if ref_bias is None else ref_bias.to(device), average_log_prob, chunk_size)
+
+
+def _token_level_full_logits(policy, reference, input_ids, attention_mask, labels,
+                             average_log_prob: bool):
+    """token_level_logps from full logits: the models' own forwards (soft-capping and any other
+    transform of their heads included); a reference without a model gives hidden @ weight.T."""
+    logits = full_logits(policy, input_ids, attention_mask)
+    with torch.no_grad():
+        if reference.model is not None:
+            ref_logits = full_logits(reference.model, input_ids, attention_mask)
+        else:
+            ref_weight, ref_bias = reference.output_layer()
+            ref_hidden = reference.hidden_states(input_ids, attention_mask).to(ref_weight.device)
+            ref_logits = F.linear(ref_hidden, ref_weight, ref_bias).float()
+    return tdpo_get_batch_logps(logits, ref_logits.to(logits.device), labels.to(logits.device),
+                                average_log_prob)
+
+
+def completion_token_counts(labels: torch.LongTensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) number of counted completion tokens per row, (labels[:, 1:] != -100).sum(-1), as a
+    float tensor of `dtype` without gradient."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1).to(dtype)
+
+
+def sequence_parts(model, input_ids, attention_mask, labels, chunk_size: int,
+                   public_tokens: Optional[torch.Tensor] = None, wpo: bool = False) -> dict:
+    """`completion_parts` of a causal LM (summed log-probs, LD-DPO's public sums, WPO's
+    log-weights), chunked; from the model's own logits when it transforms them.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids, attention_mask, labels: (B, T).
+        chunk_size: completion positions per output-layer chunk.
+        public_tokens: (B,) LD-DPO shared lengths, or None.
+        wpo: also return WPO's log-weights.
+    """
+    if has_logit_transform(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return get_batch_parts(logits.float(), labels, public_tokens, wpo)
+    hidden = hidden_states(model, input_ids, attention_mask)
+    weight, bias = output_layer(model)
+    device = weight.device
+    return completion_parts(hidden.to(device), weight, labels.to(device), bias, chunk_size,
+                            None if public_tokens is None else public_tokens.to(device), wpo)
+
+
+def pair_parts(policy, reference, batch, average: bool, chunk_size: int, public: bool,
+               wpo: bool) -> dict:
+    """What LossSpec.compute needs for LD-DPO (public) and/or WPO (wpo) on a paired batch.
+
+    Args:
+        policy: the causal LM being trained.
+        reference: a references.Reference, or None when the loss uses no reference.
+        batch: a micro-batch with chosen_* and rejected_* (input_ids, attention_mask, labels).
+        average: per-token means instead of sums (public parts divided by the same count).
+        chunk_size: completion positions per output-layer chunk.
+        public: LD-DPO: the sums over each pair's first min(len_chosen, len_rejected) tokens.
+        wpo: WPO: the policy's per-sequence log-weights.
+
+    Returns:
+        (B,) tensors: policy_{side}, {side}_tokens, and reference_{side} (with a reference);
+        with public '<those>_public'; with wpo '{side}_wpo_logweight' (sums, detached).
+    """
+    sides = ("chosen", "rejected")
+    counts = {s: (batch[f"{s}_labels"][:, 1:] != IGNORE_INDEX).sum(-1) for s in sides}
+    shared = torch.minimum(counts["chosen"], counts["rejected"]) if public else None
+    out = {}
+    for side in sides:
+        ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        found = {f"policy_{side}": sequence_parts(policy, ids, mask, labels, chunk_size, shared, wpo)}
+        if reference is not None:
+            found[f"reference_{side}"] = (reference.sequence_parts(batch, side, shared) if public
+                                          else {"sum": reference.sequence_logps(batch, side, False)})
+        n = counts[side].to(found[f"policy_{side}"]["sum"].device)
+        for key, parts in found.items():
+            divide = (lambda x: x / n.clamp(min=1).to(x.dtype)) if average else (lambda x: x)
+            out[key] = divide(parts["sum"])
+            if public:
+                out[f"{key}_public"] = divide(parts["public"])
+        if wpo:
+            out[f"{side}_wpo_logweight"] = found[f"policy_{side}"]["wpo_logweight"]
+        out[f"{side}_tokens"] = n.to(out[f"policy_{side}"].dtype)
+    return out
