@@ -283,9 +283,13 @@ class _MetadataUnpickler(pickle.Unpickler):
     layouts are allowed here; anything else is refused before DCP reads the file."""
 
     def find_class(self, module, name):
-        if module.startswith("torch.distributed.checkpoint.") and name[0].isupper() or (
-                module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                                  ("collections", "OrderedDict")}:
+        if module.startswith("torch.distributed.checkpoint."):
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # DCP's dataclasses and enums, never a function
+                return found
+        if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                              ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                              ("pathlib", "PurePosixPath")}:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)

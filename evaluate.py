@@ -26,7 +26,6 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import copy
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 import preference_datasets
+import synthetic_data
 import utils
 from utils import ConfigError
 
@@ -46,54 +46,25 @@ Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
 # ----------------------------------------------------------------------------- rewards
 
-# The embedded synthetic tasks (preference_datasets._task_*): the question, how the right answer
-# follows from its items.
-_SYNTHETIC_TASKS = (
-    (re.compile(r"Repeat the words: ([a-z ]+)$"), lambda items: items),
-    (re.compile(r"Reverse the letters: ([a-z ]+)$"), lambda items: items[::-1]),
-    (re.compile(r"Sort the digits: ([0-9 ]+)$"), sorted),
-    (re.compile(r"What is ([0-9]+ \+ [0-9]+)\?$"),
-     lambda items: [str(int(items[0]) + int(items[2]))]),
-)
-
-
-def synthetic_answer(prompt: str) -> List[str]:
-    """The right answer (a list of items) to a synthetic-task prompt.
-
-    Args:
-        prompt: the prompt text, '\\n\\nHuman: QUESTION\\n\\nAssistant:'.
-    Raises:
-        ConfigError: the prompt is not one of the embedded synthetic tasks.
-    """
-    question = prompt.strip()
-    human, assistant = preference_datasets.HUMAN_MARKER.strip(), preference_datasets.ASSISTANT_MARKER.strip()
-    if question.startswith(human) and question.endswith(assistant):
-        question = question[len(human):-len(assistant)].strip()
-    for pattern, solve in _SYNTHETIC_TASKS:
-        match = pattern.match(question)
-        if match:
-            return solve(match.group(1).split())
-    raise ConfigError(f"reward=synthetic scores only the embedded synthetic tasks, and the prompt "
-                      f"{prompt!r} is not one; use reward=reward_model reward.name_or_path=DIR or "
-                      "reward=implicit for other data")
-
-
-def answer_credit(answer: Sequence[str], right: Sequence[str], partial_credit: bool) -> float:
-    """1 for the right answer; with partial credit, the fraction of positions holding the right
-    item over the longer of the two lists (so wrong, missing and extra items all cost), else 0."""
-    if list(answer) == list(right):
-        return 1.0
-    if not partial_credit:
-        return 0.0
-    hits = sum(a == r for a, r in zip(answer, right))
-    return hits / max(len(answer), len(right))
-
-
 def synthetic_reward(prompts: Sequence[str], completions: Sequence[str],
                      partial_credit: bool = True) -> torch.Tensor:
-    """The ground-truth reward of the synthetic tasks. Returns (N,) float64 in [0, 1]."""
-    return torch.tensor([answer_credit(c.split(), synthetic_answer(p), partial_credit)
-                         for p, c in zip(prompts, completions)], dtype=torch.float64)
+    """The ground-truth reward of the synthetic tasks (synthetic_data.completion_credit).
+
+    Returns: (N,) float64 in [0, 1].
+    Raises:
+        ConfigError: a prompt is not one of the embedded synthetic tasks.
+    """
+    return torch.tensor([_synthetic_credit(p, c, partial_credit) for p, c in zip(prompts, completions)],
+                        dtype=torch.float64)
+
+
+def _synthetic_credit(prompt: str, completion: str, partial_credit: bool) -> float:
+    try:
+        return synthetic_data.completion_credit(prompt, completion, partial_credit)
+    except ValueError:  # raised only for a prompt no synthetic task asks
+        raise ConfigError(f"reward=synthetic scores only the embedded synthetic tasks, and the prompt "
+                          f"{prompt!r} is not one; use reward=reward_model reward.name_or_path=DIR or "
+                          "reward=implicit for other data") from None
 
 
 def reward_model_scores(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int,

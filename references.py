@@ -221,7 +221,7 @@ class CachedReference(Reference):
         each sequence scored once, on the same micro-batches (so the same padding) as training
         and evaluation, with LD-DPO's public sums of each pair from the same pass; each rank
         scores its own share, then the shares are merged."""
-        self.live.model.eval()
+        self.live.prepare(batches, rank_slice, sides)  # e.g. model.eval()
         entries, publics, dtype = {}, {}, None
         for batch, n_parts in tqdm.tqdm(batches, total=n_batches, desc="Scoring with the reference",
                                         disable=self.ranks.rank != 0):
@@ -299,7 +299,8 @@ class CachedReference(Reference):
 
 def shared_tokens(batch: Dict) -> torch.Tensor:
     """(B,) LD-DPO's public length of each pair: min(chosen, rejected) completion tokens."""
-    counts = [(batch[f"{side}_labels"][:, 1:] != logps.IGNORE_INDEX).sum(-1) for side in ("chosen", "rejected")]
+    counts = [(batch[f"{side}_labels"][:, 1:] != logps.IGNORE_INDEX).sum(-1)
+              for side in ("chosen", "rejected")]
     return torch.minimum(*counts)
 
 
@@ -528,8 +529,13 @@ class AdapterReference(Reference):
     def _scope(self):
         if hasattr(self.policy, "unshard"):  # FSDP: gather the root unit (a no-op in forward)
             self.policy.unshard()
-        with self.lora.active_adapter(self.policy, self.adapter), router_loss_paused():
-            yield self.policy
+        training = self.policy.training
+        self.policy.eval()  # no adapter dropout in the reference
+        try:
+            with self.lora.active_adapter(self.policy, self.adapter), router_loss_paused():
+                yield self.policy
+        finally:
+            self.policy.train(training)
 
     def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
         with torch.no_grad(), self._scope() as model:

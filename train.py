@@ -92,7 +92,7 @@ def validate_config(config: DictConfig, world_size: int):
     _require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0,
              f"seed={config.seed!r} must be a non-negative integer")
     for key in ("do_first_eval", "sample_during_eval", "activation_checkpointing", "debug",
-                "group_by_length", "precompute_ref_log_probs", "save_hf_format", "wandb.enabled",
+                "group_by_length", "precompute_ref_log_probs", "save_hf_format", "wandb.enabled", "plot",
                 "model.trust_remote_code"):
         _flag(config, key)
     _require(config.max_prompt_length < config.max_length,
@@ -122,6 +122,10 @@ def validate_config(config: DictConfig, world_size: int):
         raise ConfigError(str(e))
     validate_loss_combination(config)
     validate_reference_options(config)
+    _require(config.checkpoint_format in ("full", "sharded") and (
+        config.checkpoint_format == "full" or config.trainer == "FSDPTrainer"),
+        f"checkpoint_format={config.checkpoint_format} must be full, or sharded with "
+        f"trainer=FSDPTrainer (trainer={config.trainer})")
     if config.resume_from is not None:
         _require(Path(config.resume_from).is_dir(),
                  f"resume_from={config.resume_from} is not a directory")
@@ -320,7 +324,7 @@ def build_lora_policy(config: DictConfig, policy, spec):
 RESUMABLE_KEYS = (
     "n_examples", "n_epochs",  # to train longer
     "eval_every", "n_eval_examples", "n_eval_model_samples", "sample_during_eval", "wandb",
-    "minimum_log_interval_secs", "keep_checkpoints", "save_hf_format", "debug",
+    "minimum_log_interval_secs", "keep_checkpoints", "save_hf_format", "debug", "plot",
     # Launch settings: the directory itself (a moved run directory keeps its old path in its
     # saved config), what names it and the wandb run (local_dirs, exp_name), the rendezvous port
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
@@ -548,6 +552,10 @@ def build_and_train(config: DictConfig, rank: int, world_size: int):
     lock = open_run_dir(config, rank)
     try:
         trainer.train()
+        if config.plot and rank == 0:
+            import plot
+            out = plot.plot_runs([config.local_run_dir], Path(config.local_run_dir) / "plot.png")
+            utils.rank0_print(f"plot: {out}")
     finally:
         utils.unlock_run_dir(lock)
 

@@ -32,7 +32,7 @@ import moe
 import parallel
 import preference_datasets
 import references
-from utils import (broadcast_object, check_state_dict, get_rng_state, rank0_print,
+from utils import (ConfigError, broadcast_object, check_state_dict, get_rng_state, rank0_print,
                    save_hf_format, set_rng_state, start_wandb)
 
 
@@ -433,10 +433,16 @@ class BasicTrainer(SingleProcessPlacement):
         if self.config.debug:
             return None
         rng = self.rng_states()
-        # The reference says what of the policy is kept (LoRA: the adapter only).
-        policy_state = self.policy_state_dict()
-        states = {"policy.pt": self.reference.policy_state(policy_state),
-                  "optimizer.pt": self.optimizer_state_dict()}
+        sharded = self.config.checkpoint_format == "sharded"
+        if sharded:  # every rank writes its own shards of policy and optimizer, nothing gathered
+            checkpoints.save_sharded(self.run_dir, name,
+                                     parallel.sharded_states(self.policy, self.optimizer),
+                                     self.rank, self.ranks.barrier)
+        # The reference says what of the policy is kept (LoRA: the adapter only). Sharded
+        # checkpoints gather the whole policy only for the exports of the last one.
+        policy_state = self.policy_state_dict() if not sharded or finished else None
+        states = {} if sharded else {"policy.pt": self.reference.policy_state(policy_state),
+                                     "optimizer.pt": self.optimizer_state_dict()}
         reference_states = self.reference.checkpoint_states()  # every rank: may gather shards
         error = None
         if self.rank == 0:
@@ -454,7 +460,7 @@ class BasicTrainer(SingleProcessPlacement):
             try:
                 final = checkpoints.write_checkpoint(
                     self.run_dir, name, states, self.example_counter, metrics,
-                    self.trainer_state(finished, rng), write_extras)
+                    self.trainer_state(finished, rng), write_extras, started=sharded)
                 checkpoints.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
                 rank0_print(f"saved checkpoint to {final}")
             except Exception as e:
@@ -490,11 +496,16 @@ class BasicTrainer(SingleProcessPlacement):
             checkpoints.DamagedCheckpoint: a file could not be read (nothing was loaded).
             ConfigError: the weights do not fit the model (nothing was loaded).
         """
-        states, state = checkpoints.read_checkpoint(path)
-        policy_state = self.reference.policy_state_to_load(states["policy.pt"], self.policy)
-        check_state_dict(self.policy, policy_state, f"checkpoint {path / 'policy.pt'}")
-        self.load_policy_state_dict(policy_state)
-        self.load_optimizer_state_dict(with_current_kernels(self.optimizer, states["optimizer.pt"]))
+        states, state = self.read_for_restore(path)
+        if checkpoints.is_sharded(path):
+            loaded = parallel.sharded_states(self.policy, self.optimizer)
+            checkpoints.load_sharded(path, loaded)
+            parallel.load_sharded_states(self.policy, self.optimizer, loaded)
+        else:
+            self.load_policy_state_dict(states["policy.pt"])
+            optimizer_state = states["optimizer.pt"]  # {} on ranks that did not read it
+            self.load_optimizer_state_dict(with_current_kernels(self.optimizer, optimizer_state)
+                                           if optimizer_state else optimizer_state)
         self.scheduler.load_state_dict(states["scheduler.pt"])
         self.reference.load_checkpoint_states(
             {k: v for k, v in states.items() if k not in checkpoints.STATE_FILES})
@@ -506,6 +517,47 @@ class BasicTrainer(SingleProcessPlacement):
         set_rng_state(checkpoints.rng_state_for_rank(state["rng"], self.rank), self.device)
         self.run_log.wandb_run_id = state["wandb_run_id"]
         return state["finished"]
+
+    def read_for_restore(self, path: Path) -> Tuple[dict, dict]:
+        """(states, trainer state) of a checkpoint, "policy.pt" already the full state to load
+        (reference.policy_state_to_load) and checked against the model. With several processes
+        only rank 0 reads the full policy and optimizer states (loading sends each rank its
+        shard; the other ranks get {}), and every rank gets rank 0's verdict.
+
+        Raises:
+            checkpoints.DamagedCheckpoint, ConfigError: on every rank, as restore says.
+        """
+        sharded = checkpoints.is_sharded(path)
+        big = () if sharded else ("policy.pt", "optimizer.pt")
+        names = tuple(n for n in checkpoints.STATE_FILES
+                      if n != "policy.pt" and n != "optimizer.pt" or n in big and self.rank == 0)
+        out, error = None, None
+        try:
+            states, state = checkpoints.read_checkpoint(path, names)
+            if sharded:
+                check_state_dict(self.policy, checkpoints.sharded_policy_shapes(path),
+                                 f"checkpoint {path / checkpoints.SHARDED_DIR}")
+            else:
+                states.setdefault("policy.pt", {})
+                states.setdefault("optimizer.pt", {})
+                # every rank: the reference may gather shards to complete the saved state
+                states["policy.pt"] = self.reference.policy_state_to_load(states["policy.pt"],
+                                                                          self.policy)
+                if self.rank == 0:
+                    check_state_dict(self.policy, states["policy.pt"],
+                                     f"checkpoint {path / 'policy.pt'}")
+            out = states, state
+        except ConfigError as e:
+            error = e
+        if self.ranks.distributed:
+            verdict = broadcast_object(None if error is None else (type(error).__name__, str(error)))
+            if verdict is not None and error is None:
+                kind = (checkpoints.DamagedCheckpoint if verdict[0] == "DamagedCheckpoint"
+                        else ConfigError)
+                error = kind(verdict[1])
+        if error is not None:
+            raise error
+        return out
 
     def resume(self) -> Tuple[Optional[Path], bool]:
         """Restore resume_from, else the newest checkpoint of the run that loads, skipping damaged

@@ -41,7 +41,7 @@ METHODS = [
 # TRL's losses, run when the loss zoo provides their config/loss/NAME.yaml
 OPTIONAL_METHODS = [
     ("hinge b=0.1", "TRL hinge", "hinge", ["loss=hinge", "loss.beta=0.1"]),
-    ("robust b=0.1", "TRL robust", "robust", ["loss=robust", "loss.beta=0.1"]),
+    ("robust b=0.1", "TRL robust", "robust", ["loss=robust", "loss.beta=0.1", "loss.label_smoothing=0.1"]),
 ]
 QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
 
@@ -166,12 +166,12 @@ def main(argv=None):
             points.append(point(label, family, checkpoint, evaluate_checkpoint(checkpoint, reference, eval_overrides)))
             log(f"{label} {checkpoint.name}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}")
     elapsed = time.time() - start
-    title = (f"embedded default (synthetic tasks), {n_prompts} held-out prompts x {args.n_samples} samples; "
-             f"seed {args.seed}; {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
+    title = (f"embedded default (synthetic tasks){' --quick' if args.quick else ''}: {n_prompts} held-out "
+             f"prompts x {args.n_samples} samples,\nseed {args.seed}, {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
     draw(points, out_dir / "frontier.png", title)
-    (out_dir / "frontier.md").write_text(f"{title}\n\n{table(points)}\n")
+    (out_dir / "frontier.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{table(points)}\n")
     (out_dir / "frontier.json").write_text(json.dumps({"points": points, "seconds": elapsed,
-                                                       "quick": args.quick}, indent=1))
+                                                       "quick": args.quick, "title": title}, indent=1))
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(table(points))

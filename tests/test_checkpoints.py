@@ -327,3 +327,74 @@ def test_a_reference_state_is_saved_and_restored(tmp_path):
     trainer.reference = SyncedReference(0.0)
     trainer.restore(path)
     assert torch.equal(trainer.reference.weights, torch.full((3,), 2.5))
+
+
+# ----------------------------------------------------------------------------- checkpoint_format
+
+FSDP_ARGS = [*SHORT, "trainer=FSDPTrainer"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """The same one-process FSDP run saved in both formats."""
+    base = tmp_path_factory.mktemp("formats")
+    full = run_in_process([*FSDP_ARGS, f"local_run_dir={base}/full"])
+    sharded = run_in_process([*FSDP_ARGS, "checkpoint_format=sharded",
+                              f"local_run_dir={base}/sharded"])
+    return full, sharded
+
+
+def test_sharded_checkpoints_hold_the_same_weights_and_export(fsdp_runs, tmp_path):
+    import checkpoints
+    import transformers
+    full, sharded = fsdp_runs
+    for name in ("step-16", "LATEST"):
+        assert not (sharded / name / "policy.pt").exists()
+        assert (sharded / name / "sharded" / "__0_0.distcp").is_file()
+        assert same_weights(checkpoints.load_policy_state(sharded / name),
+                            policy_state(full / name))
+    # LATEST's Hugging Face files are written from the shards too
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits = [transformers.AutoModelForCausalLM.from_pretrained(run / "LATEST")(ids).logits
+              for run in (full, sharded)]
+    assert torch.equal(*logits)
+
+
+def test_a_sharded_checkpoint_resumes_exactly(fsdp_runs, tmp_path):
+    import checkpoints
+    import shutil
+    full, sharded = fsdp_runs
+    run_dir = copy_run(sharded, tmp_path / "again")
+    shutil.rmtree(run_dir / "LATEST")
+    run_in_process([*FSDP_ARGS, "checkpoint_format=sharded", f"local_run_dir={run_dir}"])
+    assert same_weights(checkpoints.load_policy_state(run_dir / "LATEST"),
+                        policy_state(full / "LATEST"))
+
+
+def test_sharded_checkpoint_metadata_cannot_run_code(fsdp_runs, tmp_path):
+    import pickle
+    import checkpoints
+    import utils
+    sentinel = tmp_path / "pwned"
+
+    class Trap:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    checkpoint = copy_run(fsdp_runs[1] / "step-16", tmp_path / "step-16")
+    (checkpoint / "sharded" / ".metadata").write_bytes(pickle.dumps(Trap()))
+    with pytest.raises(utils.ConfigError, match="checkpoint metadata .* was refused: "
+                       "UnpicklingError: posix.system is not allowed"):
+        checkpoints.load_policy_state(checkpoint)
+    assert not sentinel.exists()
+
+
+def test_checkpoint_format_is_validated(tmp_path):
+    import train
+    from omegaconf import OmegaConf
+    for overrides, message in ((["checkpoint_format=zip"], "checkpoint_format=zip must be full"),
+                               (["checkpoint_format=sharded"], "trainer=BasicTrainer")):
+        config = compose([*FAST, f"local_run_dir={tmp_path}/run", *overrides])
+        OmegaConf.resolve(config)
+        with pytest.raises(train.ConfigError, match=message):
+            train.validate_config(config, 1)

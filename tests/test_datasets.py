@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import preference_datasets as pdx
+import synthetic_data
 from preference_datasets import DatasetFormatError
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
@@ -467,7 +468,7 @@ def test_synthetic_dataset():
     train, test = (pdx.get_dataset('synthetic', split, silent=True) for split in ('train', 'test'))
     assert (len(train), len(test)) == (6000, 400)
     assert not set(train) & set(test)  # held-out prompts
-    pdx._SYNTHETIC_CACHE.clear()  # regenerate from scratch: same data, independent of global RNG state
+    synthetic_data._SYNTHETIC_CACHE.clear()  # regenerate from scratch: same data, independent of global RNG state
     assert pdx.get_dataset('synthetic', 'test', silent=True) == test
     tasks = set()
     for data in (train, test):

@@ -387,3 +387,51 @@ def test_unknown_block_name_is_a_config_error():
     assert len(parallel.find_blocks(model, "LlamaDecoderLayer")) == 1
     with pytest.raises(parallel.ConfigError, match="candidates: LlamaDecoderLayer"):
         parallel.find_blocks(model, "GPT2Block")
+
+
+# beta-DPO, and losses that need the whole batch (AOT's sort, the sft term's token mean, WPO and
+# LD-DPO's parts): 2-process FSDP must train what one process trains on the same global batches.
+GLOBAL_LOSSES = {
+    "beta_dpo": ["loss.mode_loss=beta_DPO", "loss.mode_weight=0.5", "loss.a=0.6"],
+    "mpo_wpo_ld": ["loss=mix", "loss.use_weighting=true", "loss.ld_alpha=0.5"],
+    "aot_rpo": ["loss=aot", "loss.rpo_alpha=0.5"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", list(GLOBAL_LOSSES))
+def test_fsdp_equals_basic_for_losses_over_the_global_batch(which, tokenizer, tmp_path):
+    extra = GLOBAL_LOSSES[which]
+    basic = run_in_process([*COMMON, *extra, f"local_run_dir={tmp_path}/basic"])
+    run_dir = tmp_path / "fsdp"
+    train_2proc("FSDPTrainer", run_dir, *extra)
+    assert_same_losses(run_dir, basic, LOSS_RTOL_FP32)
+    assert max_weight_diff(policy_state(run_dir), policy_state(basic)) <= WEIGHT_ATOL
+    if which == "beta_dpo":
+        # the selection and its running statistics are the global batch's, on every process
+        for key in ("record_train/mask_count", "record_train/gap_mean", "record_train/beta_used"):
+            # (the gaps are float32 log-ratios of weights equal to ~1e-6: equal to ~1e-6 too)
+            assert column(run_dir, key) == pytest.approx(column(basic, key), rel=1e-4, abs=1e-6), key
+        # and resume restores them: the last two steps again from the step-16 checkpoint
+        shutil.rmtree(run_dir / "LATEST")
+        output = train_2proc("FSDPTrainer", run_dir, *extra)
+        assert "resuming from" in output
+        assert max_weight_diff(policy_state(run_dir), policy_state(basic)) <= WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path):
+    """checkpoint_format=sharded: each of 2 processes writes its own shard; a relaunch from the
+    step-16 shards ends bit for bit where the undisturbed run ended."""
+    import checkpoints
+    whole = tmp_path / "sharded"
+    train_2proc("FSDPTrainer", whole, "checkpoint_format=sharded")
+    assert sorted(p.name for p in (whole / "step-16" / "sharded").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "LATEST")
+    output = train_2proc("FSDPTrainer", resumed, "checkpoint_format=sharded")
+    assert f"resuming from {resumed / 'step-16'} at 16 examples" in output
+    a, b = (checkpoints.load_policy_state(run / "LATEST") for run in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

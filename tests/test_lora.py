@@ -79,7 +79,7 @@ def test_checkpoints_hold_the_adapter_and_export_peft_and_merged(lora_run, tmp_p
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
     # PEFT loads the adapter; on the same base it gives the merged model's outputs
     adapted = peft.PeftModel.from_pretrained(initial_plain_model(LORA), lora_run / "LATEST" / "adapter")
-    ids = torch.randint(0, 500, (2, 12))
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits,
                                    rtol=0, atol=1e-5)
@@ -133,7 +133,7 @@ def test_reference_adapter_and_merge_archive(lora_run, tmp_path):
 
 
 def test_bad_lora_settings_are_refused_in_one_line(tmp_path):
-    for args, start in ((["lora.r=4", "'lora.target_modules=[lm_head]'"], "error: lora.target_modules"),
+    for args, start in ((["lora.r=4", "lora.target_modules=[lm_head]"], "error: lora.target_modules"),
                         (["lora.reference_adapter=/nonexistent"], "error: lora.reference_adapter"),
                         (["lora.r=4", "lora.merge_archive=/nonexistent"], "error: lora.merge_archive")):
         result = run_subprocess([*FAST, "loss=dpo", *args, f"local_run_dir={tmp_path}/x"], timeout=120)
@@ -160,3 +160,23 @@ def test_lora_resume_after_a_kill_is_bitwise(tmp_path):
     a = torch.load(tmp_path / "whole" / "LATEST" / "policy.pt", weights_only=True)["state"]
     b = torch.load(killed / "LATEST" / "policy.pt", weights_only=True)["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["lora.r=4", "lr=1e-2"], ["lora.r=4", "lr=1e-2", "loss=tdpo"],
+                                   ["sync_ref_model=true", "ref_model_sync_steps=2"]],
+                         ids=["lora", "lora-tdpo", "trdpo"])
+def test_fsdp_two_processes_equal_basic(extra, tmp_path):
+    """FSDP with 2 processes trains as one BasicTrainer process does, adapter (and a synced
+    reference) included, to the tolerance of full fine-tuning."""
+    from test_distributed import (COMMON, LOSS_RTOL_FP32, WEIGHT_ATOL, assert_same_losses,
+                                  max_weight_diff, train_2proc)
+    basic = run_in_process([*COMMON, *extra, f"local_run_dir={tmp_path}/basic"])
+    fsdp = tmp_path / "fsdp"
+    train_2proc("FSDPTrainer", fsdp, *extra)
+    assert_same_losses(fsdp, basic, LOSS_RTOL_FP32)
+    for name in [p.name for p in (basic / "LATEST").glob("*.pt") if p.name != "trainer_state.pt"]:
+        a = torch.load(basic / "LATEST" / name, weights_only=True)["state"]
+        b = torch.load(fsdp / "LATEST" / name, weights_only=True)["state"]
+        if name in ("policy.pt", "reference.pt"):
+            assert max_weight_diff(a, b) <= WEIGHT_ATOL, name

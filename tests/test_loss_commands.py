@@ -127,3 +127,25 @@ def test_trl_loss_command_line_runs_two_steps(which, tmp_path):
         assert row["sigmoid_train/loss"] == pytest.approx(LN2, rel=1e-5)
         assert row["bco_pair_train/loss"] == pytest.approx(2 * LN2, rel=1e-5)
         assert row["loss/train"] == pytest.approx(0.8 * LN2 + 0.2 * 2 * LN2 + row["sft_train/loss"], rel=1e-5)
+
+
+def test_wpo_run_logs_weights_and_the_first_loss_is_their_mean_times_ln2(tmp_path):
+    # policy == reference at the first step: every pair's sigmoid loss is ln 2, so the WPO loss is
+    # ln 2 x the mean of the logged weights; each weight is a product of two probabilities in (0, 1]
+    run_dir = run_in_process([*FAST, *QUICK, "loss=sigmoid", "loss.use_weighting=true",
+                              f"local_run_dir={tmp_path}/wpo"])
+    first = [m for m in read_metrics(run_dir) if "loss/train" in m][0]
+    assert 0 < first["wpo_train/weights"] <= 1
+    assert first["loss/train"] == pytest.approx(LN2 * first["wpo_train/weights"], rel=1e-5)
+
+
+def test_ld_dpo_with_precomputed_reference_equals_the_live_reference(tmp_path):
+    # LD-DPO's reference public sums come from the disk cache: the run is the live-reference run
+    common = [*FAST, *QUICK, "loss=sigmoid", "loss.ld_alpha=0.5", "loss.use_weighting=true"]
+    live = read_metrics(run_in_process([*common, f"local_run_dir={tmp_path}/live"]))
+    cached = read_metrics(run_in_process([*common, "precompute_ref_log_probs=true",
+                                          f"local_run_dir={tmp_path}/cached"]))
+    for key in ("loss/train", "loss/eval", "rewards_train/margins", "logps_train/chosen"):
+        got = [m[key] for m in cached if key in m]
+        want = [m[key] for m in live if key in m]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7) and len(want) >= 2, key

@@ -939,3 +939,145 @@ def test_compute_metric_names_for_every_spec():
         assert loss.dim() == 0 and torch.isfinite(loss), name
         _check_metrics(metrics, keys, 2)
         assert not any(k.startswith('loss') for k in metrics)
+
+
+# --- LD-DPO and WPO parts as the trainer supplies them -------------------------
+
+def _tiny_pair_batch(vocab=50, seed=0):
+    """A padded chosen/rejected micro-batch of 3 pairs: prompts of 2-3 tokens (-100), completions
+    of 1-6 tokens, right padding (-100, attention 0)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {}
+    for side, lengths in (('chosen', (4, 1, 6)), ('rejected', (2, 5, 6))):
+        ids = torch.randint(1, vocab, (3, 10), generator=g)
+        mask = torch.zeros(3, 10, dtype=torch.long)
+        labels = torch.full((3, 10), -100)
+        for i, (prompt, n) in enumerate(zip((2, 3, 2), lengths)):
+            mask[i, :prompt + n] = 1
+            labels[i, prompt:prompt + n] = ids[i, prompt:prompt + n]
+        batch.update({f'{side}_input_ids': ids, f'{side}_attention_mask': mask, f'{side}_labels': labels})
+    return batch
+
+
+def _full_logits_parts(model, batch, side, shared):
+    """From model(...).logits: sum, public sum (first `shared` completion tokens), WPO log-weight."""
+    logits = model(input_ids=batch[f'{side}_input_ids'],
+                   attention_mask=batch[f'{side}_attention_mask']).logits
+    logp = logits[:, :-1].log_softmax(-1)
+    labels = batch[f'{side}_labels'][:, 1:]
+    counted = labels != -100
+    token = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]
+    public = counted & (counted.cumsum(-1) <= shared[:, None])
+    wpo = token - torch.logsumexp(2 * logp, -1)
+    return ((token * counted).sum(-1), (token * public).sum(-1), (wpo * counted).sum(-1), counted.sum(-1))
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('average', [False, True])
+def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average):
+    import types
+    import transformers
+    import references
+    import trainers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    policy = transformers.GPT2LMHeadModel(config).to(dtype).eval()
+    ref_model = transformers.GPT2LMHeadModel(config).to(dtype).eval()
+    batch = _tiny_pair_batch()
+    spec = get_loss({'name': 'ipo' if average else 'sigmoid'})
+    args = {'beta': 0.1, 'ld_alpha': 0.5, 'use_weighting': True}
+    trainer = types.SimpleNamespace(loss=spec, loss_args=args, config=types.SimpleNamespace(logps_chunk_size=2),
+                                    policy=policy, reference=references.ModelReference(ref_model, 2),
+                                    sides=('chosen', 'rejected'))
+    got = trainers.BasicTrainer.batch_logps(trainer, batch)
+    counts = [(batch[f'{s}_labels'][:, 1:] != -100).sum(-1) for s in ('chosen', 'rejected')]
+    shared = torch.minimum(*counts)
+    assert shared.tolist() == [2, 1, 6]
+    with torch.no_grad():
+        for side in ('chosen', 'rejected'):
+            total, public, wpo, n = _full_logits_parts(policy, batch, side, shared)
+            ref_total, ref_public, _, _ = _full_logits_parts(ref_model, batch, side, shared)
+            div = n.to(dtype) if average else torch.ones_like(total)
+            expected = {f'policy_{side}': total / div, f'policy_{side}_public': public / div,
+                        f'reference_{side}': ref_total / div, f'reference_{side}_public': ref_public / div,
+                        f'{side}_wpo_logweight': wpo, f'{side}_tokens': n.to(dtype)}
+            for key, value in expected.items():
+                assert torch.allclose(got[key].to(dtype), value, rtol=tol, atol=tol), key
+    assert got['policy_chosen'].requires_grad and got['policy_chosen_public'].requires_grad
+    assert not got['chosen_wpo_logweight'].requires_grad
+
+
+# --- two data-parallel ranks give one process's loss and gradient --------------
+
+def _on_two_ranks(fn):
+    """[fn(0, gather), fn(1, gather)] run on two threads whose gather concatenates both ranks'
+    tensors in rank order, as an all-gather over two data-parallel processes."""
+    import threading
+    barrier, slots, results, errors = threading.Barrier(2, timeout=30), [None, None], [None, None], []
+
+    def gather_for(rank):
+        def gather(x):
+            slots[rank] = x
+            barrier.wait()
+            out = torch.cat(slots)
+            barrier.wait()
+            return out
+        return gather
+
+    def run(rank):
+        try:
+            results[rank] = fn(rank, gather_for(rank))
+        except Exception as e:  # surfaced below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _global_batch(n=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    keys = ('policy_chosen', 'policy_rejected', 'reference_chosen', 'reference_rejected',
+            'policy_chosen_public', 'policy_rejected_public', 'reference_chosen_public',
+            'reference_rejected_public', 'chosen_wpo_logweight', 'rejected_wpo_logweight')
+    out = {k: -torch.rand(n, dtype=D, generator=g) * 20 for k in keys}
+    out.update({f'{s}_tokens': torch.randint(1, 30, (n,), generator=g).to(D) for s in ('chosen', 'rejected')})
+    return out
+
+
+def _loss_and_grads(config, batch, gather, rank, state):
+    spec, args = get_loss(config), {k: v for k, v in config.items() if k != 'name'}
+    leaves = {k: v.clone().requires_grad_(k.startswith('policy_')) for k, v in batch.items()}
+    loss, _ = spec.compute(leaves, args, state, gather, True, generator=torch.Generator().manual_seed(5),
+                           rank=rank)
+    grads = torch.autograd.grad(loss, [leaves['policy_chosen'], leaves['policy_rejected']])
+    return loss.detach(), torch.cat(grads)
+
+
+@pytest.mark.parametrize('config', [
+    {'name': 'dpo', 'beta': 0.1, 'mode_loss': 'beta_DPO', 'mode_weight': 0.3, 'a': 0.6, 'gamma': 0.9},
+    {'name': 'aot', 'beta': 0.1, 'label_smoothing': 0.1},
+    {'name': 'aot_unpaired', 'beta': 0.1, 'ld_alpha': 0.5},
+    {'name': 'sigmoid', 'beta': 0.1, 'rpo_alpha': 0.5, 'use_weighting': True},
+    {'name': 'sigmoid_norm', 'beta': 0.1, 'rpo_alpha': 0.5, 'ld_alpha': 0.2},
+    {'name': 'mix', 'beta': 0.1, 'losses': ['sigmoid', 'bco_pair', 'sft'], 'weights': [0.8, 0.2, 1.0],
+     'use_weighting': True},
+], ids=['beta_dpo', 'aot', 'aot_unpaired', 'rpo_wpo', 'sigmoid_norm_rpo_ld', 'mpo_wpo'])
+def test_two_data_parallel_ranks_equal_one_process(config):
+    # each rank holds 4 of the 8 pairs; averaging the ranks' losses and gradients (what data-parallel
+    # training does) must give the single process's loss and gradient on all 8
+    batch = _global_batch()
+    state = get_loss(config).init_state()
+    want_loss, want_grad = _loss_and_grads(config, batch, lambda x: x, 0, dict(state))
+    shards = [{k: v[4 * r:4 * r + 4] for k, v in batch.items()} for r in range(2)]
+    got = _on_two_ranks(lambda r, gather: _loss_and_grads(config, shards[r], gather, r, dict(state)))
+    loss = (got[0][0] + got[1][0]) / 2
+    assert torch.allclose(loss, want_loss, rtol=1e-12), (loss, want_loss)
+    # per rank: (chosen, rejected) of its 4 rows; averaged over 2 ranks
+    grads = [g.view(2, 4) / 2 for _, g in got]
+    assert torch.allclose(torch.cat(grads, 1).flatten(), want_grad, rtol=1e-10, atol=1e-14)

@@ -103,3 +103,11 @@ def test_real_sft_and_tdpo_runs(tmp_path):
     assert any(label.startswith("tdpo: TDPO") for label, _ in data["KL to the reference"])
     out = plot.plot_runs([sft, tdpo], tmp_path / "runs.png")
     assert out.stat().st_size > 30_000
+
+
+def test_training_draws_its_plot_when_asked(tmp_path):
+    run_dir = run_in_process([*FAST, "n_examples=16", "plot=true", f"local_run_dir={tmp_path}/run"])
+    png = run_dir / "plot.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    quiet = run_in_process([*FAST, "n_examples=16", f"local_run_dir={tmp_path}/quiet"])
+    assert not (quiet / "plot.png").exists()  # off by default

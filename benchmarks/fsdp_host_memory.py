@@ -1,0 +1,88 @@
+"""Peak host memory (RSS) of an FSDP run on CPU: one process against two, for each checkpoint
+format, training and then resuming a ~85M-parameter Llama built from its config (README
+"Resuming, checkpoints and safety" quotes the numbers).
+
+    python benchmarks/fsdp_host_memory.py [--out-dir DIR]
+
+Each configuration is launched with torchrun; the resident set of every process of the launch
+(torchrun's agent excluded) is sampled every 0.1 s, and the largest per-process value and the
+largest sum over the processes are reported, for the first run (build, train, save) and for a
+relaunch that resumes from its step checkpoint.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# ~85M parameters: 12 blocks of 768 wide with 2048-wide MLPs (the embedded tokenizer's small
+# vocabulary adds little), float32, AdamW.
+MODEL = ["model=tiny", "model.from_config.hidden_size=768",
+         "model.from_config.intermediate_size=2048", "model.from_config.num_hidden_layers=12",
+         "model.from_config.num_attention_heads=12", "model.from_config.num_key_value_heads=12"]
+RUN = ["loss=sft", "trainer=FSDPTrainer", "n_examples=16", "batch_size=8", "eval_batch_size=8",
+       "n_eval_examples=8", "eval_every=8", "max_length=64", "max_prompt_length=32",
+       "sample_during_eval=false", "do_first_eval=false", "save_hf_format=false",
+       "wandb.enabled=false"]
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int):
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def launch(nproc: int, args, log: Path):
+    """(peak per-process RSS, peak summed RSS) in MiB of one torchrun launch."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "train.py", *MODEL, *RUN, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        peak_one = peak_sum = 0
+        while proc.poll() is None:
+            sizes = [rss_kib(p) for p in children(proc.pid)]
+            if sizes:
+                peak_one, peak_sum = max(peak_one, max(sizes)), max(peak_sum, sum(sizes))
+            time.sleep(0.1)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed; see {log}")
+    return peak_one / 1024, peak_sum / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--out-dir", default=None)
+    out_dir = Path(parser.parse_args().out_dir or tempfile.mkdtemp(prefix="fsdp-memory-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("| processes | checkpoint_format | phase | peak RSS per process (MiB) | "
+          "peak RSS, all processes (MiB) |")
+    print("|---|---|---|---|---|")
+    for fmt in ("full", "sharded"):
+        for nproc in (1, 2):
+            run_dir = out_dir / f"{fmt}-{nproc}"
+            args = [f"checkpoint_format={fmt}", f"local_run_dir={run_dir}"]
+            first = launch(nproc, args, out_dir / f"{fmt}-{nproc}-train.log")
+            shutil.rmtree(run_dir / "LATEST")  # the relaunch resumes from step-8
+            resumed = launch(nproc, args, out_dir / f"{fmt}-{nproc}-resume.log")
+            for phase, (one, total) in (("train", first), ("resume", resumed)):
+                print(f"| {nproc} | {fmt} | {phase} | {one:,.0f} | {total:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
