@@ -14,10 +14,12 @@ ignored, and remote code runs only with --trust-remote-code on this command line
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
+import checkpoints
 import utils
 
 OPTION = "export_hf.py CHECKPOINT"
@@ -27,7 +29,7 @@ def find_checkpoint(path: str) -> Path:
     """The checkpoint directory `path` means: itself, or a run directory's LATEST/."""
     given = Path(path)
     for candidate in (given, given / "LATEST"):
-        if (candidate / "policy.pt").is_file():
+        if (candidate / "policy.pt").is_file() or checkpoints.is_sharded(candidate):
             if not (candidate / "config.yaml").is_file():
                 raise utils.ConfigError(f"{OPTION}={path}: {candidate / 'config.yaml'} is missing; "
                                         "pass a step-N/ or LATEST/ directory written by train.py")
@@ -51,14 +53,24 @@ def build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code: bool):
                                                              trust_remote_code=trust_remote_code)
 
 
-def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = False) -> Path:
+def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = False,
+           adapter_only: bool = False) -> Path:
     """Write the Hugging Face files of a checkpoint; returns the output directory."""
     checkpoint = find_checkpoint(checkpoint_dir)
+    saved = OmegaConf.load(checkpoint / "config.yaml")
+    if "lora" in saved and saved.lora.r is not None:
+        return export_lora(checkpoint, saved, out_dir, adapter_only)
     # The saved config says which model this is; whether its code may run is only ours to say.
-    model_cfg = OmegaConf.load(checkpoint / "config.yaml").model
+    model_cfg = saved.model
     # checkpoints written before model.gguf_file existed have none: ordinary weights
     gguf_file = model_cfg.gguf_file if "gguf_file" in model_cfg else None
-    state = utils.load_policy_archive(str(checkpoint / "policy.pt"), OPTION)
+    if checkpoints.is_sharded(checkpoint):  # checkpoint_format=sharded: one file per process
+        try:
+            state = checkpoints.load_policy_state(checkpoint)
+        except checkpoints.DamagedCheckpoint as e:
+            raise utils.ConfigError(f"{OPTION}={checkpoint_dir}: {e}") from None
+    else:
+        state = utils.load_policy_archive(str(checkpoint / "policy.pt"), OPTION)
     tokenizer = utils.build_model_tokenizer(model_cfg.name_or_path, model_cfg.tokenizer_name_or_path,
                                             gguf_file, trust_remote_code)
     skeleton = build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code)
@@ -69,15 +81,48 @@ def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = F
     return out
 
 
+def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: bool) -> Path:
+    """A LoRA checkpoint (policy.pt holds the adapter): its PEFT adapter directory (adapter_only),
+    or the merged model, rebuilding the base weights the saved config names (checked against
+    the hash recorded in base_weights.pt)."""
+    import lora
+    import references
+    import train
+    if saved.model.trust_remote_code:
+        saved.model.trust_remote_code = False  # a checkpoint never decides that code runs
+    tokenizer = utils.build_model_tokenizer(saved.model.name_or_path,
+                                            saved.model.tokenizer_name_or_path,
+                                            saved.model.gguf_file, False)
+    policy, _ = train.build_models(saved, tokenizer)
+    adapter = utils.load_policy_archive(str(checkpoint / "policy.pt"), OPTION)
+    utils.load_checked_state_dict(policy, {**policy.state_dict(), **adapter}, OPTION)
+    out = Path(out_dir) if out_dir else checkpoint
+    if adapter_only:
+        lora.write_peft_adapter(out, policy.state_dict(), policy, saved.model.name_or_path)
+        return out
+    record = utils.safe_torch_load(str(checkpoint / "base_weights.pt"), OPTION)["state"]
+    base = references.weights_hash(policy, lambda n: "lora_" not in n and ".modules_to_save." not in n)
+    if base != record["hash"]:
+        raise utils.ConfigError(f"{OPTION}={checkpoint}: rebuilding the base weights from its "
+                                f"config.yaml ({record['sources']}) gives other weights than it was "
+                                "trained on; pass --adapter to export the adapter alone")
+    out.mkdir(parents=True, exist_ok=True)
+    merged = lora.merged_state(policy.state_dict(), lora.lora_layout(policy))
+    utils.save_hf_format(policy, merged, tokenizer, out)
+    return out
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("checkpoint", help="a step-N/ or LATEST/ directory, or a run directory")
     parser.add_argument("out_dir", nargs="?", default=None, help="default: the checkpoint itself")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the model's own Python code (auto_map) run; only for code you trust")
+    parser.add_argument("--adapter", action="store_true",
+                        help="for a LoRA checkpoint: write the PEFT adapter instead of the merged model")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir, args.trust_remote_code)
+        out = export(args.checkpoint, args.out_dir, args.trust_remote_code, args.adapter)
     except utils.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

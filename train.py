@@ -325,6 +325,8 @@ RESUMABLE_KEYS = (
     "n_examples", "n_epochs",  # to train longer
     "eval_every", "n_eval_examples", "n_eval_model_samples", "sample_during_eval", "wandb",
     "minimum_log_interval_secs", "keep_checkpoints", "save_hf_format", "debug", "plot",
+    # where a checkpoint goes, not what is trained: resume reads whichever format is on disk
+    "checkpoint_format",
     # Launch settings: the directory itself (a moved run directory keeps its old path in its
     # saved config), what names it and the wandb run (local_dirs, exp_name), the rendezvous port
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all

@@ -358,6 +358,12 @@ def test_sharded_checkpoints_hold_the_same_weights_and_export(fsdp_runs, tmp_pat
     logits = [transformers.AutoModelForCausalLM.from_pretrained(run / "LATEST")(ids).logits
               for run in (full, sharded)]
     assert torch.equal(*logits)
+    # export_hf.py turns a sharded step-N/ into a Hugging Face model too
+    import export_hf
+    out = export_hf.export(str(sharded / "step-16"), str(tmp_path / "hf"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert same_weights({k: v for k, v in exported.state_dict().items()
+                         if k in policy_state(full / "step-16")}, policy_state(full / "step-16"))
 
 
 def test_a_sharded_checkpoint_resumes_exactly(fsdp_runs, tmp_path):

@@ -88,6 +88,20 @@ def test_checkpoints_hold_the_adapter_and_export_peft_and_merged(lora_run, tmp_p
         torch.testing.assert_close(peft_merged[key], merged_state[key], rtol=0, atol=1e-6)
 
 
+def test_export_hf_writes_the_merged_model_or_the_adapter(lora_run, tmp_path):
+    import export_hf
+    import peft
+    from safetensors.torch import load_file
+    merged = export_hf.export(str(lora_run / "LATEST"), str(tmp_path / "merged"))
+    want, got = (load_file(d / "model.safetensors") for d in (lora_run / "LATEST", merged))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    adapter = export_hf.export(str(lora_run / "step-32"), str(tmp_path / "adapter"), adapter_only=True)
+    model = peft.PeftModel.from_pretrained(initial_plain_model(LORA), adapter)
+    saved = torch.load(lora_run / "step-32" / "policy.pt", weights_only=True)["state"]
+    state = model.state_dict()
+    assert all(torch.equal(state[f"base_model.model.{k}"], v) for k, v in saved.items())
+
+
 def test_resume_refuses_other_base_weights(lora_run, tmp_path):
     result = run_subprocess([*FAST, *LORA, f"resume_from={lora_run}/step-32", "seed=1",
                              f"local_run_dir={tmp_path}/other"], timeout=300)

@@ -41,13 +41,14 @@ def make_trainer(overrides, tmp_path, tokenizer, perturb_reference=False):
 def plain_dpo_loss(policy, reference, batch, beta):
     """The textbook computation: full (B, T, V) logits from model(...), then get_batch_logps."""
     import losses
+    import logps as logps_module
     logps = {}
     for side in ("chosen", "rejected"):
         ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-        logps[f"policy_{side}"] = losses.get_batch_logps(
+        logps[f"policy_{side}"] = logps_module.get_batch_logps(
             policy(input_ids=ids, attention_mask=mask).logits, labels)
         with torch.no_grad():
-            logps[f"reference_{side}"] = losses.get_batch_logps(
+            logps[f"reference_{side}"] = logps_module.get_batch_logps(
                 reference(input_ids=ids, attention_mask=mask).logits, labels)
     per_pair, _, _ = losses.preference_loss(logps["policy_chosen"], logps["policy_rejected"],
                                             logps["reference_chosen"], logps["reference_rejected"],

@@ -84,7 +84,7 @@ def test_sigkill_then_relaunch_ends_with_the_same_weights(point, uninterrupted, 
 def test_explicit_resume_from_and_finished_run(tmp_path):
     first = run_in_process([*FAST, "n_examples=32", "eval_every=16", f"local_run_dir={tmp_path}/a"])
     again = run_subprocess([*FAST, "n_examples=32", f"local_run_dir={first}"], timeout=120)
-    assert again.returncode == 0 and "already finished; nothing to do" in again.stdout
+    assert again.returncode == 0 and f"run in {first} is complete: 32 examples trained" in again.stdout
     moved = run_subprocess([*FAST, "n_examples=32", f"resume_from={first}/step-16",
                             f"local_run_dir={tmp_path}/b"], timeout=120)
     assert moved.returncode == 0, moved.stderr
