@@ -8,18 +8,24 @@ Face export of LATEST), and trainer_state.pt, written last: its presence marks t
 complete, and it records the size of every other file, so a file truncated or deleted afterwards
 is found without reading it. It is written under a temporary name and renamed into place, so a
 crash never leaves a half checkpoint under the final name. Nothing here knows about trainers:
-callers pass the state dicts and a function that writes their extra files.
+callers pass the state dicts and a function that writes their extra files; the functions that
+save, read and resume on every rank of a run take its `parallel.Ranks` (rank, barrier).
 """
 import errno
+import functools
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
-from utils import ConfigError, safe_torch_load
+import parallel
+from utils import (ConfigError, broadcast_object, check_state_dict, get_rng_state, rank0_print,
+                   safe_torch_load, set_rng_state)
 
 # Written last; the checkpoint counts as complete once it exists.
 TRAINER_STATE = "trainer_state.pt"
@@ -124,6 +130,17 @@ def no_intact_checkpoint(run_dir: Path, damaged: List[Tuple[Path, str]]) -> Dama
     return DamagedCheckpoint(
         f"no intact checkpoint to resume in {run_dir} ({listed}); pass resume_from=PATH of an "
         "intact step-N/ or LATEST/ with a new local_run_dir, or start over in a new local_run_dir")
+
+
+def how_to_continue(run_dir: Path, fix: str) -> str:
+    """Advice after training diverged: relaunching the run would diverge again, and lr & co. may
+    not change within it, so it names the checkpoint to continue from in a new run directory (the
+    newest complete one), if there is one, and the `fix` to apply first."""
+    good = newest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if good is None:
+        return f"no checkpoint was saved before it; {fix} and start again"
+    return (f"the last good checkpoint is {good}; {fix} and continue from it with "
+            f"resume_from={good} local_run_dir=NEW_DIR")
 
 
 def resume_checkpoint(resume_from: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -393,3 +410,223 @@ def remove_partial_writes(run_dir: Path):
     """Delete directories a crash during a save left behind."""
     for stale in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- a run, every rank
+# What a trainer calls on every rank to save, restore and resume; `ranks` is its parallel.Ranks.
+
+@dataclass
+class TrainingParts:
+    """What a checkpoint holds of a training run besides the trainer's own counters, and the
+    trainer's hooks that read and load the policy and optimizer states in the plain model's layout
+    (gathering them from, or sending them to, the shards of a sharded policy).
+
+    Attributes:
+        policy, optimizer, scheduler: the run's placed policy, its optimizer and LR schedule.
+        reference: the run's references.Reference: it says what of the policy is kept (LoRA: the
+            adapter only) and keeps states of its own.
+        policy_state, optimizer_state: () -> the full state dict (called on every rank).
+        load_policy, load_optimizer: load a full state dict (called on every rank; ranks other
+            than 0 get {}).
+    """
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    reference: object
+    policy_state: Callable[[], Dict[str, torch.Tensor]]
+    optimizer_state: Callable[[], dict]
+    load_policy: Callable[[dict], None]
+    load_optimizer: Callable[[dict], None]
+
+
+def save_training(run_dir: Path, name: str, parts: TrainingParts, ranks, step: int,
+                  metrics: Dict[str, float], trainer_state: Callable[[List[dict]], dict],
+                  write_extras: Callable[..., None], keep: Optional[int], sharded: bool,
+                  finished: bool) -> Path:
+    """Write {run_dir}/{name}/ atomically, on every rank: policy, optimizer, scheduler, the
+    reference's states and the trainer state (save_on_rank0 writes and prunes).
+
+    Args:
+        run_dir, name, step, metrics, keep: as save_on_rank0.
+        parts: what is saved.
+        ranks: this process among the ranks.
+        trainer_state: (every rank's RNG state, indexed by rank) -> the trainer state to write.
+        write_extras: (temporary directory, policy_state=the full policy state or None) -> None.
+        sharded: checkpoint_format=sharded: every rank writes its own shards of policy and
+            optimizer, nothing is gathered (save_sharded).
+        finished: the run's last checkpoint (sharded checkpoints gather the whole policy for its
+            exports only).
+    Raises:
+        CheckpointWriteError: as save_on_rank0.
+    """
+    rng = gather_rng_states(ranks.device, ranks)
+    if sharded:
+        save_sharded(run_dir, name, parallel.sharded_states(parts.policy, parts.optimizer),
+                     ranks.rank, ranks.barrier)
+    policy_state = parts.policy_state() if not sharded or finished else None
+    states = {} if sharded else {"policy.pt": parts.reference.policy_state(policy_state),
+                                 "optimizer.pt": parts.optimizer_state()}
+    reference_states = parts.reference.checkpoint_states()  # every rank: may gather shards
+    if ranks.rank == 0:
+        states["scheduler.pt"] = parts.scheduler.state_dict()
+        states.update(reference_states)
+    return save_on_rank0(run_dir, name, states, step, metrics, trainer_state(rng),
+                         functools.partial(write_extras, policy_state=policy_state), keep, ranks,
+                         started=sharded)
+
+
+def restore_training(path: Path, parts: TrainingParts, ranks) -> dict:
+    """Load a checkpoint written by save_training into `parts`, and this rank's RNG state.
+
+    Returns:
+        The trainer state it was saved with (counters, loss state, ...).
+    Raises:
+        DamagedCheckpoint: on every rank, a file could not be read (nothing was loaded).
+        ConfigError: on every rank, the weights do not fit the model (nothing was loaded).
+    """
+    states, state = read_for_restore(path, parts.policy, parts.reference.policy_state_to_load, ranks)
+    if is_sharded(path):
+        loaded = parallel.sharded_states(parts.policy, parts.optimizer)
+        load_sharded(path, loaded)
+        parallel.load_sharded_states(parts.policy, parts.optimizer, loaded)
+    else:
+        parts.load_policy(states["policy.pt"])
+        optimizer_state = states["optimizer.pt"]  # {} on ranks that did not read it
+        parts.load_optimizer(with_current_kernels(parts.optimizer, optimizer_state)
+                             if optimizer_state else optimizer_state)
+    parts.scheduler.load_state_dict(states["scheduler.pt"])
+    parts.reference.load_checkpoint_states(
+        {k: v for k, v in states.items() if k not in STATE_FILES})
+    set_rng_state(rng_state_for_rank(state["rng"], ranks.rank), ranks.device)
+    return state
+
+
+def with_current_kernels(optimizer, state: dict) -> dict:
+    """A saved optimizer state whose param groups keep this optimizer's kernel choice (fused,
+    foreach): that depends on the parameters at hand (e.g. DTensors under tensor parallelism),
+    not on the trainer that wrote the checkpoint."""
+    groups = [dict(saved, **{k: current[k] for k in ("fused", "foreach") if k in current})
+              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
+    return dict(state, param_groups=groups)
+
+def gather_rng_states(device: torch.device, ranks) -> List[dict]:
+    """Every rank's RNG state (CPU generators and its own device's), indexed by rank."""
+    own = get_rng_state(device)
+    if not ranks.distributed:
+        return [own]
+    states = [None] * ranks.world_size
+    dist.all_gather_object(states, own)
+    return states
+
+
+def save_on_rank0(run_dir: Path, name: str, states: Dict[str, object], step: int,
+                  metrics: Dict[str, float], trainer_state: dict,
+                  write_extras: Callable[[Path], None], keep: Optional[int], ranks,
+                  started: bool) -> Path:
+    """Rank 0 writes {run_dir}/{name}/ (write_checkpoint: the arguments are its) and prunes the
+    step-* checkpoints to the newest `keep`; every rank then returns, or raises, together.
+
+    Returns:
+        The checkpoint's path.
+    Raises:
+        CheckpointWriteError: on every rank, when rank 0 could not write it (the partial write is
+            removed, the previous checkpoints are untouched).
+    """
+    error = None
+    if ranks.rank == 0:
+        try:
+            final = write_checkpoint(run_dir, name, states, step, metrics, trainer_state,
+                                     write_extras, started=started)
+            prune_checkpoints(run_dir, keep)
+            rank0_print(f"saved checkpoint to {final}")
+        except Exception as e:
+            error = e
+    if ranks.distributed:  # the other ranks must not wait for a save that failed
+        message = broadcast_object(None if error is None else str(error))
+        if message is not None and error is None:
+            error = CheckpointWriteError(message)
+    if error is not None:
+        raise error
+    ranks.barrier()
+    return run_dir / name
+
+
+def read_for_restore(path: Path, policy: torch.nn.Module, policy_state_to_load: Callable,
+                     ranks) -> Tuple[dict, dict]:
+    """(states, trainer state) of a checkpoint, "policy.pt" already the full state to load and
+    checked against the model. With several processes only rank 0 reads the full policy and
+    optimizer states (loading sends each rank its shard; the other ranks get {}), and every rank
+    gets rank 0's verdict.
+
+    Args:
+        path: the checkpoint directory.
+        policy: the (placed) policy the weights must fit.
+        policy_state_to_load: (saved policy state, policy) -> the full state to load (the
+            reference's: a LoRA checkpoint keeps only the adapter). Called on every rank.
+        ranks: this process among the ranks.
+    Raises:
+        DamagedCheckpoint: on every rank, a file could not be read (nothing was loaded).
+        ConfigError: on every rank, the weights do not fit the model (nothing was loaded).
+    """
+    sharded = is_sharded(path)
+    big = () if sharded else ("policy.pt", "optimizer.pt")
+    names = tuple(n for n in STATE_FILES
+                  if n != "policy.pt" and n != "optimizer.pt" or n in big and ranks.rank == 0)
+    out, error = None, None
+    try:
+        states, state = read_checkpoint(path, names)
+        if sharded:
+            check_state_dict(policy, sharded_policy_shapes(path), f"checkpoint {path / SHARDED_DIR}")
+        else:
+            states.setdefault("policy.pt", {})
+            states.setdefault("optimizer.pt", {})
+            # every rank: the reference may gather shards to complete the saved state
+            states["policy.pt"] = policy_state_to_load(states["policy.pt"], policy)
+            if ranks.rank == 0:
+                check_state_dict(policy, states["policy.pt"], f"checkpoint {path / 'policy.pt'}")
+        out = states, state
+    except ConfigError as e:
+        error = e
+    if ranks.distributed:
+        verdict = broadcast_object(None if error is None else (type(error).__name__, str(error)))
+        if verdict is not None and error is None:
+            kind = DamagedCheckpoint if verdict[0] == "DamagedCheckpoint" else ConfigError
+            error = kind(verdict[1])
+    if error is not None:
+        raise error
+    return out
+
+
+def resume(resume_from: Optional[str], run_dir: Path, restore: Callable[[Path], bool],
+           restored_step: Callable[[], int]) -> Tuple[Optional[Path], bool]:
+    """Restore resume_from, else the newest checkpoint of the run that loads, skipping damaged
+    ones with one warning each.
+
+    Args:
+        resume_from: the checkpoint the user named, or None.
+        run_dir: the run directory.
+        restore: loads a checkpoint; returns whether its run had finished; raises
+            DamagedCheckpoint (having loaded nothing) when it cannot be read.
+        restored_step: the examples seen at the checkpoint just restored.
+    Returns:
+        (the checkpoint, whether its run had finished), or (None, False) to start from scratch.
+    Raises:
+        DamagedCheckpoint: resume_from is damaged, or no checkpoint is intact.
+    """
+    candidates = resume_candidates(resume_from, run_dir)
+    for path in candidates:
+        try:
+            finished = restore(path)
+        except DamagedCheckpoint as e:
+            if resume_from:
+                raise
+            rank0_print(f"warning: skipping damaged checkpoint {path}: {e}")
+            continue
+        if not resume_from:
+            for bad, problem in damaged_newer_than(run_dir, restored_step()):
+                rank0_print(f"warning: checkpoint {bad} is damaged ({problem}); "
+                            f"resuming from {path} instead")
+        return path, finished
+    if candidates:
+        raise no_intact_checkpoint(run_dir, [(p, "unreadable") for p in candidates])
+    return None, False

@@ -11,7 +11,7 @@ import contextlib
 import types
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel,
                                                parallelize_module)
 
-from utils import ConfigError, all_gather_cat
+from utils import ConfigError, all_gather_cat, broadcast_object
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -83,6 +83,14 @@ class Ranks:
         for part in parts:
             merged.update(part)
         return merged
+
+
+def rank0_value(compute: Callable, *args):
+    """compute(*args) run on rank 0 alone and its (picklable) value given to every rank, e.g. a
+    hash of weights that only rank 0 holds; one process: compute(*args). Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return compute(*args)
+    return broadcast_object(compute(*args) if dist.get_rank() == 0 else None)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -196,14 +204,31 @@ def fsdp_mixed_precision(param_dtype: Optional[torch.dtype]) -> dict:
     return dict(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
-def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict):
-    """fully_shard each block, then the root; registers `run_in_forward` on the root."""
+def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict, from_rank0: bool = False):
+    """fully_shard each block, then the root; registers `run_in_forward` on the root.
+
+    Args:
+        model: the whole model; with from_rank0, only rank 0's needs weights (the other ranks may
+            pass one built on the meta device, as train.build_models does under FSDP).
+        mesh: the one-dimensional device mesh over all ranks.
+        block_name: the class name of the blocks that become FSDP units.
+        mixed_precision: MixedPrecisionPolicy arguments (fsdp_mixed_precision).
+        from_rank0: every rank takes its shards of rank 0's weights (collective).
+
+    Returns:
+        The same model object, sharded.
+    """
+    # rank 0's whole tensors, referenced (not copied) until every rank has its shards of them
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     for block in find_blocks(model, block_name):
         fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed_precision))
     # The root's inputs are token ids, or (run_in_forward) a batch whose float tensors, if any,
     # must keep their precision; the blocks cast their own inputs.
     fully_shard(model, mesh=mesh,
                 mp_policy=MixedPrecisionPolicy(**mixed_precision, cast_forward_inputs=False))
+    if from_rank0:
+        load_from_rank0(model, full)
+        del full
     model.run_in_forward = types.MethodType(_call, model)
     register_fsdp_forward_method(model, "run_in_forward")
     # FSDP picks its root as the first unit to run forward; run the root once now so that a later
@@ -217,6 +242,29 @@ def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict):
 def _call(module, fn, *args, **kwargs):
     """A model method that runs `fn`; registered as an FSDP forward method (see FSDPTrainer)."""
     return fn(*args, **kwargs)
+
+
+def load_from_rank0(model, full_state: Dict[str, torch.Tensor]):
+    """Give every rank its shards of rank 0's weights, and rank 0's buffers, after fully_shard.
+    A rank whose model was built on the meta device first gets (uninitialised) storage for its
+    shards and buffers, so no rank but 0 ever holds the whole model (FSDP2's meta-device
+    initialisation, docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html).
+    Collective: every rank calls it.
+
+    Args:
+        model: a model sharded with fully_shard.
+        full_state: rank 0's whole state dict, taken before sharding; {} on the other ranks.
+    """
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=local_device())
+    load_full_model_state(model, full_state)
+    # Non-persistent buffers (rotary inv_freq tables) are in no state dict; on a meta-built rank
+    # they are empty memory now, so they come from rank 0 too.
+    persistent = set(model.state_dict())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name not in persistent:
+                dist.broadcast(buffer, src=0)
 
 
 # ----------------------------------------------------------------------------- full state dicts

@@ -8,6 +8,7 @@ The trainer holds one `Reference` and asks it for log-probs; it never checks whi
 A new kind (the policy with its adapter disabled, a copy synced with the policy) is one more small
 subclass: it answers `sequence_logps` and, if it can, `hidden_states`/`output_layer` (token-level
 KL) and `generate`; `after_step` and `checkpoint_states` let it follow the policy and be saved.
+sample_records and sample_completions fill samples.jsonl from the policy and the reference.
 """
 import contextlib
 import gc
@@ -609,6 +610,58 @@ class AdapterReference(Reference):
     def write_exports(self, directory: Path, state):
         self.lora.write_peft_adapter(Path(directory) / "adapter", state, self.policy,
                                      self.base_record["sources"].get("model"))
+
+
+# ----------------------------------------------------------------------------- samples
+
+def sample_records(policy, reference: Reference, batches: Iterable[Dict], n: int,
+                   take: Callable[[Dict, int], Dict], sample: Callable, step: int) -> List[dict]:
+    """samples.jsonl's records for the first `n` prompts of `batches`: {"step", "prompt", "policy",
+    "reference"} (reference None when the reference cannot generate).
+
+    Args:
+        policy: the policy.
+        reference: the run's reference (it generates with its own model, if it has one).
+        batches: collated batches, each with a "prompt" list.
+        n: how many prompts to sample for.
+        take: (batch, k) -> its first k rows, on the device.
+        sample: (model, batch) -> one decoded completion per prompt (sample_completions).
+        step: examples seen, recorded with every sample.
+    """
+    records, n_left = [], n
+    for batch in batches:
+        if n_left <= 0:
+            break
+        part = take(batch, min(n_left, len(batch["chosen_input_ids"])))
+        policy_text = sample(policy, part)
+        reference_text = reference.generate(sample, part) or [None] * len(policy_text)
+        for prompt, p, r in zip(part["prompt"], policy_text, reference_text):
+            records.append({"step": step, "prompt": prompt, "policy": p, "reference": r})
+        n_left -= len(policy_text)
+    return records
+
+
+def sample_completions(model, batch: Dict, tokenizer, max_length: int, device, context) -> List[str]:
+    """Sampled completions for a batch's prompts (left-padded for generation), decoded; sampled
+    inside `context()` (the tensor-parallel trainer seeds it)."""
+    ids, mask = left_padded_prompts(batch, tokenizer.pad_token_id)
+    with context(), torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_length=max_length, do_sample=True,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def left_padded_prompts(batch: Dict, pad_token_id: int):
+    """(input_ids, attention_mask), each (B, W): a batch's prompts left-padded for generation."""
+    rows = [ids[mask.bool()] for ids, mask in zip(batch["prompt_input_ids"],
+                                                  batch["prompt_attention_mask"])]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return ids, mask
 
 
 # ----------------------------------------------------------------------------- the factory

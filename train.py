@@ -267,7 +267,73 @@ def validate_reference_options(config: DictConfig):
 # ----------------------------------------------------------------------------- building
 
 def build_models(config: DictConfig, tokenizer):
-    """The policy and, when the loss needs one, the reference model (same initial weights)."""
+    """The policy and, when the loss needs one, the reference model (same initial weights).
+
+    Under trainer=FSDPTrainer with several processes only rank 0 builds them with their weights
+    (and loads and checks model.archive); the other ranks build the same architectures on the
+    meta device, which holds no data, and FSDPTrainer gives every rank its shards of rank 0's
+    weights once sharded (parallel.fsdp_shard). A node so holds about one copy of the model at
+    start-up, not one per process.
+
+    Returns:
+        (policy, reference model or None).
+    """
+    if config.trainer != "FSDPTrainer" or utils.world_size() == 1:
+        return build_whole_models(config, tokenizer)
+    models, plan = (None, None), None
+    if torch.distributed.get_rank() == 0:
+        try:
+            models = build_whole_models(config, tokenizer)
+        except Exception as e:
+            # the other ranks wait for the plan below: send them the reason instead of letting
+            # them hang
+            utils.broadcast_object({"error": str(e) if isinstance(e, ConfigError) else None})
+            raise
+        plan = {"configs": [None if m is None else m.config for m in models],
+                "generation": models[0].generation_config, "rng": utils.get_rng_state()}
+    plan = utils.broadcast_object(plan)
+    if torch.distributed.get_rank() == 0:
+        return models
+    if "error" in plan:
+        raise ConfigError(plan["error"]) if plan["error"] is not None else RuntimeError(
+            "rank 0 failed to build the models (its traceback says why)")
+    return build_meta_models(config, plan)
+
+
+def build_meta_models(config: DictConfig, plan: dict):
+    """Ranks > 0 under FSDP: rank 0's architectures, LoRA layers included, on the meta device.
+    No weights are read; rank 0 alone loads and checks model.archive.
+
+    Args:
+        plan: from rank 0: "configs", the policy's and reference's transformers configs (None:
+            no reference); "generation", the policy's generation config; "rng", the RNG states
+            after building (every rank continues from the same ones, as if it had built too).
+    """
+    import transformers
+    m = config.model
+    dtypes = (utils.get_dtype("model.policy_dtype", m.policy_dtype),
+              utils.get_dtype("model.reference_dtype", m.reference_dtype))
+    with torch.device("meta"):
+        policy, reference = (
+            None if model_config is None else transformers.AutoModelForCausalLM.from_config(
+                model_config, dtype=dtype, trust_remote_code=m.trust_remote_code)
+            for model_config, dtype in zip(plan["configs"], dtypes))
+        policy.generation_config = plan["generation"]
+        for model in (policy, reference):
+            if model is not None:
+                utils.disable_dropout(model)
+        if reference is not None:
+            reference.requires_grad_(False)
+        if config.lora.r is not None:
+            # peft's new layers are created on the meta device too (inside this block)
+            policy = build_lora_policy(config, policy,
+                                       losses.get_loss(OmegaConf.to_container(config.loss)))
+    utils.set_rng_state(plan["rng"])
+    return policy, reference
+
+
+def build_whole_models(config: DictConfig, tokenizer):
+    """build_models in one process: the models with their weights (see build_models)."""
     spec = losses.get_loss(OmegaConf.to_container(config.loss))
     m = config.model
     from_config = OmegaConf.to_container(m.from_config) if m.from_config is not None else None

@@ -2,13 +2,12 @@
 
 One loop serves every loss: the loss registry entry says which log-probs a step needs (per-sequence,
 per-token with position KL, with or without a reference) and turns them into a loss and metrics. The
-reference log-probs come from a references.Reference, whatever its kind; checkpoints are written by
-checkpoints.py; the multi-process trainers only say how the models are sharded (parallel.py) and
-how their full state is gathered.
+reference log-probs come from a references.Reference, whatever its kind; scoring.py asks for the
+log-probs, optim.py steps the optimizer, checkpoints.py saves and restores; the multi-process
+trainers only say how the models are sharded (parallel.py) and how their full state is gathered.
 """
 import contextlib
 import functools
-import inspect
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,14 +25,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
-import logps
 import losses
 import moe
+import optim
 import parallel
 import preference_datasets
 import references
-from utils import (ConfigError, broadcast_object, check_state_dict, get_rng_state, rank0_print,
-                   save_hf_format, set_rng_state, start_wandb)
+import scoring
+from utils import rank0_print, save_hf_format, start_wandb
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,6 +49,16 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def check_finite(loss_values: List[float], grad_norm: float, step: int, run_dir: Path):
+    """Raise TrainingDiverged, naming the checkpoint to continue from, unless every loss value and
+    the gradient norm are finite (`step`: examples seen)."""
+    if not all(math.isfinite(v) for v in loss_values) or not math.isfinite(grad_norm):
+        where = checkpoints.how_to_continue(
+            run_dir, "lower lr, raise warmup_steps or lower max_grad_norm")
+        raise TrainingDiverged(f"training diverged at {step} examples (loss {loss_values}, "
+                               f"grad_norm {grad_norm}); {where}")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -83,6 +92,28 @@ def split_metric_name(name: str, split: str) -> str:
     """'rewards/chosen' -> 'rewards_train/chosen' (the DPO repository's naming)."""
     group, _, rest = name.partition("/")
     return f"{group}_{split}/{rest}"
+
+
+def gathered_metrics(loss: torch.Tensor, metrics: Dict[str, torch.Tensor],
+                     router_metrics: Dict[str, torch.Tensor], split: str, gather,
+                     device) -> Dict[str, List[float]]:
+    """{metric name: every data-parallel rank's values} for one micro-batch: the loss entry's
+    metrics ((B,) or scalar tensors, named by split_metric_name), an MoE router's ("{name}/{split}")
+    and the loss ("loss/{split}"); `gather` concatenates a 1-D tensor over the ranks."""
+    out = {f"{name}/{split}": gather(value.detach().float().reshape(1)).cpu().tolist()
+           for name, value in router_metrics.items()}
+    for name, value in metrics.items():
+        values = gather(value.detach().float().reshape(-1).to(device))
+        out[split_metric_name(name, split)] = values.cpu().tolist()
+    out[f"loss/{split}"] = gather(loss.detach().float().reshape(1)).cpu().tolist()
+    return out
+
+
+def eval_summary(metrics: Dict[str, float]) -> str:
+    """The evaluation metrics printed after each evaluation: loss, accuracy, margin, chosen logps."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                     if k.startswith(("loss/", "rewards_eval/accuracies", "rewards_eval/margins",
+                                      "logps_eval/chosen")))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -171,8 +202,9 @@ class BasicTrainer(SingleProcessPlacement):
         self.loss = losses.get_loss(OmegaConf.to_container(config.loss))
         self.loss_state = self.loss.init_state()
         self.loss_generator = torch.Generator().manual_seed(seed)
-        # Hashed before placing moves or shards it: the reference cache is keyed by it.
-        fingerprint = (references.model_fingerprint(reference_model)
+        # Hashed before placing moves or shards it: the reference cache is keyed by it. Rank 0's
+        # hash for every rank (under FSDP the other ranks' models are on the meta device, no data).
+        fingerprint = (parallel.rank0_value(references.model_fingerprint, reference_model)
                        if config.precompute_ref_log_probs and reference_model is not None else None)
         # Hooks on the backbone that collect an MoE router's load-balancing loss (else inert).
         self.router_loss = moe.RouterLoss(policy, config.router_aux_loss_coef)
@@ -187,33 +219,12 @@ class BasicTrainer(SingleProcessPlacement):
         self.check_output_layers()
 
     def check_output_layers(self):
-        """Before training: the chunked output layer must give each model's own log-probs (those
-        of its forward) on two evaluation sequences. A model whose head it does not reproduce (not
-        a plain linear layer, an unknown transform) is scored from its full logits from then on,
-        with one warning line; known transforms (soft-capping, logit scales) are handled anyway."""
-        if not self.eval_batches:
-            return
-        batch = slice_batch(self.eval_batches[0], 0, 2, self.device)
-        ids, mask, labels = (batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-        chunk = self.config.logps_chunk_size
-        models = {"policy": self.policy, "reference model": self.reference.model}
-        differ = {}
-        for role, model in models.items():
-            if model is None or logps.has_logit_transform(model):
-                continue
-            chunked = functools.partial(self.policy_logps if model is self.policy else _call,
-                                        logps.sequence_logps, model, ids, mask, labels, True, chunk)
-            error = logps.chunked_logps_error(model, chunked, ids, mask, labels)
-            # every rank must take the same path (NaN counts as a difference)
-            if self.ranks.any_rank(not error <= chunked_logps_tolerance(model)):
-                setattr(model, logps.FULL_LOGITS_ATTR, True)
-                differ[role] = error
-        if differ:
-            names = " and the ".join(differ)
-            rank0_print(f"warning: the {names}'s output layer is not a plain linear layer (log-probs "
-                        "from hidden states x output weight differ from its own forward's by "
-                        f"{max(differ.values()):.3g} per token); scoring from full logits instead "
-                        "(exact, but more memory: batch x length x vocabulary)")
+        """Before training: score each model from its full logits where the chunked output layer
+        does not reproduce its forward on two evaluation sequences (scoring.check_output_layers)."""
+        if self.eval_batches:
+            scoring.check_output_layers(self.policy, self.reference.model, self.policy_logps,
+                                        slice_batch(self.eval_batches[0], 0, 2, self.device),
+                                        self.config.logps_chunk_size, self.ranks.any_rank)
 
     def build_reference(self, model, fingerprint) -> references.Reference:
         """The reference kind the config asks for (references.build_reference decides)."""
@@ -273,29 +284,10 @@ class BasicTrainer(SingleProcessPlacement):
         return ("chosen", "rejected") if self.loss.paired else ("chosen",)
 
     def batch_logps(self, batch: Dict) -> Dict[str, torch.Tensor]:
-        """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects: (B,) tensors
-        policy_{side}, reference_{side} (when the loss needs a reference), {side}_margin and
-        {side}_position_kl (token-level losses) and {side}_tokens (counted completion tokens)."""
-        spec, args, chunk = self.loss, self.loss_args, self.config.logps_chunk_size
-        average = spec.average_log_prob(args)
-        public, wpo = spec.sequence_parts(args)
-        if public or wpo:  # LD-DPO / WPO: their parts come from the same chunked pass
-            reference = self.reference if spec.needs_reference(args) else None
-            return logps.pair_parts(self.policy, reference, batch, average, chunk, public, wpo)
-        out = {}
-        for side in self.sides:
-            ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-            if spec.token_level:
-                margin, kl, policy = logps.token_level_logps(self.policy, self.reference, ids, mask,
-                                                             labels, average, chunk)
-                out.update({f"{side}_margin": margin, f"{side}_position_kl": kl})
-            else:
-                policy = logps.sequence_logps(self.policy, ids, mask, labels, average, chunk)
-                if spec.needs_reference(args):
-                    out[f"reference_{side}"] = self.reference.sequence_logps(batch, side, average)
-            out[f"policy_{side}"] = policy
-            out[f"{side}_tokens"] = logps.completion_token_counts(labels, policy.dtype).to(policy.device)
-        return out
+        """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects
+        (scoring.batch_logps)."""
+        return scoring.batch_logps(self.policy, self.reference, batch, self.loss, self.loss_args,
+                                   self.config.logps_chunk_size, self.sides)
 
     def batch_loss(self, batch: Dict, train: bool):
         """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank."""
@@ -305,14 +297,8 @@ class BasicTrainer(SingleProcessPlacement):
                                           gather=self.gather, train=train,
                                           generator=self.loss_generator, rank=self.ranks.data_rank)
         loss, router_metrics = self.router_loss.add_to(loss)  # MoE models only (moe.py)
-        split = "train" if train else "eval"
-        out = {f"{name}/{split}": self.gather(value.detach().float().reshape(1)).cpu().tolist()
-               for name, value in router_metrics.items()}
-        for name, value in metrics.items():
-            values = self.gather(value.detach().float().reshape(-1).to(self.device))
-            out[split_metric_name(name, split)] = values.cpu().tolist()
-        out[f"loss/{split}"] = self.gather(loss.detach().float().reshape(1)).cpu().tolist()
-        return loss, out
+        return loss, gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
+                                      self.gather, self.device)
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
         """One optimizer update over a global batch, with gradient accumulation."""
@@ -326,7 +312,11 @@ class BasicTrainer(SingleProcessPlacement):
             (self.loss_scaler.scale(loss) if self.loss_scaler else loss).backward()
             for k, v in micro_metrics.items():
                 metrics[k].extend(v)
-        grad_norm = self.step_optimizer(metrics["loss/train"])
+        grad_norm = optim.clip_and_step(self.optimizer, self.loss_scaler, self.clip_gradient,
+                                        self.policy.parameters,
+                                        functools.partial(check_finite, metrics["loss/train"],
+                                                          step=self.example_counter,
+                                                          run_dir=self.run_dir))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.reference.after_step(self.policy)
@@ -338,36 +328,6 @@ class BasicTrainer(SingleProcessPlacement):
                     "counters/examples": self.example_counter,
                     "counters/updates": self.batch_counter})
         return out
-
-    def step_optimizer(self, loss_values: List[float]) -> float:
-        """Clip the accumulated gradient and take the optimizer step; returns the gradient norm.
-        Under fp16 loss scaling the gradient is unscaled first, and a step whose gradient
-        overflowed is skipped (the scaler lowers its scale) instead of counting as divergence."""
-        if self.loss_scaler is None:
-            grad_norm = self.clip_gradient()
-            self.check_finite(loss_values, grad_norm)
-            self.optimizer.step()
-            return grad_norm
-        self.loss_scaler.unscale(self.policy.parameters())
-        grad_norm = self.clip_gradient()
-        finite = self.loss_scaler.update(grad_norm)
-        self.check_finite(loss_values, grad_norm if finite else 0.0)
-        if finite:
-            self.optimizer.step()
-        return grad_norm
-
-    def check_finite(self, loss_values: List[float], grad_norm: float):
-        if not all(math.isfinite(v) for v in loss_values) or not math.isfinite(grad_norm):
-            # Relaunching this run would diverge again, and lr & co. may not change within it:
-            # point at the checkpoint to continue from in a new run directory, if there is one.
-            good = checkpoints.newest_checkpoint(self.run_dir) if self.run_dir.is_dir() else None
-            fix = "lower lr, raise warmup_steps or lower max_grad_norm"
-            where = (f"the last good checkpoint is {good}; {fix} and continue from it with "
-                     f"resume_from={good} local_run_dir=NEW_DIR" if good is not None else
-                     f"no checkpoint was saved before it; {fix} and start again")
-            raise TrainingDiverged(
-                f"training diverged at {self.example_counter} examples (loss {loss_values}, "
-                f"grad_norm {grad_norm}); {where}")
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -386,14 +346,11 @@ class BasicTrainer(SingleProcessPlacement):
             self.write_samples()
         eval_metrics = mean_metrics(metrics)
         # Never save weights whose evaluation loss is not finite over the last good checkpoint.
-        self.check_finite([eval_metrics["loss/eval"]], 0.0)
+        check_finite([eval_metrics["loss/eval"]], 0.0, self.example_counter, self.run_dir)
         eval_metrics.update({"counters/examples": self.example_counter,
                              "counters/updates": self.batch_counter})
         self.run_log.metrics(eval_metrics, self.example_counter)
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()
-                            if k.startswith(("loss/", "rewards_eval/accuracies", "rewards_eval/margins",
-                                             "logps_eval/chosen")))
-        rank0_print(f"eval after {self.example_counter} examples: {summary}")
+        rank0_print(f"eval after {self.example_counter} examples: {eval_summary(eval_metrics)}")
         while self.next_eval <= self.example_counter:
             self.next_eval += self.config.eval_every
         return eval_metrics
@@ -401,20 +358,12 @@ class BasicTrainer(SingleProcessPlacement):
     def write_samples(self):
         """Sample from the policy (and reference) for the first n_eval_model_samples eval prompts;
         appended to samples.jsonl in the run directory."""
-        records, n_left = [], self.config.n_eval_model_samples
-        for batch in self.eval_batches:
-            if n_left <= 0:
-                break
-            part = slice_batch(batch, 0, min(n_left, batch_size_of(batch)), self.device)
-            sample = functools.partial(sample_completions, tokenizer=self.tokenizer,
-                                       max_length=self.config.max_length, device=self.device,
-                                       context=self.generation_context)
-            policy_text = sample(self.policy, part)
-            reference_text = self.reference.generate(sample, part) or [None] * len(policy_text)
-            for prompt, p, r in zip(part["prompt"], policy_text, reference_text):
-                records.append({"step": self.example_counter, "prompt": prompt, "policy": p,
-                                "reference": r})
-            n_left -= len(policy_text)
+        sample = functools.partial(references.sample_completions, tokenizer=self.tokenizer,
+                                   max_length=self.config.max_length, device=self.device,
+                                   context=self.generation_context)
+        records = references.sample_records(
+            self.policy, self.reference, self.eval_batches, self.config.n_eval_model_samples,
+            lambda batch, n: slice_batch(batch, 0, n, self.device), sample, self.example_counter)
         self.run_log.samples(records, self.example_counter)
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -432,56 +381,26 @@ class BasicTrainer(SingleProcessPlacement):
         """
         if self.config.debug:
             return None
-        rng = self.rng_states()
-        sharded = self.config.checkpoint_format == "sharded"
-        if sharded:  # every rank writes its own shards of policy and optimizer, nothing gathered
-            checkpoints.save_sharded(self.run_dir, name,
-                                     parallel.sharded_states(self.policy, self.optimizer),
-                                     self.rank, self.ranks.barrier)
-        # The reference says what of the policy is kept (LoRA: the adapter only). Sharded
-        # checkpoints gather the whole policy only for the exports of the last one.
-        policy_state = self.policy_state_dict() if not sharded or finished else None
-        states = {} if sharded else {"policy.pt": self.reference.policy_state(policy_state),
-                                     "optimizer.pt": self.optimizer_state_dict()}
-        reference_states = self.reference.checkpoint_states()  # every rank: may gather shards
-        error = None
-        if self.rank == 0:
-            states["scheduler.pt"] = self.scheduler.state_dict()
-            states.update(reference_states)
+        return checkpoints.save_training(
+            self.run_dir, name, self.checkpoint_parts(), self.ranks, self.example_counter, metrics,
+            functools.partial(self.trainer_state, finished),
+            functools.partial(self.write_extras, finished), self.config.keep_checkpoints,
+            self.config.checkpoint_format == "sharded", finished)
 
-            def write_extras(tmp: Path):
-                OmegaConf.save(self.config, tmp / "config.yaml", resolve=True)
-                if finished and self.config.save_hf_format:
-                    save_hf_format(self.policy, self.reference.plain_policy_state(policy_state),
-                                   self.tokenizer, tmp)
-                if finished:
-                    self.reference.write_exports(tmp, policy_state)
+    def checkpoint_parts(self) -> checkpoints.TrainingParts:
+        return checkpoints.TrainingParts(
+            self.policy, self.optimizer, self.scheduler, self.reference, self.policy_state_dict,
+            self.optimizer_state_dict, self.load_policy_state_dict, self.load_optimizer_state_dict)
 
-            try:
-                final = checkpoints.write_checkpoint(
-                    self.run_dir, name, states, self.example_counter, metrics,
-                    self.trainer_state(finished, rng), write_extras, started=sharded)
-                checkpoints.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
-                rank0_print(f"saved checkpoint to {final}")
-            except Exception as e:
-                error = e
-        if self.ranks.distributed:  # the other ranks must not wait for a save that failed
-            message = broadcast_object(None if error is None else str(error))
-            if message is not None and error is None:
-                error = checkpoints.CheckpointWriteError(message)
-        if error is not None:
-            raise error
-        self.ranks.barrier()
-        return self.run_dir / name
-
-    def rng_states(self) -> List[dict]:
-        """Every rank's RNG state (CPU generators and its own device's), indexed by rank."""
-        own = get_rng_state(self.device)
-        if not self.ranks.distributed:
-            return [own]
-        states = [None] * self.world_size
-        dist.all_gather_object(states, own)
-        return states
+    def write_extras(self, finished: bool, tmp: Path, policy_state: Optional[dict]):
+        """Into checkpoint directory `tmp` being written: the resolved config and, for the run's
+        last checkpoint, the Hugging Face files (save_hf_format) and the reference's exports."""
+        OmegaConf.save(self.config, tmp / "config.yaml", resolve=True)
+        if finished and self.config.save_hf_format:
+            save_hf_format(self.policy, self.reference.plain_policy_state(policy_state),
+                           self.tokenizer, tmp)
+        if finished:
+            self.reference.write_exports(tmp, policy_state)
 
     def trainer_state(self, finished: bool, rng: List[dict]) -> dict:
         return {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
@@ -496,114 +415,29 @@ class BasicTrainer(SingleProcessPlacement):
             checkpoints.DamagedCheckpoint: a file could not be read (nothing was loaded).
             ConfigError: the weights do not fit the model (nothing was loaded).
         """
-        states, state = self.read_for_restore(path)
-        if checkpoints.is_sharded(path):
-            loaded = parallel.sharded_states(self.policy, self.optimizer)
-            checkpoints.load_sharded(path, loaded)
-            parallel.load_sharded_states(self.policy, self.optimizer, loaded)
-        else:
-            self.load_policy_state_dict(states["policy.pt"])
-            optimizer_state = states["optimizer.pt"]  # {} on ranks that did not read it
-            self.load_optimizer_state_dict(with_current_kernels(self.optimizer, optimizer_state)
-                                           if optimizer_state else optimizer_state)
-        self.scheduler.load_state_dict(states["scheduler.pt"])
-        self.reference.load_checkpoint_states(
-            {k: v for k, v in states.items() if k not in checkpoints.STATE_FILES})
-        self.example_counter = state["example_counter"]
-        self.batch_counter = state["batch_counter"]
-        self.next_eval = state["next_eval"]
+        state = checkpoints.restore_training(path, self.checkpoint_parts(), self.ranks)
+        for counter in ("example_counter", "batch_counter", "next_eval"):
+            setattr(self, counter, state[counter])
         self.loss_state.update(state["loss_state"])
         self.loss_generator.set_state(state["loss_generator"])
-        set_rng_state(checkpoints.rng_state_for_rank(state["rng"], self.rank), self.device)
         self.run_log.wandb_run_id = state["wandb_run_id"]
         return state["finished"]
-
-    def read_for_restore(self, path: Path) -> Tuple[dict, dict]:
-        """(states, trainer state) of a checkpoint, "policy.pt" already the full state to load
-        (reference.policy_state_to_load) and checked against the model. With several processes
-        only rank 0 reads the full policy and optimizer states (loading sends each rank its
-        shard; the other ranks get {}), and every rank gets rank 0's verdict.
-
-        Raises:
-            checkpoints.DamagedCheckpoint, ConfigError: on every rank, as restore says.
-        """
-        sharded = checkpoints.is_sharded(path)
-        big = () if sharded else ("policy.pt", "optimizer.pt")
-        names = tuple(n for n in checkpoints.STATE_FILES
-                      if n != "policy.pt" and n != "optimizer.pt" or n in big and self.rank == 0)
-        out, error = None, None
-        try:
-            states, state = checkpoints.read_checkpoint(path, names)
-            if sharded:
-                check_state_dict(self.policy, checkpoints.sharded_policy_shapes(path),
-                                 f"checkpoint {path / checkpoints.SHARDED_DIR}")
-            else:
-                states.setdefault("policy.pt", {})
-                states.setdefault("optimizer.pt", {})
-                # every rank: the reference may gather shards to complete the saved state
-                states["policy.pt"] = self.reference.policy_state_to_load(states["policy.pt"],
-                                                                          self.policy)
-                if self.rank == 0:
-                    check_state_dict(self.policy, states["policy.pt"],
-                                     f"checkpoint {path / 'policy.pt'}")
-            out = states, state
-        except ConfigError as e:
-            error = e
-        if self.ranks.distributed:
-            verdict = broadcast_object(None if error is None else (type(error).__name__, str(error)))
-            if verdict is not None and error is None:
-                kind = (checkpoints.DamagedCheckpoint if verdict[0] == "DamagedCheckpoint"
-                        else ConfigError)
-                error = kind(verdict[1])
-        if error is not None:
-            raise error
-        return out
-
-    def resume(self) -> Tuple[Optional[Path], bool]:
-        """Restore resume_from, else the newest checkpoint of the run that loads, skipping damaged
-        ones with one warning each. Returns (the checkpoint, whether its run had finished), or
-        (None, False) to start from scratch.
-
-        Raises:
-            checkpoints.DamagedCheckpoint: resume_from is damaged, or no checkpoint is intact.
-        """
-        candidates = checkpoints.resume_candidates(self.config.resume_from, self.run_dir)
-        for path in candidates:
-            try:
-                finished = self.restore(path)
-            except checkpoints.DamagedCheckpoint as e:
-                if self.config.resume_from:
-                    raise
-                rank0_print(f"warning: skipping damaged checkpoint {path}: {e}")
-                continue
-            if not self.config.resume_from:
-                for bad, problem in checkpoints.damaged_newer_than(self.run_dir,
-                                                                   self.example_counter):
-                    rank0_print(f"warning: checkpoint {bad} is damaged ({problem}); "
-                                f"resuming from {path} instead")
-            return path, finished
-        if candidates:
-            raise checkpoints.no_intact_checkpoint(self.run_dir, [(p, "unreadable")
-                                                                  for p in candidates])
-        return None, False
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def build_optimizer(self):
         c = self.config
-        self.optimizer = build_torch_optimizer(getattr(torch.optim, c.optimizer),
-                                               list(self.policy.parameters()), c.lr)
-        # Linear warmup, then constant (DPO repository).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / (c.warmup_steps + 1)))
         # fp16 gradients underflow without loss scaling; bf16 has float32's exponent range
-        self.loss_scaler = LossScaler(self.optimizer) if c.mixed_precision == "fp16" else None
+        self.optimizer, self.scheduler, self.loss_scaler = optim.build(
+            getattr(torch.optim, c.optimizer), list(self.policy.parameters()), c.lr,
+            c.warmup_steps, loss_scaling=c.mixed_precision == "fp16")
 
     def begin(self) -> bool:
         """Optimizer, resume, logs, reference and wandb ready; False when the run already ended."""
         self.build_optimizer()
         self.next_eval = 0 if self.config.do_first_eval else self.config.eval_every
-        resume, finished = self.resume()
+        resume, finished = checkpoints.resume(self.config.resume_from, self.run_dir, self.restore,
+                                              lambda: self.example_counter)
         if resume is not None:
             rank0_print(f"resuming from {resume} at {self.example_counter} examples "
                         f"({self.batch_counter} updates)")
@@ -685,29 +519,6 @@ class InterruptFlag:
         return False
 
 
-def sample_completions(model, batch: Dict, tokenizer, max_length: int, device, context) -> List[str]:
-    """Sampled completions for a batch's prompts (left-padded for generation), decoded; sampled
-    inside `context()` (the tensor-parallel trainer seeds it)."""
-    ids, mask = left_padded_prompts(batch, tokenizer.pad_token_id)
-    with context(), torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_length=max_length, do_sample=True,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-
-
-def left_padded_prompts(batch: Dict, pad_token_id: int):
-    """(input_ids, attention_mask), each (B, W): a batch's prompts left-padded for generation."""
-    rows = [ids[mask.bool()] for ids, mask in zip(batch["prompt_input_ids"],
-                                                  batch["prompt_attention_mask"])]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-    return ids, mask
-
-
 class RunLog:
     """metrics.jsonl, samples.jsonl and wandb of a run; only rank 0 writes.
 
@@ -785,93 +596,6 @@ class RunLog:
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class LossScaler:
-    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018, "Mixed Precision Training",
-    section 3.3; the defaults of torch.amp.GradScaler): the loss is multiplied by a power of two
-    before backward, so that small gradients do not flush to zero in float16, and the gradients
-    are divided by it again before clipping. A step whose gradient is not finite is skipped and
-    the scale halved; after GROWTH_INTERVAL finite steps in a row it doubles. The scale and the
-    count live in the optimizer's first param group, so every trainer saves and restores them
-    with the optimizer state (torch's GradScaler keeps per-device overflow flags, which disagree
-    between ranks under sharding; the global gradient norm from clip_gradient does not).
-
-    Args:
-        optimizer: the policy's optimizer.
-    """
-    INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        self.group.setdefault("loss_scale", self.INIT_SCALE)
-        self.group.setdefault("loss_scale_good_steps", 0)
-
-    @property
-    def group(self) -> dict:
-        # looked up each time: optimizer.load_state_dict replaces the param group dicts
-        return self.optimizer.param_groups[0]
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.group["loss_scale"]
-
-    def unscale(self, parameters):
-        inverse = 1.0 / self.group["loss_scale"]  # exact: the scale is a power of two
-        with torch.no_grad():
-            for p in parameters:
-                if p.grad is not None:
-                    p.grad.mul_(inverse)
-
-    def update(self, grad_norm: float) -> bool:
-        """Adjust the scale after a step's gradient norm; returns whether to take the step."""
-        group = self.group
-        if not math.isfinite(grad_norm):
-            group["loss_scale"] /= 2
-            group["loss_scale_good_steps"] = 0
-            rank0_print(f"fp16: gradient overflow, step skipped; loss scale now {group['loss_scale']:g}")
-            return False
-        group["loss_scale_good_steps"] += 1
-        if group["loss_scale_good_steps"] >= self.GROWTH_INTERVAL:
-            group["loss_scale"] *= 2
-            group["loss_scale_good_steps"] = 0
-        return True
-
-
-def _call(fn, *args):
-    return fn(*args)
-
-
-def chunked_logps_tolerance(model) -> float:
-    """How far (per token, in nats) the chunked output layer may be from the model's own forward:
-    float32 rounding of differently blocked products, or half-precision rounding."""
-    dtype = model.get_output_embeddings().weight.dtype
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-
-def build_torch_optimizer(optimizer_class, params: List[torch.nn.Parameter], lr: float):
-    """The optimizer with its fused kernel where it has one for these parameters (plain float32
-    or float64 tensors on CPU or CUDA): one pass per tensor instead of one per arithmetic step,
-    e.g. AdamW on 2 CPU cores for a 20M-parameter model takes 15 ms per step instead of 56.
-    Sharded (DTensor) or low-precision parameters keep the default implementation."""
-    fusable = ("fused" in inspect.signature(optimizer_class).parameters and all(
-        type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
-        and p.dtype in (torch.float32, torch.float64)
-        for p in params))
-    if fusable:
-        try:
-            return optimizer_class(params, lr=lr, fused=True)
-        except (RuntimeError, ValueError):  # a combination this torch has no fused kernel for
-            pass
-    return optimizer_class(params, lr=lr)
-
-
-def with_current_kernels(optimizer, state: dict) -> dict:
-    """A saved optimizer state whose param groups keep this optimizer's kernel choice (fused,
-    foreach): that depends on the parameters at hand (e.g. DTensors under tensor parallelism),
-    not on the trainer that wrote the checkpoint."""
-    groups = [dict(saved, **{k: current[k] for k in ("fused", "foreach") if k in current})
-              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
-    return dict(state, param_groups=groups)
-
-
 # ----------------------------------------------------------------------------- multi-process
 
 class ShardedTrainer(BasicTrainer):
@@ -925,12 +649,16 @@ class FSDPTrainer(ShardedTrainer):
                  or (getattr(torch, legacy) if legacy else None))
         if self.config.activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
+        # With several processes only rank 0 built the weights (train.build_models builds the
+        # other ranks' models on the meta device): each rank takes its shards from rank 0.
         return parallel.fsdp_shard(model, self.mesh, self.config.model.block_name,
-                                   parallel.fsdp_mixed_precision(dtype))
+                                   parallel.fsdp_mixed_precision(dtype),
+                                   from_rank0=self.world_size > 1)
 
     def place_reference(self, model):
         # Inference only, in its own dtype, as the DPO repository shards it.
-        model = parallel.fsdp_shard(model, self.mesh, self.config.model.block_name, {})
+        model = parallel.fsdp_shard(model, self.mesh, self.config.model.block_name, {},
+                                    from_rank0=self.world_size > 1)
         return model, model.unshard  # unshard is a no-op while gathered
 
     def policy_logps(self, fn, *args):

@@ -96,7 +96,8 @@ def draw(points, out_path: Path, title: str):
         run = [p for p in points if p["label"] == label]
         family = run[0]["family"]
         colour = colours[families.index(family) % len(colours)]
-        marker = "*" if family == "SFT" else markers[[l for l in labels if l.startswith(family)].index(label) % len(markers)]
+        same_family = [l for l in labels if next(p for p in points if p["label"] == l)["family"] == family]
+        marker = "*" if family == "SFT" else markers[same_family.index(label) % len(markers)]
         ax.errorbar([p["kl"] for p in run], [p["reward"] for p in run],
                     xerr=[p["kl_se"] or 0 for p in run], yerr=[p["reward_se"] or 0 for p in run],
                     color=colour, marker=marker, markersize=12 if family == "SFT" else 6,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import logps
-import trainers
+import optim
 from conftest import FAST, compose, run_in_process
 from utils import ConfigError
 
@@ -119,21 +119,21 @@ def test_token_kl_under_autocast_recomputes_the_forwards_logits():
 def test_loss_scaler_skips_an_overflow_halves_and_grows():
     p = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([p], lr=0.1)
-    scaler = trainers.LossScaler(optimizer)
+    scaler = optim.LossScaler(optimizer)
     assert scaler.scale(torch.tensor(2.0)).item() == 2.0 * 2 ** 16
     p.grad = torch.full((3,), 2.0 ** 17)
     scaler.unscale([p])
     assert p.grad.tolist() == [2.0, 2.0, 2.0]
     assert scaler.update(math.inf) is False
     assert optimizer.param_groups[0]["loss_scale"] == 2 ** 15
-    for _ in range(trainers.LossScaler.GROWTH_INTERVAL):
+    for _ in range(optim.LossScaler.GROWTH_INTERVAL):
         assert scaler.update(1.0) is True
     assert optimizer.param_groups[0]["loss_scale"] == 2 ** 16
     # saved and restored with the optimizer
     state = optimizer.state_dict()
     other = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
     other.load_state_dict(state)
-    assert trainers.LossScaler(other).group["loss_scale"] == 2 ** 16
+    assert optim.LossScaler(other).group["loss_scale"] == 2 ** 16
 
 
 @pytest.mark.slow

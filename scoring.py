@@ -1,0 +1,96 @@
+"""What a training step scores: the log-probs a loss's registry entry asks for, from the policy
+and the reference, and the start-up check that decides, per model, whether they come from the
+chunked output layer or from full logits (logps.py computes both).
+
+Nothing here reads the config or knows about trainers: the trainer passes its models, its loss
+entry and arguments, and the hook that runs a policy computation (FSDP runs it inside a forward).
+"""
+import functools
+from typing import Callable, Dict, Sequence
+
+import torch
+
+import logps
+from utils import rank0_print
+
+
+def batch_logps(policy, reference, batch: Dict, spec, args: dict, chunk_size: int,
+                sides: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects: (B,) tensors
+    policy_{side}, reference_{side} (when the loss needs a reference), {side}_margin and
+    {side}_position_kl (token-level losses) and {side}_tokens (counted completion tokens).
+
+    Args:
+        policy: the placed policy.
+        reference: the run's references.Reference.
+        batch: this rank's micro-batch, on the device.
+        spec: the loss's losses.LossSpec; args: its arguments.
+        chunk_size: logps_chunk_size.
+        sides: the responses scored: ("chosen", "rejected"), or ("chosen",) for SFT.
+    """
+    average = spec.average_log_prob(args)
+    public, wpo = spec.sequence_parts(args)
+    if public or wpo:  # LD-DPO / WPO: their parts come from the same chunked pass
+        scored = reference if spec.needs_reference(args) else None
+        return logps.pair_parts(policy, scored, batch, average, chunk_size, public, wpo)
+    out = {}
+    for side in sides:
+        ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        if spec.token_level:
+            margin, kl, policy_logps = logps.token_level_logps(policy, reference, ids, mask, labels,
+                                                               average, chunk_size)
+            out.update({f"{side}_margin": margin, f"{side}_position_kl": kl})
+        else:
+            policy_logps = logps.sequence_logps(policy, ids, mask, labels, average, chunk_size)
+            if spec.needs_reference(args):
+                out[f"reference_{side}"] = reference.sequence_logps(batch, side, average)
+        out[f"policy_{side}"] = policy_logps
+        out[f"{side}_tokens"] = logps.completion_token_counts(
+            labels, policy_logps.dtype).to(policy_logps.device)
+    return out
+
+
+def check_output_layers(policy, reference_model, policy_logps: Callable, batch: Dict,
+                        chunk_size: int, any_rank: Callable[[bool], bool]):
+    """Before training: the chunked output layer must give each model's own log-probs (those of
+    its forward) on the chosen sequences of `batch`. A model whose head it does not reproduce (not
+    a plain linear layer, an unknown transform) is marked to be scored from its full logits from
+    then on (logps.FULL_LOGITS_ATTR), with one warning line; known transforms (soft-capping, logit
+    scales) are handled anyway.
+
+    Args:
+        policy: the placed policy; reference_model: the reference's model, or None.
+        policy_logps: (fn, *args) -> fn(*args), run the way the trainer runs policy computations.
+        batch: a few evaluation rows, on the device.
+        chunk_size: logps_chunk_size.
+        any_rank: parallel.Ranks.any_rank (every rank must take the same path).
+    """
+    ids, mask, labels = (batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    differ = {}
+    for role, model in {"policy": policy, "reference model": reference_model}.items():
+        if model is None or logps.has_logit_transform(model):
+            continue
+        chunked = functools.partial(policy_logps if model is policy else _call,
+                                    logps.sequence_logps, model, ids, mask, labels, True, chunk_size)
+        error = logps.chunked_logps_error(model, chunked, ids, mask, labels)
+        # every rank must take the same path (NaN counts as a difference)
+        if any_rank(not error <= chunked_logps_tolerance(model)):
+            setattr(model, logps.FULL_LOGITS_ATTR, True)
+            differ[role] = error
+    if differ:
+        names = " and the ".join(differ)
+        rank0_print(f"warning: the {names}'s output layer is not a plain linear layer (log-probs "
+                    "from hidden states x output weight differ from its own forward's by "
+                    f"{max(differ.values()):.3g} per token); scoring from full logits instead "
+                    "(exact, but more memory: batch x length x vocabulary)")
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def chunked_logps_tolerance(model) -> float:
+    """How far (per token, in nats) the chunked output layer may be from the model's own forward:
+    float32 rounding of differently blocked products, or half-precision rounding."""
+    dtype = model.get_output_embeddings().weight.dtype
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
