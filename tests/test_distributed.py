@@ -435,3 +435,73 @@ def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path):
     assert f"resuming from {resumed / 'step-16'} at 16 examples" in output
     a, b = (checkpoints.load_policy_state(run / "LATEST") for run in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- FSDP start-up memory
+# A worker run under torchrun: train.build_models under FSDP with 2 processes builds the weights on
+# rank 0 only (rank 1 builds on the meta device); sharding then gives rank 1 its shards of rank
+# 0's weights and rank 0's non-persistent buffers (the rotary tables, in no state dict).
+META_WORKER = r'''
+import datetime, json, os, sys
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from omegaconf import OmegaConf
+from conftest import compose
+import parallel, references, train, utils
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+config = compose(OVERRIDES)
+OmegaConf.resolve(config)
+policy, reference = train.build_models(config, utils.build_tokenizer("embedded"))
+out = {"meta": [all(p.is_meta for p in m.parameters()) for m in (policy, reference)],
+       "fingerprint": parallel.rank0_value(references.model_fingerprint, reference),
+       "rng": torch.rand(3).tolist()}
+built = {k: v.clone() for k, v in policy.state_dict().items()} if rank == 0 else {}
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+policy = parallel.fsdp_shard(policy, mesh, config.model.block_name, {}, from_rank0=True)
+state = parallel.full_model_state(policy)  # gathered from both ranks' shards
+if rank == 0:
+    out["weights"] = max((state[k] - v).abs().max().item() for k, v in built.items())
+out["buffers"] = {name: b.tolist() for name, b in policy.named_buffers()}
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, out)
+if rank == 0:
+    print("REPORT " + json.dumps(every), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)  # skip interpreter shutdown (see ARCH_WORKER)
+'''
+
+
+@pytest.mark.slow
+def test_fsdp_builds_weights_on_rank0_only(tmp_path):
+    worker = tmp_path / "meta_worker.py"
+    overrides = [*COMMON, "trainer=FSDPTrainer", f"local_run_dir={tmp_path}/run"]
+    worker.write_text(f"ROOT = {str(ROOT)!r}\nOVERRIDES = {overrides!r}\n" + META_WORKER)
+    rc, output = torchrun([str(worker)], tmp_path, timeout=180)
+    assert rc == 0, output[-4000:]
+    first, second = json.loads(output.split("REPORT ", 1)[1].splitlines()[0])
+    assert first["meta"] == [False, False] and second["meta"] == [True, True]
+    # the reference cache key is rank 0's hash of the weights, on both ranks
+    assert first["fingerprint"] == second["fingerprint"] and len(first["fingerprint"]) == 32
+    assert first["rng"] == second["rng"]  # rank 1 continues from rank 0's RNG state
+    assert first["weights"] == 0.0
+    assert "model.rotary_emb.inv_freq" in second["buffers"]
+    assert first["buffers"] == second["buffers"]
+
+
+@pytest.mark.slow
+def test_fsdp_bad_archive_is_refused_on_every_rank(tmp_path):
+    """Rank 0 alone loads and checks model.archive; the other ranks get its one-line refusal
+    instead of waiting for weights that never come."""
+    archive = tmp_path / "policy.pt"
+    torch.save({"state": {"not.a.weight": torch.zeros(2)}}, archive)
+    rc, output = torchrun(["train.py", *COMMON, "trainer=FSDPTrainer", f"model.archive={archive}",
+                           f"local_run_dir={tmp_path}/run"], tmp_path, timeout=120)
+    assert rc != 0
+    refusals = [line for line in output.splitlines() if line.startswith("error: model.archive=")]
+    assert len(refusals) == 2 and "does not fit the model" in refusals[0], output[-3000:]
+    assert not (tmp_path / "run").exists()

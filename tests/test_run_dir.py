@@ -123,8 +123,8 @@ def test_resume_from_errors_name_the_option(tmp_path):
     import train
     (tmp_path / "half").mkdir()
     config = resolved([*FAST, f"local_run_dir={tmp_path}/run", f"resume_from={tmp_path}/half"])
-    with pytest.raises(train.ConfigError, match=f"^resume_from={tmp_path}/half is not a complete "
-                                                "checkpoint directory"):
+    with pytest.raises(train.ConfigError, match=f"^resume_from={tmp_path}/half is not an intact "
+                                                "checkpoint: trainer_state.pt is missing"):
         train.check_run_dir(config)
     config = resolved([*FAST, f"local_run_dir={tmp_path}/run", f"resume_from={tmp_path}/none"])
     with pytest.raises(train.ConfigError, match=f"^resume_from={tmp_path}/none is not a directory"):
