@@ -58,3 +58,34 @@ def _cache_dir(tmp_path_factory):
 def tokenizer():
     import utils
     return utils.build_tokenizer("embedded")
+
+
+def kill_when_saved(args, run_dir, checkpoint="step-32", timeout=300):
+    """Start `python -u train.py ARGS local_run_dir=RUN_DIR` and SIGKILL it as soon as `checkpoint`
+    is complete (its trainer_state.pt, written last, exists): a crash right after a save."""
+    import signal
+    import time
+    run_dir = Path(run_dir)
+    proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, f"local_run_dir={run_dir}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (run_dir / checkpoint / "trainer_state.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the save"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def poison_policy_at(monkeypatch, n_examples: int):
+    """Make training diverge: fill a policy weight with NaN once `n_examples` have been seen."""
+    import torch
+    import trainers
+    real_step = trainers.BasicTrainer.train_step
+
+    def poisoned_step(self, batch):
+        if self.example_counter == n_examples:
+            with torch.no_grad():
+                next(self.policy.parameters()).fill_(float("nan"))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(trainers.BasicTrainer, "train_step", poisoned_step)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose, read_metrics, run_in_process
+from conftest import FAST, compose, poison_policy_at, read_metrics, run_in_process
 from test_train import make_trainer
 
 SHORT = [*FAST, "n_examples=32", "eval_every=16"]
@@ -285,15 +285,7 @@ def test_sigint_finishes_the_step_saves_and_stops(tmp_path, monkeypatch):
 def test_divergence_names_the_checkpoint_to_continue_from(tmp_path, monkeypatch):
     import trainers
     trainer = make_trainer(["n_examples=48", "eval_every=16"], tmp_path)
-    real_step = trainers.BasicTrainer.train_step
-
-    def poisoned_step(self, batch):
-        if self.example_counter == 24:
-            with torch.no_grad():
-                next(self.policy.parameters()).fill_(float("nan"))
-        return real_step(self, batch)
-
-    monkeypatch.setattr(trainers.BasicTrainer, "train_step", poisoned_step)
+    poison_policy_at(monkeypatch, 24)
     with pytest.raises(trainers.TrainingDiverged) as err:
         trainer.train()
     good = tmp_path / "run" / "step-16"

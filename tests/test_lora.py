@@ -1,14 +1,10 @@
 """LoRA (lora.py, references.AdapterReference): only the adapter trains, the reference is the policy
 with its adapter off, small checkpoints, PEFT-loadable exports, exact resume."""
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, compose, read_metrics, run_in_process, run_subprocess
+from conftest import FAST, kill_when_saved, compose, read_metrics, run_in_process, run_subprocess
 from test_train import make_trainer
 
 LORA = ["loss=dpo", "loss.beta=0.1", "lora.r=4", "lora.alpha=8", "lr=1e-2"]
@@ -161,14 +157,7 @@ def test_lora_resume_after_a_kill_is_bitwise(tmp_path):
     whole = run_subprocess([*args, f"local_run_dir={tmp_path}/whole"], timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, f"local_run_dir={killed}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "step-32" / "trainer_state.pt").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_saved(args, killed, "step-32")
     again = run_subprocess([*args, f"local_run_dir={killed}"], timeout=600)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
     a = torch.load(tmp_path / "whole" / "LATEST" / "policy.pt", weights_only=True)["state"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT, compose, read_metrics, run_in_process, run_subprocess
+from conftest import (FAST, ROOT, compose, poison_policy_at, read_metrics, run_in_process,
+                      run_subprocess)
 from test_train import make_trainer
 
 # beta-DPO exercises the running loss state and the loss's random generator; sampling during
@@ -126,15 +127,7 @@ def test_only_the_newest_step_checkpoints_are_kept(tmp_path):
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import trainers
     trainer = make_trainer(["n_examples=48", "eval_every=16"], tmp_path)
-    real_step = trainers.BasicTrainer.train_step
-
-    def poisoned_step(self, batch):
-        if self.example_counter == 24:
-            with torch.no_grad():
-                next(self.policy.parameters()).fill_(float("nan"))
-        return real_step(self, batch)
-
-    monkeypatch.setattr(trainers.BasicTrainer, "train_step", poisoned_step)
+    poison_policy_at(monkeypatch, 24)
     with pytest.raises(trainers.TrainingDiverged, match="training diverged at 24 examples"):
         trainer.train()
     run_dir = tmp_path / "run"

@@ -1,14 +1,10 @@
 """TR-DPO (references.SyncedReference, AdapterReference with sync): the reference follows the policy,
 reference <- alpha * policy + (1 - alpha) * reference every ref_model_sync_steps optimizer steps."""
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, run_subprocess
+from conftest import FAST, kill_when_saved, run_subprocess
 from test_train import make_trainer
 
 SYNC = ["loss=dpo", "loss.beta=0.1", "sync_ref_model=true", "ref_model_sync_steps=2",
@@ -64,14 +60,7 @@ def test_resume_after_a_kill_is_bitwise(extra, tmp_path):
     whole = run_subprocess([*args, f"local_run_dir={tmp_path}/whole"], timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, f"local_run_dir={killed}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "step-32" / "trainer_state.pt").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_saved(args, killed, "step-32")
     assert (killed / "step-32" / "reference.pt").is_file()
     again = run_subprocess([*args, f"local_run_dir={killed}"], timeout=600)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
