@@ -46,6 +46,17 @@ def warmup_schedule(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.La
         optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
 
 
+def set_base_lr(optimizer, scheduler, lr: float):
+    """Make `lr` the schedule's base rate after a checkpoint was loaded. A checkpoint's optimizer
+    and scheduler carry the lr they were saved with, and `resume_from` into a new directory may
+    start from one with another (e.g. a lower lr after a divergence); resuming a run in its own
+    directory cannot change lr, and then the values set here are the restored ones exactly."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)  # LambdaLR's own formula
+
+
 class LossScaler:
     """Dynamic loss scaling for fp16 (Micikevicius et al. 2018, "Mixed Precision Training",
     section 3.3; the defaults of torch.amp.GradScaler): the loss is multiplied by a power of two

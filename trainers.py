@@ -416,6 +416,7 @@ class BasicTrainer(SingleProcessPlacement):
             ConfigError: the weights do not fit the model (nothing was loaded).
         """
         state = checkpoints.restore_training(path, self.checkpoint_parts(), self.ranks)
+        optim.set_base_lr(self.optimizer, self.scheduler, self.config.lr)
         for counter in ("example_counter", "batch_counter", "next_eval"):
             setattr(self, counter, state[counter])
         self.loss_state.update(state["loss_state"])

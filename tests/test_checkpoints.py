@@ -396,3 +396,18 @@ def test_checkpoint_format_is_validated(tmp_path):
         OmegaConf.resolve(config)
         with pytest.raises(train.ConfigError, match=message):
             train.validate_config(config, 1)
+
+
+def test_resume_from_into_a_new_directory_trains_at_the_configured_lr(tmp_path):
+    """After a divergence the message says: continue from the last good checkpoint with a lower lr
+    (resume_from=... local_run_dir=NEW). The restored optimizer and scheduler carry the old lr;
+    the configured one must be what the next steps use."""
+    import torch
+    first = run_in_process([*FAST, "n_examples=32", "eval_every=16", "warmup_steps=0",
+                            f"local_run_dir={tmp_path}/first"])
+    again = run_in_process([*FAST, "n_examples=48", "eval_every=16", "warmup_steps=0", "lr=1e-5",
+                            f"resume_from={first}/step-16", f"local_run_dir={tmp_path}/again"])
+    groups = torch.load(again / "LATEST" / "optimizer.pt", weights_only=True)["state"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-5] * len(groups)
+    assert torch.load(first / "LATEST" / "optimizer.pt",
+                      weights_only=True)["state"]["param_groups"][0]["lr"] == 1e-3
