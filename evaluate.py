@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import preference_datasets
 import synthetic_data
+from losses import _is_number  # one definition of "a finite number" for every config check
+from train import _require
 import utils
 from utils import ConfigError
 
@@ -517,15 +519,6 @@ def validate_config(cfg: DictConfig):
     _require(keys == REWARDS[name].config_keys,
              f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
              f"{sorted(keys)}; see config/reward/{name}.yaml")
-
-
-def _require(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _finite(x: float) -> Optional[float]:
