@@ -724,15 +724,21 @@ def _did_you_mean(key: str, known: List[str]) -> str:
     return "; the known keys are in config/config.yaml, config/model/ and config/loss/"
 
 
+def print_error(problem) -> None:
+    """`error: ...` as one write, so the lines of several ranks never interleave mid-line."""
+    sys.stderr.write(f"error: {problem}\n")
+    sys.stderr.flush()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(config: DictConfig):
     try:
         run(config)
     except (ConfigError, preference_datasets.DatasetFormatError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_error(e)
         sys.exit(2)
     except trainers.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_error(e)
         sys.exit(3)
     except checkpoints.CheckpointWriteError as e:
         utils.rank0_print(f"error: {e}", file=sys.stderr)
@@ -750,7 +756,7 @@ def main(config: DictConfig):
 if __name__ == "__main__":
     sys.argv[1:], problems = check_command_line(sys.argv[1:])
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr, flush=True)
+        print_error(problem)
     if problems:
         sys.exit(2)
     main()
