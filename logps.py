@@ -8,7 +8,7 @@ equal `get_batch_logps` / `tdpo_get_batch_logps`, the full-logits formulas at th
 """
 import contextlib
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -422,6 +422,31 @@ def _completion_rows(hidden: torch.Tensor, labels: torch.LongTensor):
     return seq, pos, shifted[seq, pos], mask.sum(-1)
 
 
+class Selection(NamedTuple):
+    """Which rows of hidden states score which tokens of which sequence, when the sequences are
+    not one per row (packing.py lays several sequences, or a shared prompt, into one row).
+
+    index: (N,) positions in hidden.flatten(0, 1) whose output predicts a counted token.
+    targets: (N,) the predicted token ids.
+    seq: (N,) the sequence each belongs to, in 0..B-1, non-decreasing.
+    counts: (B,) counted tokens per sequence.
+    """
+    index: torch.Tensor
+    targets: torch.Tensor
+    seq: torch.Tensor
+    counts: torch.Tensor
+
+
+def _select_rows(hidden: torch.Tensor, labels):
+    """(rows (N, H), seq, targets, counts, B) for `labels` given as (B, T) token labels or as a
+    Selection."""
+    if isinstance(labels, Selection):
+        return (hidden.flatten(0, 1)[labels.index], labels.seq, labels.targets, labels.counts,
+                labels.counts.numel())
+    seq, pos, targets, counts = _completion_rows(hidden, labels)
+    return hidden[seq, pos], seq, targets, counts, hidden.shape[0]
+
+
 def _per_sequence(per_row: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor,
                   batch_size: int, average_log_prob: bool) -> torch.Tensor:
     """Sum (or mean) per-row values into (B,); rows without counted tokens give 0."""
@@ -438,13 +463,13 @@ def _check_chunks(chunk_size: int, vocab_chunk_size: int = 1) -> None:
 
 
 def _row_logps(hidden, weight, labels, bias, chunk_size: int, wpo: bool = False):
-    """(per-row target log-probs (N,), per-row WPO log-weights (N,) or None, seq (N,), counts (B,))
-    of the completion rows, through the chunked kernel (with autograd when anything needs grad)."""
+    """(per-row target log-probs (N,), per-row WPO log-weights (N,) or None, seq (N,), counts (B,),
+    B) of the completion rows (labels: (B, T) or a Selection), through the chunked kernel (with
+    autograd when anything needs grad)."""
     _check_chunks(chunk_size)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
-    seq, pos, targets, counts = _completion_rows(hidden, labels)
-    rows = hidden[seq, pos]
+    rows, seq, targets, counts, b = _select_rows(hidden, labels)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (rows, weight, bias))
     if needs_grad:
@@ -452,7 +477,7 @@ def _row_logps(hidden, weight, labels, bias, chunk_size: int, wpo: bool = False)
     else:  # reference / evaluation: nothing saved for a backward that never comes
         per_row, _, wpo_rows = _target_logps(rows, weight, bias, targets, int(chunk_size),
                                              keep_rows=0, wpo=wpo)
-    return per_row, (wpo_rows if wpo else None), seq, counts
+    return per_row, (wpo_rows if wpo else None), seq, counts, b
 
 
 def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor,
@@ -469,7 +494,7 @@ def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.L
     Args:
         hidden: (B, T, H) final hidden states (after the final norm).
         weight: (V, H) output-layer weight.
-        labels: (B, T) token ids, -100 where ignored.
+        labels: (B, T) token ids, -100 where ignored; or a Selection (packing.py).
         bias: optional (V,) output-layer bias.
         average_log_prob: mean over counted tokens instead of the sum.
         chunk_size: positions per chunk.
@@ -477,8 +502,8 @@ def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.L
     Returns:
         (B,) log-probs in float32 (float64 if any input is float64); 0 for a row with no counted token.
     """
-    per_row, _, seq, counts = _row_logps(hidden, weight, labels, bias, chunk_size)
-    return _per_sequence(per_row, seq, counts, hidden.shape[0], average_log_prob)
+    per_row, _, seq, counts, b = _row_logps(hidden, weight, labels, bias, chunk_size)
+    return _per_sequence(per_row, seq, counts, b, average_log_prob)
 
 
 def _rank_in_sequence(seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -505,8 +530,7 @@ def completion_parts(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.L
         'wpo_logweight': (B,) detached sum over completion tokens of log p(y_t) -
         logsumexp_v(2 log p(v | prefix)) (when wpo)}.
     """
-    per_row, wpo_rows, seq, counts = _row_logps(hidden, weight, labels, bias, chunk_size, wpo)
-    b = hidden.shape[0]
+    per_row, wpo_rows, seq, counts, b = _row_logps(hidden, weight, labels, bias, chunk_size, wpo)
     out = {'sum': _per_sequence(per_row, seq, counts, b, False)}
     if public_tokens is not None:
         public = _rank_in_sequence(seq, counts) < public_tokens.to(seq.device)[seq]
@@ -535,7 +559,7 @@ def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Ten
     Args:
         policy_hidden, reference_hidden: (B, T, H) and (B, T, H_ref) final hidden states.
         policy_weight, reference_weight: (V, H) and (V, H_ref) output-layer weights.
-        labels: (B, T) token ids, -100 where ignored.
+        labels: (B, T) token ids, -100 where ignored; or a Selection (packing.py).
         policy_bias, reference_bias: optional (V,) biases.
         average_log_prob: means over counted positions instead of sums.
         chunk_size: positions per chunk.
@@ -551,16 +575,15 @@ def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Ten
     if policy_hidden.dtype != policy_weight.dtype:
         policy_hidden = policy_hidden.to(policy_weight.dtype)
     reference_hidden = reference_hidden.detach().to(reference_weight.dtype)
-    seq, pos, targets, counts = _completion_rows(policy_hidden, labels)
-    if reference_hidden.shape[:2] != labels.shape:
-        raise ValueError(f'reference_hidden {tuple(reference_hidden.shape)} does not match labels')
-    rows = policy_hidden[seq, pos]
-    ref_rows = reference_hidden[seq, pos]
+    if reference_hidden.shape[:2] != policy_hidden.shape[:2]:
+        raise ValueError(f'reference_hidden {tuple(reference_hidden.shape)} does not match the '
+                         f'policy\'s {tuple(policy_hidden.shape)}')
+    rows, seq, targets, counts, b = _select_rows(policy_hidden, labels)
+    ref_rows = _select_rows(reference_hidden, labels)[0]
     logp, ref_logp, kl = _TokenKLFunction.apply(
         rows, ref_rows, policy_weight, reference_weight.detach(), policy_bias,
         None if reference_bias is None else reference_bias.detach(), targets,
         int(chunk_size), int(vocab_chunk_size))
-    b = policy_hidden.shape[0]
     return (_per_sequence(logp - ref_logp, seq, counts, b, average_log_prob),
             _per_sequence(kl, seq, counts, b, average_log_prob),
             _per_sequence(logp, seq, counts, b, average_log_prob))
@@ -576,11 +599,13 @@ def output_layer(model):
     return head.weight, getattr(head, "bias", None)
 
 
-def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """Final hidden states (B, T, H) after the last norm, without applying the output layer, times
-    the model's logit_scale when it has one, so that hidden @ weight.T are the model's logits."""
+    the model's logit_scale when it has one, so that hidden @ weight.T are the model's logits.
+    `attention_mask` is (B, T), or a 4D mask with `position_ids` (B, T) (packing.py's layouts)."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
     scale = logit_scale(model)
     # (s h) W^T = s (h W^T) without a bias; with one, has_logit_transform sends the model to the
     # full-logits path instead
@@ -615,9 +640,19 @@ def has_logit_transform(model) -> bool:
     return logit_scale(model) != 1.0 and output_layer(model)[1] is not None
 
 
-def full_logits(model, input_ids, attention_mask) -> torch.Tensor:
+def full_logits(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """(B, T, V) float32 logits from the model's own forward (every transform of its head)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
+
+
+def selected_logps(logits: torch.Tensor, selection: Selection,
+                   average_log_prob: bool) -> torch.Tensor:
+    """`get_batch_logps` for a Selection of rows of full (R, L, V) logits: (B,) log-probs."""
+    log_probs = logits.flatten(0, 1)[selection.index].log_softmax(-1)
+    per_row = log_probs.gather(1, selection.targets[:, None]).squeeze(1)
+    return _per_sequence(per_row, selection.seq, selection.counts, selection.counts.numel(),
+                         average_log_prob)
 
 
 def chunked_logps_error(model, chunked: Callable, input_ids, attention_mask, labels) -> float:

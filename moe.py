@@ -24,6 +24,21 @@ _COLLECTING = contextvars.ContextVar("router_loss_collecting", default=False)
 _PAUSED = contextvars.ContextVar("router_loss_paused", default=False)
 
 
+# Which tokens are real in a forward whose attention mask is 4D (packing.py's layouts), since
+# the router loss is masked per token, as with a (B, T) attention mask.
+_TOKENS = contextvars.ContextVar("router_loss_tokens", default=None)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor):
+    """(R, L) bool of real tokens, for the router loss of forwards inside this block."""
+    token = _TOKENS.set(mask)
+    try:
+        yield
+    finally:
+        _TOKENS.reset(token)
+
+
 @contextlib.contextmanager
 def router_loss_paused():
     token = _PAUSED.set(True)
@@ -88,8 +103,10 @@ class RouterLoss:
             return
         router_logits = getattr(output, "router_logits", None)
         if router_logits:
-            self.losses.append(self.loss_fn(router_logits, self.n_experts, self.top_k,
-                                            kwargs.get("attention_mask")))
+            mask = kwargs.get("attention_mask")
+            if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+                mask = _TOKENS.get()
+            self.losses.append(self.loss_fn(router_logits, self.n_experts, self.top_k, mask))
 
     def add_to(self, loss: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(loss + coef x the mean router loss of the forwards since the last call,

@@ -22,6 +22,7 @@ import tqdm
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import logps
+import packing
 import parallel
 from moe import router_loss_paused
 from parallel import Ranks
@@ -57,8 +58,18 @@ class Reference:
         each row's first public_tokens[b] completion tokens (the pair's shared length)}."""
         raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
 
+    def pair_logps(self, batch: Dict, sides: Tuple[str, ...], average: bool,
+                   layout=None) -> Dict[str, torch.Tensor]:
+        """{side: sequence_logps(batch, side, average)}; a kind that runs a model scores a
+        packing.Layout of the batch instead, when given, in one forward."""
+        return {side: self.sequence_logps(batch, side, average) for side in sides}
+
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T, H) final hidden states, for token-level KL (when supports_token_kl)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
+
+    def layout_hidden(self, layout) -> torch.Tensor:
+        """(R, L, H) final hidden states on a packing.Layout's rows (when supports_token_kl)."""
         raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
 
     def output_layer(self):
@@ -145,8 +156,18 @@ class ModelReference(Reference):
                                         batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
                                         self.chunk_size, public_tokens)
 
+    def pair_logps(self, batch, sides, average, layout=None):
+        if layout is None:
+            return super().pair_logps(batch, sides, average)
+        model = self._use()
+        with torch.no_grad():
+            return packing.model_logps(model, layout, average, self.chunk_size)
+
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         return logps.hidden_states(self._use(), input_ids, attention_mask)
+
+    def layout_hidden(self, layout) -> torch.Tensor:
+        return packing.model_hidden(self._use(), layout)
 
     def output_layer(self):
         return logps.output_layer(self._use())
@@ -550,9 +571,19 @@ class AdapterReference(Reference):
                                         batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
                                         self.chunk_size, public_tokens)
 
+    def pair_logps(self, batch, sides, average, layout=None):
+        if layout is None:
+            return super().pair_logps(batch, sides, average)
+        with torch.no_grad(), self._scope() as model:
+            return packing.model_logps(model, layout, average, self.chunk_size)
+
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         with self._scope() as model:
             return logps.hidden_states(model, input_ids, attention_mask)
+
+    def layout_hidden(self, layout) -> torch.Tensor:
+        with self._scope() as model:
+            return packing.model_hidden(model, layout)
 
     def output_layer(self):
         return logps.output_layer(self.policy)  # never adapted (train.py refuses lm_head)

@@ -11,11 +11,12 @@ from typing import Callable, Dict, Sequence
 import torch
 
 import logps
+import packing
 from utils import rank0_print
 
 
 def batch_logps(policy, reference, batch: Dict, spec, args: dict, chunk_size: int,
-                sides: Sequence[str]) -> Dict[str, torch.Tensor]:
+                sides: Sequence[str], layout=None) -> Dict[str, torch.Tensor]:
     """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects: (B,) tensors
     policy_{side}, reference_{side} (when the loss needs a reference), {side}_margin and
     {side}_position_kl (token-level losses) and {side}_tokens (counted completion tokens).
@@ -27,12 +28,16 @@ def batch_logps(policy, reference, batch: Dict, spec, args: dict, chunk_size: in
         spec: the loss's losses.LossSpec; args: its arguments.
         chunk_size: logps_chunk_size.
         sides: the responses scored: ("chosen", "rejected"), or ("chosen",) for SFT.
+        layout: the batch laid out by packing.build_layout (shared prompts, packed rows), or
+            None for one right-padded row per sequence.
     """
     average = spec.average_log_prob(args)
     public, wpo = spec.sequence_parts(args)
     if public or wpo:  # LD-DPO / WPO: their parts come from the same chunked pass
         scored = reference if spec.needs_reference(args) else None
         return logps.pair_parts(policy, scored, batch, average, chunk_size, public, wpo)
+    if layout is not None:
+        return _layout_logps(policy, reference, batch, layout, spec, args, chunk_size, average)
     out = {}
     for side in sides:
         ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
@@ -48,6 +53,75 @@ def batch_logps(policy, reference, batch: Dict, spec, args: dict, chunk_size: in
         out[f"{side}_tokens"] = logps.completion_token_counts(
             labels, policy_logps.dtype).to(policy_logps.device)
     return out
+
+
+def _layout_logps(policy, reference, batch: Dict, layout, spec, args: dict, chunk_size: int,
+                  average: bool) -> Dict[str, torch.Tensor]:
+    """batch_logps on a packing.Layout: one forward per model for all of the batch's sequences."""
+    out = {}
+    if spec.token_level:
+        found = packing.token_level_logps(policy, reference, layout, average, chunk_size)
+        for side, (margin, kl, policy_logps) in found.items():
+            out.update({f"{side}_margin": margin, f"{side}_position_kl": kl,
+                        f"policy_{side}": policy_logps})
+    else:
+        for side, policy_logps in packing.model_logps(policy, layout, average, chunk_size).items():
+            out[f"policy_{side}"] = policy_logps
+        if spec.needs_reference(args):
+            found = reference.pair_logps(batch, tuple(layout.selections), average, layout)
+            out.update({f"reference_{side}": value for side, value in found.items()})
+    for side, selection in layout.selections.items():
+        out[f"{side}_tokens"] = selection.counts.to(out[f"policy_{side}"])
+    return out
+
+
+def check_layout(policy, reference_model, policy_logps: Callable, batch: Dict,
+                 sides: Sequence[str], build_layout: Callable, max_length: int, chunk_size: int,
+                 any_rank: Callable[[bool], bool], token_level: bool) -> bool:
+    """Before training: whether the models can score packing.py's layouts (share_prompt,
+    packing). Each must take a custom 4D attention mask, and the policy (and a reference of
+    another class) must give the usual layout's log-probs on `batch`; otherwise one warning line
+    and the usual layout from then on.
+
+    Args:
+        policy, reference_model (or None), policy_logps, chunk_size, any_rank: as
+            check_output_layers.
+        batch: a few evaluation rows, on the device; sides: the scored sides.
+        build_layout: batch -> packing.Layout, with the run's settings.
+        max_length: the longest sequence (for models with a sliding window).
+        token_level: the loss needs per-token KL (TDPO).
+    """
+    reason = None
+    for role, model in {"policy": policy, "reference model": reference_model}.items():
+        why = None if model is None else packing.unsupported_reason(model, max_length,
+                                                                     token_level)
+        if why is not None:
+            reason = f"the {role} cannot take it: {why}"
+            break
+    if reason is None:
+        layout = build_layout(batch)
+        checked = {"policy": (policy, policy_logps)}
+        if reference_model is not None and type(reference_model) is not type(policy):
+            checked["reference model"] = (reference_model, _call)
+        for role, (model, run) in checked.items():
+            error = run(_layout_error, model, batch, layout, sides, chunk_size)
+            if any_rank(not error <= chunked_logps_tolerance(model)):
+                reason = (f"the {role}'s log-probs on it differ from the usual layout's by "
+                          f"{error:.3g} per token")
+                break
+    if reason is not None:
+        rank0_print(f"warning: share_prompt/packing are off: {reason}; every sequence is scored "
+                    "in its own padded row instead (the prompt runs once per response)")
+    return reason is None
+
+
+def _layout_error(model, batch: Dict, layout, sides: Sequence[str], chunk_size: int) -> float:
+    """Largest difference of per-token mean log-probs between a layout and the usual rows."""
+    with torch.no_grad():
+        packed = packing.model_logps(model, layout, True, chunk_size)
+        return max((packed[side] - logps.sequence_logps(
+            model, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")),
+            True, chunk_size)).abs().max().item() for side in sides)
 
 
 def check_output_layers(policy, reference_model, policy_logps: Callable, batch: Dict,

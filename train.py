@@ -79,7 +79,8 @@ def validate_config(config: DictConfig, world_size: int):
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
                 "max_prompt_length", "eval_every", "n_eval_model_samples", "logps_chunk_size"):
         _positive_int(config, key)
-    for key in ("n_epochs", "n_examples", "n_eval_examples", "keep_checkpoints"):
+    for key in ("n_epochs", "n_examples", "n_eval_examples", "keep_checkpoints",
+                "packing_row_tokens"):
         _positive_int(config, key, allow_none=True)
     _require(config.n_epochs is not None or config.n_examples is not None,
              "n_epochs and n_examples are both null; set one of them")
@@ -93,6 +94,7 @@ def validate_config(config: DictConfig, world_size: int):
              f"seed={config.seed!r} must be a non-negative integer")
     for key in ("do_first_eval", "sample_during_eval", "activation_checkpointing", "debug",
                 "group_by_length", "precompute_ref_log_probs", "save_hf_format", "wandb.enabled", "plot",
+                "share_prompt", "packing",
                 "model.trust_remote_code"):
         _flag(config, key)
     _require(config.max_prompt_length < config.max_length,
@@ -398,6 +400,9 @@ RESUMABLE_KEYS = (
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
     # three save full state dicts, so a run resumes under any of them).
     "local_run_dir", "local_dirs", "exp_name", "fsdp_port", "resume_from", "trainer",
+    # How a step's sequences are laid out, not what is trained (the same log-probs up to float
+    # rounding, tests/test_packing.py).
+    "share_prompt", "packing", "packing_row_tokens",
 )
 
 

@@ -28,6 +28,7 @@ import checkpoints
 import losses
 import moe
 import optim
+import packing
 import parallel
 import preference_datasets
 import references
@@ -216,15 +217,31 @@ class BasicTrainer(SingleProcessPlacement):
         self.batch_counter = 0
         self.run_log = RunLog(self.run_dir, rank, config)
         self.eval_batches = self.build_eval_batches()
+        self.uses_layout = False  # set by check_output_layers
         self.check_output_layers()
 
     def check_output_layers(self):
         """Before training: score each model from its full logits where the chunked output layer
-        does not reproduce its forward on two evaluation sequences (scoring.check_output_layers)."""
-        if self.eval_batches:
-            scoring.check_output_layers(self.policy, self.reference.model, self.policy_logps,
-                                        slice_batch(self.eval_batches[0], 0, 2, self.device),
-                                        self.config.logps_chunk_size, self.ranks.any_rank)
+        does not reproduce its forward on two evaluation sequences (scoring.check_output_layers),
+        then decide whether batches are laid out with shared prompts / packed rows
+        (scoring.check_layout)."""
+        if not self.eval_batches:
+            return
+        c, rows = self.config, slice_batch(self.eval_batches[0], 0, 2, self.device)
+        scoring.check_output_layers(self.policy, self.reference.model, self.policy_logps, rows,
+                                    c.logps_chunk_size, self.ranks.any_rank)
+        public, wpo = self.loss.sequence_parts(self.loss_args)
+        if (c.share_prompt or c.packing) and not (public or wpo):  # per-token parts: usual rows
+            self.uses_layout = scoring.check_layout(
+                self.policy, self.reference.model, self.policy_logps, rows, self.sides,
+                self.build_layout, c.max_length, c.logps_chunk_size, self.ranks.any_rank,
+                self.loss.token_level)
+
+    def build_layout(self, batch: Dict) -> packing.Layout:
+        """The micro-batch laid out as the config says (packing.build_layout)."""
+        c = self.config
+        return packing.build_layout(batch, self.sides, c.share_prompt, c.packing,
+                                    c.packing_row_tokens)
 
     def build_reference(self, model, fingerprint) -> references.Reference:
         """The reference kind the config asks for (references.build_reference decides)."""
@@ -283,22 +300,29 @@ class BasicTrainer(SingleProcessPlacement):
         """The responses a step scores: chosen and rejected, or only the SFT target."""
         return ("chosen", "rejected") if self.loss.paired else ("chosen",)
 
-    def batch_logps(self, batch: Dict) -> Dict[str, torch.Tensor]:
+    def batch_logps(self, batch: Dict, layout=None) -> Dict[str, torch.Tensor]:
         """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects
         (scoring.batch_logps)."""
         return scoring.batch_logps(self.policy, self.reference, batch, self.loss, self.loss_args,
-                                   self.config.logps_chunk_size, self.sides)
+                                   self.config.logps_chunk_size, self.sides, layout)
 
     def batch_loss(self, batch: Dict, train: bool):
         """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank."""
+        layout = self.build_layout(batch) if self.uses_layout else None
         with self.autocast(), self.router_loss.collecting():
-            logps_ = self.policy_logps(self.batch_logps, batch)
+            logps_ = self.policy_logps(self.batch_logps, batch, layout)
         loss, metrics = self.loss.compute(logps_, self.loss_args, self.loss_state,
                                           gather=self.gather, train=train,
                                           generator=self.loss_generator, rank=self.ranks.data_rank)
         loss, router_metrics = self.router_loss.add_to(loss)  # MoE models only (moe.py)
-        return loss, gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
-                                      self.gather, self.device)
+        out = gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
+                               self.gather, self.device)
+        if train:  # the share of the step's compute that went to padding
+            padding = (layout.padding_fraction if layout is not None
+                       else packing.padding_fraction(batch, self.sides))
+            out["tokens/padding_fraction"] = self.gather(
+                torch.tensor([padding], device=self.device)).cpu().tolist()
+        return loss, out
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
         """One optimizer update over a global batch, with gradient accumulation."""

@@ -6,8 +6,19 @@ synthetic preference dataset whose sequences have an exactly known length, and
 prints one JSON object (the last stdout line) with throughput, peak RSS and the
 settings used.
 
-This script needs ``trl`` and is meant to run from a separate virtual
-environment (see ``benchmarks/README.md``); it is not imported by the project.
+This script needs ``trl`` (1.16.0 is installed in the project's environment, so
+plain ``python`` runs it; a separate virtual environment, see
+``benchmarks/README.md``, is optional); it is not imported by the project.
+
+With ``--lengths-file FILE`` (a JSON list of [prompt, chosen, rejected] token
+counts, e.g. ``benchmarks/hh_lengths.json``) the pairs have those lengths, in
+file order, cycled to fill ``batch * steps`` pairs: the same rows
+``benchmarks/dpo_throughput.py`` trains on (both build them with
+``common.rows_of_lengths``). ``DPOTrainer`` batches them its own default way
+(shuffled, chosen and rejected stacked into one ``2 * batch`` tensor padded to
+its longest sequence); ``max_length`` is the longest prompt + response, so
+nothing is truncated, and the tokenised dataset is checked row by row against
+the file.
 
 What is measured
 ----------------
@@ -23,7 +34,11 @@ What is measured
 * ``examples_per_s`` counts preference pairs (one prompt + chosen + rejected).
 * ``tokens_per_s`` counts every token of both sequences of a pair, prompt
   included: ``2 * (prompt_len + response_len)`` per pair (the EOS that TRL
-  appends to each response is part of ``response_len``).
+  appends to each response is part of ``response_len``). It is summed from the
+  attention masks of the batches the timed steps trained on, so with a lengths
+  file it counts the real (not padding) tokens.
+* ``padding_fraction``: the share of the positions of the collated
+  ``input_ids`` that are padding, averaged over the timed steps.
 * ``peak_rss_mb`` is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on
   Linux) / 1024, i.e. the process-wide peak including setup.
 """
@@ -50,8 +65,8 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_comparison_args, check_comparison_args, synthetic_rows, word_tokenizer  # noqa: E402
-
+from common import (add_comparison_args, check_comparison_args, pair_lengths,  # noqa: E402
+                    sequence_limits, word_tokenizer)
 
 
 def parse_args(argv=None):
@@ -67,34 +82,39 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- #
 # Tokenizer and data
 # --------------------------------------------------------------------------- #
-def build_dataset(n_examples: int, prompt_len: int, response_len: int, n_words: int, seed: int):
+def build_dataset(rows):
+    """The rows (common.rows_of_lengths) as a ``datasets.Dataset`` in TRL's standard format."""
     from datasets import Dataset
-    rows = synthetic_rows(n_examples, prompt_len, response_len, n_words, seed)
     return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
 
 
 def check_token_counts(trainer, tokenizer, args):
-    """Verify TRL's tokenised dataset and a collated batch have exactly the intended lengths."""
+    """Verify TRL's tokenised dataset and a collated batch have exactly the intended lengths:
+    row i of the dataset has the prompt / chosen / rejected token counts of pair i."""
     ds = trainer.train_dataset
     eos = tokenizer.eos_token_id
-    for i, ex in enumerate(ds):
-        lp, lc, lr = len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])
-        if (lp, lc, lr) != (args.prompt_len, args.response_len, args.response_len):
+    lengths = pair_lengths(args)
+    if len(ds) != len(lengths):
+        raise RuntimeError(f"TRL's dataset has {len(ds)} rows, expected {len(lengths)} (rows dropped?)")
+    for i, (ex, want) in enumerate(zip(ds, lengths)):
+        got = (len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+        if got != tuple(want):
             raise RuntimeError(
-                f"example {i}: prompt/chosen/rejected token counts {lp}/{lc}/{lr}, "
-                f"expected {args.prompt_len}/{args.response_len}/{args.response_len}"
+                f"example {i}: prompt/chosen/rejected token counts {'/'.join(map(str, got))}, "
+                f"expected {'/'.join(map(str, want))}"
             )
         if ex["chosen_ids"][-1] != eos or ex["rejected_ids"][-1] != eos:
             raise RuntimeError(f"example {i}: response does not end with EOS")
         if tokenizer.unk_token_id in ex["prompt_ids"] + ex["chosen_ids"] + ex["rejected_ids"]:
             raise RuntimeError(f"example {i}: contains <unk>")
     batch = trainer.data_collator([ds[i] for i in range(args.batch)])
-    seq = args.prompt_len + args.response_len
+    first = lengths[: args.batch]
+    seq = max(p + max(c, r) for p, c, r in first)
     if tuple(batch["input_ids"].shape) != (2 * args.batch, seq):
         raise RuntimeError(f"collated input_ids shape {tuple(batch['input_ids'].shape)}, expected {(2 * args.batch, seq)}")
-    if int(batch["attention_mask"].sum()) != 2 * args.batch * seq:
-        raise RuntimeError("collated batch contains padding")
-    if int(batch["completion_mask"].sum()) != 2 * args.batch * args.response_len:
+    if int(batch["attention_mask"].sum()) != sum(2 * p + c + r for p, c, r in first):
+        raise RuntimeError("collated batch: unexpected attention_mask (truncated or padded as tokens)")
+    if int(batch["completion_mask"].sum()) != sum(c + r for _, c, r in first):
         raise RuntimeError("unexpected completion_mask")
     return {"rows_checked": len(ds), "collated_shape": list(batch["input_ids"].shape)}
 
@@ -105,7 +125,7 @@ def check_token_counts(trainer, tokenizer, args):
 def build_model(args, tokenizer):
     import torch
 
-    max_pos = max(2048, args.prompt_len + args.response_len)
+    max_pos = max(2048, sequence_limits(pair_lengths(args))[0])
     common = dict(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -183,8 +203,8 @@ def main(argv=None):
     datasets.disable_progress_bars()
 
     t0 = time.perf_counter()
-    tokenizer, n_words = word_tokenizer(args.vocab)
-    train_ds = build_dataset(args.batch * args.steps, args.prompt_len, args.response_len, n_words, args.seed)
+    tokenizer, _ = word_tokenizer(args.vocab)
+    train_ds = build_dataset(args.rows)
     policy = build_model(args, tokenizer)
     reference = copy.deepcopy(policy)  # explicit, separate reference model (not ref_model=None)
     reference.eval()
@@ -193,7 +213,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in policy.parameters())
 
     out_dir = tempfile.mkdtemp(prefix="trl_dpo_baseline_")
-    seq_len = args.prompt_len + args.response_len
+    seq_len, max_prompt_len = sequence_limits(pair_lengths(args))  # the longest pair, untruncated
     config = DPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=args.batch,
@@ -209,12 +229,13 @@ def main(argv=None):
         dataloader_num_workers=0,
         disable_tqdm=True,
         gradient_checkpointing=args.gradient_checkpointing == "on",
-        max_length=seq_len,  # no truncation: every sequence is exactly prompt_len + response_len
+        max_length=seq_len,  # no truncation: no pair is longer
         precompute_ref_log_probs=False,  # TRL default: reference forward runs inside every step
         seed=args.seed,
     )
     # Older TRL releases split the limit into prompt / completion limits; set them if present.
-    for name, value in (("max_prompt_length", args.prompt_len), ("max_completion_length", args.response_len)):
+    max_completion_len = max(max(c, r) for _, c, r in pair_lengths(args))
+    for name, value in (("max_prompt_length", max_prompt_len), ("max_completion_length", max_completion_len)):
         if hasattr(config, name):
             setattr(config, name, value)
 
@@ -229,12 +250,15 @@ def main(argv=None):
     )
     token_check = check_token_counts(trainer, tokenizer, args)
 
-    # Keep the (detached) loss tensor of every step; converted to float only after training.
-    step_losses = []
+    # Keep the (detached) loss tensor of every step, converted to float only after training, and
+    # the real tokens and padded positions of the batch it trained on.
+    step_losses, step_tokens, step_positions = [], [], []
     inner_training_step = trainer.training_step
 
-    def recording_training_step(*a, **kw):
-        loss = inner_training_step(*a, **kw)
+    def recording_training_step(model, inputs, *a, **kw):
+        step_tokens.append(int(inputs["attention_mask"].sum()))
+        step_positions.append(inputs["attention_mask"].numel())
+        loss = inner_training_step(model, inputs, *a, **kw)
         step_losses.append(loss)
         return loss
 
@@ -257,7 +281,8 @@ def main(argv=None):
     # clearly less means other processes competed for them.
     user_s = sum(e[0] - b[0] for b, e in zip(timer.cpu_begins[args.warmup_steps:], timer.cpu_ends[args.warmup_steps:]))
     sys_s = sum(e[1] - b[1] for b, e in zip(timer.cpu_begins[args.warmup_steps:], timer.cpu_ends[args.warmup_steps:]))
-    tokens_per_pair = 2 * seq_len
+    tokens = sum(step_tokens[args.warmup_steps:])
+    padding = [1 - t / n for t, n in zip(step_tokens[args.warmup_steps:], step_positions[args.warmup_steps:])]
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     try:
@@ -270,7 +295,7 @@ def main(argv=None):
     result = {
         "benchmark": "trl_dpo_baseline",
         "examples_per_s": round(pairs / total, 4),
-        "tokens_per_s": round(pairs * tokens_per_pair / total, 1),
+        "tokens_per_s": round(tokens / total, 1),
         "wall_examples_per_s": round(pairs / wall, 4),
         "step_time_s_mean": round(total / n_timed, 4),
         "step_time_s_median": round(statistics.median(timed), 4),
@@ -285,6 +310,7 @@ def main(argv=None):
         "rss_end_mb": None if rss_end_mb is None else round(rss_end_mb, 1),
         "final_loss": round(float(step_losses[-1]), 6) if step_losses else None,
         "mean_train_loss": round(float(train_out.training_loss), 6),
+        "padding_fraction": round(statistics.mean(padding), 4),
         "setup_s": round(setup_s, 2),
         "settings": {
             "arch": args.arch,
@@ -296,9 +322,10 @@ def main(argv=None):
             "tie_word_embeddings": False,
             "n_params": n_params,
             "dtype": "float32",
-            "prompt_len": args.prompt_len,
-            "response_len": args.response_len,
+            "prompt_len": args.prompt_len if args.lengths is None else None,
+            "response_len": args.response_len if args.lengths is None else None,
             "seq_len": seq_len,
+            "lengths_file": args.lengths_file,
             "batch": args.batch,
             "steps": args.steps,
             "warmup_steps": args.warmup_steps,

@@ -1,0 +1,284 @@
+"""Sequences laid out for one forward pass: each prompt once per pair, several pairs per row.
+
+The DPO repository (and TRL) run every prompt twice, once before the chosen and once before the
+rejected response, and pad every sequence of a batch to the longest. Here a pair is one segment
+`prompt + chosen + rejected`: the rejected tokens attend to the prompt and to themselves but not to
+the chosen tokens, and their position ids restart where the prompt ends, so each response sees
+exactly the context it has on its own (share_prompt). Segments are then packed into as few rows as
+a per-row token budget allows, attention block-diagonal between segments (packing). The
+log-probs are those of the usual layout (tests/test_packing.py checks it per model family); only
+the work on repeated prompts and on padding is gone.
+
+    build_layout(batch, sides, ...) -> Layout    where every token goes
+    Layout.forward_kwargs(model)                input_ids, position_ids and a 4D attention mask
+    model_logps / model_hidden                  a model's per-sequence log-probs on a layout
+
+A Layout gives each scored side a logps.Selection (which hidden rows predict which tokens), which
+the chunked output-layer kernels in logps.py take in place of (B, T) labels.
+"""
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import logps
+import moe
+
+# Branch numbers of a segment's tokens: the prompt (trunk) and the responses.
+TRUNK = 0
+BRANCH = {"chosen": 1, "rejected": 2}
+# Attention implementations that take our mask: a 4D boolean / additive mask, or a BlockMask.
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+@dataclasses.dataclass
+class Segment:
+    """One packed unit: `trunk` token ids, then each (side, response ids) branch after it. A
+    pair with a shared prompt has two branches; a sequence on its own is all trunk."""
+    pair: int
+    trunk: List[int]
+    branches: List[Tuple[str, List[int]]]
+    labels: Dict[str, List[int]]  # side -> the side's (B, T) labels row, trimmed
+    row: int = 0
+    start: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.trunk) + sum(len(ids) for _, ids in self.branches)
+
+    def columns(self, side: str) -> np.ndarray:
+        """Row columns of `side`'s sequence (prompt + response), in order."""
+        cols = [np.arange(len(self.trunk))]
+        offset = len(self.trunk)
+        for name, ids in self.branches:
+            if name == side:
+                cols.append(offset + np.arange(len(ids)))
+            offset += len(ids)
+        return self.start + np.concatenate(cols)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where every token of a micro-batch goes.
+
+    input_ids, position_ids: (R, L) the packed rows.
+    segment: (R, L) segment number of each token (-1 for padding); branch: (R, L) its branch.
+    selections: side -> logps.Selection of that side's scored tokens, pairs in batch order.
+    n_pairs: B; tokens: real tokens laid out.
+    """
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    branch: torch.Tensor
+    selections: Dict[str, logps.Selection]
+    n_pairs: int
+    tokens: int
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.input_ids.numel()
+
+    def allowed(self) -> torch.Tensor:
+        """(R, L, L) bool, [r, q, k]: query q may attend to key k. Same segment, causal, and k in
+        the trunk or in q's own branch; a padding token sees itself only (no empty row: NaN)."""
+        seg, br = self.segment, self.branch
+        length = seg.shape[1]
+        idx = torch.arange(length, device=seg.device)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        branch_ok = (br[:, None, :] == TRUNK) | (br[:, None, :] == br[:, :, None])
+        return (same & causal & branch_ok) | (idx[:, None] == idx[None, :])
+
+    def attention_mask(self, model):
+        """The 4D mask `model`'s attention implementation takes: boolean for SDPA, additive for
+        eager attention, a BlockMask for FlexAttention (masked blocks are skipped, not computed)."""
+        kind = model.config._attn_implementation
+        if kind == "flex_attention":
+            return self.block_mask()
+        allowed = self.allowed()[:, None]
+        if kind == "sdpa":
+            return allowed
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)
+
+    def block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+        seg, br = self.segment, self.branch
+
+        def mask_mod(b, h, q, k):
+            same = (seg[b, q] == seg[b, k]) & (seg[b, q] >= 0) & (k <= q)
+            return (same & ((br[b, k] == TRUNK) | (br[b, k] == br[b, q]))) | (q == k)
+
+        rows, length = seg.shape
+        return create_block_mask(mask_mod, rows, None, length, length, device=seg.device)
+
+    def forward_kwargs(self, model) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask(model),
+                "position_ids": self.position_ids}
+
+
+# ----------------------------------------------------------------------------- building
+
+def _trimmed(batch: Dict, side: str, b: int) -> Tuple[List[int], List[int]]:
+    n = int(batch[f"{side}_attention_mask"][b].sum())
+    return batch[f"{side}_input_ids"][b, :n].tolist(), batch[f"{side}_labels"][b, :n].tolist()
+
+
+def _pair_segments(batch: Dict, b: int, sides: Sequence[str], share: bool) -> List[Segment]:
+    """The segments of pair b: one with the prompt shared when `share` and the prompt is a common
+    prefix of both sequences, else one per side."""
+    seqs = {side: _trimmed(batch, side, b) for side in sides}
+    labels = {side: seqs[side][1] for side in sides}
+    if share and len(sides) == 2 and "prompt_attention_mask" in batch:
+        p = int(batch["prompt_attention_mask"][b].sum())
+        (c_ids, _), (r_ids, _) = seqs["chosen"], seqs["rejected"]
+        if 0 < p <= min(len(c_ids), len(r_ids)) and c_ids[:p] == r_ids[:p]:
+            return [Segment(b, c_ids[:p], [("chosen", c_ids[p:]), ("rejected", r_ids[p:])],
+                            labels)]
+    return [Segment(b, seqs[side][0], [], {side: labels[side]}) for side in sides]
+
+
+def _assign_rows(segments: List[Segment], pack: bool, row_tokens: Optional[int]) -> int:
+    """Set each segment's row and start: one per row, or first-fit decreasing into rows of
+    `row_tokens` (None: the longest segment, so no row is longer than the longest sequence). A
+    segment longer than the budget gets a row of its own. Returns the number of rows."""
+    if not pack:
+        for i, s in enumerate(segments):
+            s.row, s.start = i, 0
+        return len(segments)
+    budget = max(row_tokens or 0, max(s.length for s in segments))
+    fill: List[int] = []
+    for s in sorted(segments, key=lambda s: -s.length):  # stable: ties keep batch order
+        row = next((r for r, used in enumerate(fill) if used + s.length <= budget), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        s.row, s.start = row, fill[row]
+        fill[row] += s.length
+    return len(fill)
+
+
+def _fill_rows(segments: List[Segment], n_rows: int, length: int):
+    """(input_ids, position_ids, segment, branch) as (R, L) int64 numpy arrays; padding is token 0
+    (valid in any vocabulary, and masked out)."""
+    ids = np.zeros((n_rows, length), dtype=np.int64)
+    pos = np.zeros((n_rows, length), dtype=np.int64)
+    seg = np.full((n_rows, length), -1, dtype=np.int64)
+    br = np.zeros((n_rows, length), dtype=np.int64)
+    for number, s in enumerate(segments):
+        at, p = s.start, len(s.trunk)
+        ids[s.row, at:at + p], pos[s.row, at:at + p] = s.trunk, np.arange(p)
+        seg[s.row, at:at + s.length] = number
+        at += p
+        for side, branch in s.branches:
+            n = len(branch)
+            ids[s.row, at:at + n], pos[s.row, at:at + n] = branch, p + np.arange(n)
+            br[s.row, at:at + n] = BRANCH[side]
+            at += n
+    return ids, pos, seg, br
+
+
+def _selection(segments: List[Segment], side: str, n_pairs: int, length: int,
+               device) -> logps.Selection:
+    """`side`'s scored tokens: the token at sequence position t+1 with a label is predicted by the
+    hidden state at the row column holding position t."""
+    index, targets, seq, counts = [], [], [], np.zeros(n_pairs, dtype=np.int64)
+    for s in sorted((s for s in segments if side in s.labels), key=lambda s: s.pair):
+        labels = np.asarray(s.labels[side], dtype=np.int64)
+        scored = np.nonzero(labels[1:] != logps.IGNORE_INDEX)[0]
+        index.append(s.row * length + s.columns(side)[scored])
+        targets.append(labels[1:][scored])
+        seq.append(np.full(len(scored), s.pair, dtype=np.int64))
+        counts[s.pair] = len(scored)
+    as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts)).to(device)  # noqa: E731
+    return logps.Selection(as_tensor(index), as_tensor(targets), as_tensor(seq),
+                           torch.from_numpy(counts).to(device))
+
+
+def build_layout(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bool,
+                 row_tokens: Optional[int]) -> Layout:
+    """Lay a collated micro-batch out as packed rows.
+
+    Args:
+        batch: right-padded {side}_input_ids / _attention_mask / _labels (B, T_side) and
+            prompt_attention_mask (B, T_prompt), on the device the layout is built for.
+        sides: ('chosen', 'rejected'), or ('chosen',) for SFT.
+        share_prompt: one segment per pair with the prompt once (pairs whose sequences do not
+            start with the same prompt tokens are laid out as two segments).
+        pack: several segments per row (else one per row).
+        row_tokens: per-row token budget when packing; None: the micro-batch's longest segment.
+    """
+    device = batch[f"{sides[0]}_input_ids"].device
+    n_pairs = len(batch[f"{sides[0]}_input_ids"])
+    segments = [s for b in range(n_pairs) for s in _pair_segments(batch, b, sides, share_prompt)]
+    n_rows = _assign_rows(segments, pack, row_tokens)
+    length = max(s.start + s.length for s in segments)
+    arrays = [torch.from_numpy(a).to(device) for a in _fill_rows(segments, n_rows, length)]
+    return Layout(*arrays, {side: _selection(segments, side, n_pairs, length, device)
+                            for side in sides},
+                  n_pairs, sum(s.length for s in segments))
+
+
+def padding_fraction(batch: Dict, sides: Sequence[str]) -> float:
+    """The fraction of padding tokens when each side is run as its own right-padded batch."""
+    masks = [batch[f"{side}_attention_mask"] for side in sides]
+    return 1.0 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def model_hidden(model, layout: Layout) -> torch.Tensor:
+    """(R, L, H) final hidden states of `model` on the layout's rows (logps.hidden_states); an MoE
+    router's loss counts the real tokens (moe.token_mask), each once."""
+    with moe.token_mask((layout.segment >= 0).long()):
+        return logps.hidden_states(model, **layout.forward_kwargs(model))
+
+
+def model_logps(model, layout: Layout, average: bool, chunk_size: int,
+                hidden: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """{side: (B,) log-probs of its label tokens}, from one forward over the layout; from the
+    model's full logits when its head transforms them (logps.has_logit_transform)."""
+    if logps.has_logit_transform(model):
+        with moe.token_mask((layout.segment >= 0).long()):
+            logits = logps.full_logits(model, **layout.forward_kwargs(model))
+        return {side: logps.selected_logps(logits, selection, average)
+                for side, selection in layout.selections.items()}
+    if hidden is None:
+        hidden = model_hidden(model, layout)
+    weight, bias = logps.output_layer(model)
+    hidden = hidden.to(weight.device)
+    return {side: logps.completion_logps(hidden, weight, selection, bias, average, chunk_size)
+            for side, selection in layout.selections.items()}
+
+
+def token_level_logps(policy, reference, layout: Layout, average: bool, chunk_size: int):
+    """{side: (logps_margin, position_kl, logps)} for TDPO (logps.token_level_logps) from one
+    forward of the policy and one of the reference over the layout."""
+    hidden = model_hidden(policy, layout)
+    with torch.no_grad():
+        ref_hidden = reference.layout_hidden(layout)
+    weight, bias = logps.output_layer(policy)
+    ref_weight, ref_bias = reference.output_layer()
+    device = weight.device
+    hidden, ref_hidden = hidden.to(device), ref_hidden.to(device).to(hidden.dtype)
+    ref_weight = ref_weight.to(device).to(weight.dtype)
+    ref_bias = None if ref_bias is None else ref_bias.to(device)
+    return {side: logps.completion_token_kl(hidden, ref_hidden, weight, ref_weight, selection, bias,
+                                            ref_bias, average, chunk_size)
+            for side, selection in layout.selections.items()}
+
+
+def unsupported_reason(model, max_position: int, token_level: bool) -> Optional[str]:
+    """Why `model` cannot take a layout (None when it can): an attention implementation without
+    arbitrary masks, per-token KL from full logits (token_level: TDPO), or a sliding window
+    shorter than a sequence (the layout's mask does not apply the window)."""
+    kind = model.config._attn_implementation
+    if kind not in MASKED_ATTENTION:
+        return f"its attention implementation {kind!r} takes no custom mask (use sdpa or eager)"
+    if token_level and logps.has_logit_transform(model):
+        return "its per-token KL comes from full logits (a transformed output layer)"
+    window = getattr(model.config, "sliding_window", None)
+    if window and getattr(model.config, "use_sliding_window", True) and window < max_position:
+        return f"its sliding window ({window}) is shorter than max_length ({max_position})"
+    return None
