@@ -17,6 +17,7 @@ A Layout gives each scored side a logps.Selection (which hidden rows predict whi
 the chunked output-layer kernels in logps.py take in place of (B, T) labels.
 """
 import dataclasses
+import inspect
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,6 +75,8 @@ class Layout:
     selections: Dict[str, logps.Selection]
     n_pairs: int
     tokens: int
+    # attention masks made so far, by dtype ("flex": the BlockMask)
+    masks: dict = dataclasses.field(default_factory=dict)
 
     @property
     def padding_fraction(self) -> float:
@@ -81,27 +84,35 @@ class Layout:
 
     def allowed(self) -> torch.Tensor:
         """(R, L, L) bool, [r, q, k]: query q may attend to key k. Same segment, causal, and k in
-        the trunk or in q's own branch; a padding token sees itself only (no empty row: NaN)."""
+        the trunk or in q's own branch; a padding token sees itself only (no empty row: NaN).
+        Built in place: a few (R, L, L) booleans at most, even for long rows."""
         seg, br = self.segment, self.branch
         length = seg.shape[1]
-        idx = torch.arange(length, device=seg.device)
-        causal = idx[None, :, None] >= idx[None, None, :]
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-        branch_ok = (br[:, None, :] == TRUNK) | (br[:, None, :] == br[:, :, None])
-        return (same & causal & branch_ok) | (idx[:, None] == idx[None, :])
+        out = seg[:, :, None] == seg[:, None, :]
+        out &= (seg >= 0)[:, :, None]
+        out &= torch.ones(length, length, dtype=torch.bool, device=seg.device).tril_()
+        out &= (br[:, None, :] == TRUNK) | (br[:, None, :] == br[:, :, None])
+        out |= torch.eye(length, dtype=torch.bool, device=seg.device)
+        return out
 
     def attention_mask(self, model):
-        """The 4D mask `model`'s attention implementation takes: boolean for SDPA, additive for
-        eager attention, a BlockMask for FlexAttention (masked blocks are skipped, not computed)."""
+        """The 4D mask `model`'s attention implementation takes: additive (0 or the dtype's
+        lowest value) for SDPA and eager attention, a BlockMask for FlexAttention (masked blocks
+        are skipped, not computed). Made once per dtype and shared by every layer and model: a
+        boolean mask would be converted to an additive one by every SDPA call, and each copy
+        kept for backward (4 bytes per query-key pair per layer)."""
         kind = model.config._attn_implementation
-        if kind == "flex_attention":
-            return self.block_mask()
-        allowed = self.allowed()[:, None]
-        if kind == "sdpa":
-            return allowed
         dtype = next(model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)
+        key = "flex" if kind == "flex_attention" else dtype
+        if key not in self.masks:
+            if kind == "flex_attention":
+                self.masks[key] = self.block_mask()
+            else:
+                blocked = self.allowed().logical_not_()[:, None]
+                self.masks[key] = torch.zeros(blocked.shape, dtype=dtype,
+                                              device=blocked.device).masked_fill_(
+                    blocked, torch.finfo(dtype).min)
+        return self.masks[key]
 
     def block_mask(self):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -115,6 +126,7 @@ class Layout:
         return create_block_mask(mask_mod, rows, None, length, length, device=seg.device)
 
     def forward_kwargs(self, model) -> dict:
+        """The backbone's inputs: the rows, their position ids and attention_mask(model)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask(model),
                 "position_ids": self.position_ids}
 
@@ -142,8 +154,9 @@ def _pair_segments(batch: Dict, b: int, sides: Sequence[str], share: bool) -> Li
 
 def _assign_rows(segments: List[Segment], pack: bool, row_tokens: Optional[int]) -> int:
     """Set each segment's row and start: one per row, or first-fit decreasing into rows of
-    `row_tokens` (None: the longest segment, so no row is longer than the longest sequence). A
-    segment longer than the budget gets a row of its own. Returns the number of rows."""
+    `row_tokens` (None: the longest segment, so no row is longer than the longest sequence); a
+    budget below the longest segment is raised to it (rows are that wide anyway). Returns the
+    number of rows."""
     if not pack:
         for i, s in enumerate(segments):
             s.row, s.start = i, 0
@@ -276,6 +289,11 @@ def unsupported_reason(model, max_position: int, token_level: bool) -> Optional[
     kind = model.config._attn_implementation
     if kind not in MASKED_ATTENTION:
         return f"its attention implementation {kind!r} takes no custom mask (use sdpa or eager)"
+    backbone = getattr(model, model.base_model_prefix)
+    if (getattr(model.config, "alibi", False)
+            or "position_ids" not in inspect.signature(type(backbone).forward).parameters):
+        # BLOOM, MPT, Falcon with alibi: position biases come from a (B, T) mask, no restart
+        return "it takes no position ids (its ALiBi biases are built from a (B, T) mask)"
     if token_level and logps.has_logit_transform(model):
         return "its per-token KL comes from full logits (a transformed output layer)"
     window = getattr(model.config, "sliding_window", None)

@@ -6,6 +6,7 @@ Nothing here reads the config or knows about trainers: the trainer passes its mo
 entry and arguments, and the hook that runs a policy computation (FSDP runs it inside a forward).
 """
 import functools
+import math
 from typing import Callable, Dict, Sequence
 
 import torch
@@ -91,7 +92,7 @@ def check_layout(policy, reference_model, policy_logps: Callable, batch: Dict,
         max_length: the longest sequence (for models with a sliding window).
         token_level: the loss needs per-token KL (TDPO).
     """
-    reason = None
+    reason, batch = None, _short_pairs(batch, sides, CHECK_TOKENS // 2)
     for role, model in {"policy": policy, "reference model": reference_model}.items():
         why = None if model is None else packing.unsupported_reason(model, max_length,
                                                                      token_level)
@@ -104,10 +105,14 @@ def check_layout(policy, reference_model, policy_logps: Callable, batch: Dict,
         if reference_model is not None and type(reference_model) is not type(policy):
             checked["reference model"] = (reference_model, _call)
         for role, (model, run) in checked.items():
-            error = run(_layout_error, model, batch, layout, sides, chunk_size)
+            try:
+                error = run(_layout_error, model, batch, layout, sides, chunk_size)
+            except Exception as e:  # a model that cannot take the mask at all: the usual layout
+                error, failure = math.nan, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            else:
+                failure = f"{error:.3g} per token"
             if any_rank(not error <= chunked_logps_tolerance(model)):
-                reason = (f"the {role}'s log-probs on it differ from the usual layout's by "
-                          f"{error:.3g} per token")
+                reason = f"the {role}'s log-probs on it differ from the usual layout's ({failure})"
                 break
     if reason is not None:
         rank0_print(f"warning: share_prompt/packing are off: {reason}; every sequence is scored "
@@ -139,7 +144,7 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
         chunk_size: logps_chunk_size.
         any_rank: parallel.Ranks.any_rank (every rank must take the same path).
     """
-    ids, mask, labels = (batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    ids, mask, labels = _check_tokens(batch)
     differ, error = {}, None
     for role, model in {"policy": policy, "reference model": reference_model}.items():
         if model is None or logps.has_logit_transform(model):
@@ -164,6 +169,39 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
                     "from hidden states x output weight differ from its own forward's by "
                     f"{max(differ.values()):.3g} per token); scoring from full logits instead "
                     "(exact, but more memory: batch x length x vocabulary)")
+
+
+# Tokens per row the output-layer check scores: the model's own forward builds full
+# (rows x tokens x vocabulary) logits, which for long sequences and large vocabularies would be
+# the run's largest allocation (2 x 8k x 150k floats: 10 GB).
+CHECK_TOKENS = 64
+
+
+def _check_tokens(batch: Dict):
+    """(input_ids, attention_mask, labels) of the first CHECK_TOKENS tokens of the chosen rows,
+    every real token scored: any tokens show whether the chunked head is the model's."""
+    ids, mask = (batch[f"chosen_{k}"][:, :CHECK_TOKENS] for k in ("input_ids", "attention_mask"))
+    return ids, mask, ids.masked_fill(mask == 0, logps.IGNORE_INDEX)
+
+
+def _short_pairs(batch: Dict, sides: Sequence[str], n: int) -> Dict:
+    """`batch` with each row cut to the last n tokens of its prompt and the first n of each
+    response (labels kept), so that a start-up check costs the same whatever max_length is."""
+    rows = {f"{side}_{k}": [] for side in sides for k in ("input_ids", "attention_mask", "labels")}
+    rows["prompt_attention_mask"] = []
+    for b in range(len(batch[f"{sides[0]}_input_ids"])):
+        p = int(batch["prompt_attention_mask"][b].sum()) if "prompt_attention_mask" in batch else 0
+        start = max(p - n, 0)
+        rows["prompt_attention_mask"].append(torch.ones(p - start, dtype=torch.long))
+        for side in sides:
+            end = min(int(batch[f"{side}_attention_mask"][b].sum()), p + n)
+            for key in ("input_ids", "attention_mask", "labels"):
+                rows[f"{side}_{key}"].append(batch[f"{side}_{key}"][b, start:end].cpu())
+    device = batch[f"{sides[0]}_input_ids"].device
+    return {key: torch.nn.utils.rnn.pad_sequence(
+                values, batch_first=True,
+                padding_value=logps.IGNORE_INDEX if key.endswith("labels") else 0).to(device)
+            for key, values in rows.items()}
 
 
 def _call(fn, *args):

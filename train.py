@@ -70,6 +70,11 @@ def _flag(config, key: str):
     _require(isinstance(value, bool), f"{key}={value!r} must be true or false")
 
 
+# transformers' attention implementations (None: its default for the model)
+ATTENTION_IMPLEMENTATIONS = (None, "sdpa", "eager", "flex_attention", "flash_attention_2",
+                             "flash_attention_3")
+
+
 def validate_config(config: DictConfig, world_size: int):
     """Refuse a bad config with one line naming the key, the value and what is allowed."""
     missing = sorted(OmegaConf.missing_keys(config))
@@ -79,6 +84,9 @@ def validate_config(config: DictConfig, world_size: int):
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
                 "max_prompt_length", "eval_every", "n_eval_model_samples", "logps_chunk_size"):
         _positive_int(config, key)
+    _require(config.attn_implementation in ATTENTION_IMPLEMENTATIONS,
+             f"attn_implementation={config.attn_implementation!r} must be one of "
+             f"{', '.join(map(str, ATTENTION_IMPLEMENTATIONS))}")
     for key in ("n_epochs", "n_examples", "n_eval_examples", "keep_checkpoints",
                 "packing_row_tokens"):
         _positive_int(config, key, allow_none=True)
@@ -281,7 +289,27 @@ def build_models(config: DictConfig, tokenizer):
         (policy, reference model or None).
     """
     if config.trainer != "FSDPTrainer" or utils.world_size() == 1:
-        return build_whole_models(config, tokenizer)
+        return with_attention(config, *build_whole_models(config, tokenizer))
+    return with_attention(config, *build_models_from_rank0(config, tokenizer))
+
+
+def with_attention(config: DictConfig, policy, reference):
+    """The models with the attention implementation `attn_implementation` names (null: keep
+    transformers' choice, SDPA where the model has it)."""
+    if config.attn_implementation is not None:
+        for model in (policy, reference):
+            if model is not None:
+                try:
+                    model.set_attn_implementation(config.attn_implementation)
+                except (ValueError, ImportError) as e:
+                    raise ConfigError(f"attn_implementation={config.attn_implementation}: "
+                                      f"{str(e).splitlines()[0]}; set attn_implementation=null "
+                                      "(transformers' default) or sdpa") from None
+    return policy, reference
+
+
+def build_models_from_rank0(config: DictConfig, tokenizer):
+    """build_models under FSDP with several processes (see build_models)."""
     models, plan = (None, None), None
     if torch.distributed.get_rank() == 0:
         try:
@@ -400,9 +428,9 @@ RESUMABLE_KEYS = (
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
     # three save full state dicts, so a run resumes under any of them).
     "local_run_dir", "local_dirs", "exp_name", "fsdp_port", "resume_from", "trainer",
-    # How a step's sequences are laid out, not what is trained (the same log-probs up to float
-    # rounding, tests/test_packing.py).
-    "share_prompt", "packing", "packing_row_tokens",
+    # How a step's sequences are laid out and attended, not what is trained (the same log-probs
+    # up to float rounding, tests/test_packing.py).
+    "share_prompt", "packing", "packing_row_tokens", "attn_implementation",
 )
 
 

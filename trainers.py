@@ -317,11 +317,15 @@ class BasicTrainer(SingleProcessPlacement):
         loss, router_metrics = self.router_loss.add_to(loss)  # MoE models only (moe.py)
         out = gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
                                self.gather, self.device)
-        if train:  # the share of the step's compute that went to padding
-            padding = (layout.padding_fraction if layout is not None
-                       else packing.padding_fraction(batch, self.sides))
-            out["tokens/padding_fraction"] = self.gather(
-                torch.tensor([padding], device=self.device)).cpu().tolist()
+        if train:  # token positions the policy's forward computed, and the padding among them
+            if layout is not None:
+                padding, computed = layout.padding_fraction, layout.input_ids.numel()
+            else:
+                padding = packing.padding_fraction(batch, self.sides)
+                computed = sum(batch[f"{side}_input_ids"].numel() for side in self.sides)
+            for name, value in (("padding_fraction", padding), ("computed", computed)):
+                out[f"tokens/{name}"] = self.gather(
+                    torch.tensor([float(value)], device=self.device)).cpu().tolist()
         return loss, out
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
