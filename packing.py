@@ -241,11 +241,16 @@ def padding_fraction(batch: Dict, sides: Sequence[str]) -> float:
 
 # ----------------------------------------------------------------------------- scoring
 
-def model_hidden(model, layout: Layout) -> torch.Tensor:
-    """(R, L, H) final hidden states of `model` on the layout's rows (logps.hidden_states); an MoE
-    router's loss counts the real tokens (moe.token_mask), each once."""
+def _forward(fn, model, layout: Layout) -> torch.Tensor:
+    """fn(model, **the layout's inputs) (logps.hidden_states or logps.full_logits); an MoE router's
+    loss counts the real tokens (moe.token_mask), each once."""
     with moe.token_mask((layout.segment >= 0).long()):
-        return logps.hidden_states(model, **layout.forward_kwargs(model))
+        return fn(model, **layout.forward_kwargs(model))
+
+
+def model_hidden(model, layout: Layout) -> torch.Tensor:
+    """(R, L, H) final hidden states of `model` on the layout's rows."""
+    return _forward(logps.hidden_states, model, layout)
 
 
 def model_logps(model, layout: Layout, average: bool, chunk_size: int,
@@ -253,8 +258,7 @@ def model_logps(model, layout: Layout, average: bool, chunk_size: int,
     """{side: (B,) log-probs of its label tokens}, from one forward over the layout; from the
     model's full logits when its head transforms them (logps.has_logit_transform)."""
     if logps.has_logit_transform(model):
-        with moe.token_mask((layout.segment >= 0).long()):
-            logits = logps.full_logits(model, **layout.forward_kwargs(model))
+        logits = _forward(logps.full_logits, model, layout)
         return {side: logps.selected_logps(logits, selection, average)
                 for side, selection in layout.selections.items()}
     if hidden is None:
