@@ -158,9 +158,17 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 
 
 def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  cdt: torch.dtype) -> torch.Tensor:
-    """(R, H) x (V', H) -> (R, V') logits in the input dtype, then upcast (like `.logits.to(float32)`)."""
-    return F.linear(rows, weight, bias).to(cdt)
+                  cdt: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(R, H) x (V', H) -> (R, V') logits in the input dtype, then upcast (like `.logits.to(float32)`),
+    written into `out` (R, V') when given: by the product itself where no cast is involved."""
+    if out is None:
+        return F.linear(rows, weight, bias).to(cdt)
+    if rows.dtype != cdt or weight.dtype != cdt or torch.is_autocast_enabled(rows.device.type):
+        return out.copy_(F.linear(rows, weight, bias))
+    # what F.linear computes for 2-D rows, into out
+    if bias is None:
+        return torch.mm(rows, weight.t(), out=out)
+    return torch.addmm(bias, rows, weight.t(), out=out)
 
 
 def _autocast_state(device: torch.device) -> Optional[Tuple[str, torch.dtype]]:
@@ -198,8 +206,9 @@ def _accumulate_linear_grads(d: torch.Tensor, rows: torch.Tensor, weight: torch.
         grad_b.add_(d.sum(0).to(grad_b.dtype))
 
 
-# On CPU, blocks of at most this many logits (16 MiB in float32) are served from the allocator's
-# free lists; larger ones are fresh mmaps whose page faults cost as much as the arithmetic on them.
+# On CPU, blocks of at most this many logits (16 MiB in float32): the blocks that are not kept
+# for backward (the reference's, recomputed ones) stay small, and small ones are served from the
+# allocator's free lists even where glibc is left to its defaults (utils.keep_freed_memory).
 CPU_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -220,28 +229,41 @@ def _in_place(fn: Callable, x: torch.Tensor) -> torch.Tensor:
         return fn(x, -1)
 
 
+def _kept_rows(n: int, vocab: int, chunk_size: int, device: torch.device, keep_rows: int) -> int:
+    """How many leading rows keep their log-softmax for backward: the whole blocks within the
+    first keep_rows."""
+    return max((e for _, e in _blocks(n, vocab, chunk_size, device) if e <= keep_rows), default=0)
+
+
 def _target_logps(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   targets: torch.Tensor, chunk_size: int, keep_rows: int, wpo: bool = False):
-    """(per-row log-probs of the targets, {block start: log-softmax} of the blocks within the
-    first keep_rows rows, per-row WPO log-weights or None), computed block by block.
+    """(per-row log-probs of the targets, (k, V) log-softmax of the first k rows (the whole
+    blocks within keep_rows; None when k is 0), per-row WPO log-weights or None), computed block
+    by block; the kept blocks are written into one buffer, so that backward can treat them as one.
 
     WPO's log-weight of a row is log p(target) - logsumexp_v(2 log p(v)): the log of the target's
     probability over the distribution's sum of squares (TRL's `log_sum_sq_probs`)."""
     cdt = _compute_dtype(rows, weight, bias)
-    n = rows.shape[0]
+    n, vocab = rows.shape[0], weight.shape[0]
     logps = torch.empty(n, dtype=cdt, device=rows.device)
     wpo_rows = torch.empty(n, dtype=cdt, device=rows.device) if wpo else None
-    kept = {}
-    for s, e in _blocks(n, weight.shape[0], chunk_size, rows.device):
+    k = _kept_rows(n, vocab, chunk_size, rows.device, keep_rows)
+    kept = torch.empty(k, vocab, dtype=cdt, device=rows.device) if k else None
+    for s, e in _blocks(n, vocab, chunk_size, rows.device):
+        out = kept[s:e] if e <= k else None
         # one fused pass per row (max, sum, write) instead of logsumexp's separate passes
-        log_probs = _in_place(torch.log_softmax, _chunk_logits(rows[s:e], weight, bias, cdt))
+        log_probs = _in_place(torch.log_softmax, _chunk_logits(rows[s:e], weight, bias, cdt, out))
         logps[s:e] = log_probs.gather(1, targets[s:e, None]).squeeze(1)
         if wpo:
             wpo_rows[s:e] = logps[s:e] - torch.logsumexp(2 * log_probs, -1)
-        if e <= keep_rows:
-            kept[s] = log_probs
         del log_probs
     return logps, kept, wpo_rows
+
+
+def _logp_grad_(d: torch.Tensor, g: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """softmax d (R, V) -> g * d logp[target] / d logits = g * (onehot(target) - softmax), in place."""
+    d.mul_(-g[:, None])
+    return d.scatter_add_(1, targets[:, None], g[:, None])
 
 
 class _TokenLogpFunction(torch.autograd.Function):
@@ -250,7 +272,9 @@ class _TokenLogpFunction(torch.autograd.Function):
 
     Keeps the log-softmax of the first chunk_size rows (all of them when they fit) for
     backward, which recomputes the logits of the rest only; with everything kept the output
-    layer costs three matrix products instead of four.
+    layer costs three matrix products instead of four. The kept rows' gradients are two
+    products over all of them at once (on CPU the forward's blocks are small, and a product
+    per block would read and write the whole (V, H) weight gradient once per block).
     """
 
     @staticmethod
@@ -273,23 +297,25 @@ class _TokenLogpFunction(torch.autograd.Function):
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
-        kept, ctx.kept = ctx.kept, {}  # consumed in place; a second backward recomputes
-        for s, e in _blocks(rows.shape[0], weight.shape[0], ctx.chunk_size, rows.device):
-            g = grad_logps[s:e].to(cdt)
-            d = kept.pop(s, None)
-            if d is not None:
-                d = d.exp_()
+        g = grad_logps.to(cdt)
+        kept, ctx.kept = ctx.kept, None  # consumed in place; a second backward recomputes
+        k = 0 if kept is None else kept.shape[0]
+        pieces = [(0, k)] if k else []
+        pieces += [(s, e) for s, e in _blocks(rows.shape[0], weight.shape[0], ctx.chunk_size,
+                                              rows.device) if s >= k]
+        for s, e in pieces:
+            if s == 0 and k:
+                d = kept.exp_()
             else:
                 with _autocast_as(ctx.autocast):
                     logits = _chunk_logits(rows[s:e], weight, bias, cdt)
                 d = _in_place(torch.softmax, logits)
                 del logits
-            # d logp[target] / d logits = onehot(target) - softmax
-            d.mul_(-g[:, None])
-            d.scatter_add_(1, targets[s:e, None], g[:, None])
+            _logp_grad_(d, g[s:e], targets[s:e])
             sub_rows = grad_rows[s:e] if grad_rows is not None else None
             _accumulate_linear_grads(d, rows[s:e], weight, sub_rows, grad_w, grad_b)
             del d
+        del kept
         return (grad_rows,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None,

@@ -262,3 +262,45 @@ def test_benchmark_prints_its_json_line(extra, capsys):
     assert (settings["vocab"], settings["prompt_len"], settings["response_len"]) == (512, 8, 8)
     assert settings["precompute_ref"] == bool(extra)
     assert result["reference_in_memory"] is not bool(extra)
+
+
+# A "training step" that frees and re-allocates 48 MiB (above glibc's adaptive mmap threshold,
+# 32 MiB at most) and two smaller blocks; prints the page faults of the eleventh step and what
+# keep_freed_memory returned.
+_REALLOCATE = """
+import resource, sys, torch
+{imports}
+def step():
+    a = torch.ones(12 << 20); b = torch.ones(3 << 20); del a; c = torch.ones(6 << 20); del b, c
+for _ in range(10):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, {applied})
+"""
+
+
+def _reallocation_faults(imports: str, applied: str, env=None):
+    code = _REALLOCATE.format(imports=imports, applied=applied)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | (env or {})
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    return int(out[0]), out[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_training_keeps_freed_memory_for_the_next_step():
+    pages = (48 << 20) // 4096
+    # importing train (as every entry point does) applies the settings: no page is faulted again
+    faults, applied = _reallocation_faults("import train, utils", "utils.keep_freed_memory()")
+    assert faults < pages // 20 and applied == "True"
+    # plain glibc gives the 48 MiB back to the kernel and faults every page in again
+    faults, _ = _reallocation_faults("", "None")
+    assert faults >= pages // 2
+    # a user's own MALLOC_* setting wins: nothing is changed
+    faults, applied = _reallocation_faults("import train, utils", "utils.keep_freed_memory()",
+                                           {"MALLOC_TOP_PAD_": "131072"})
+    assert faults >= pages // 2 and applied == "False"
+    _, applied = _reallocation_faults("import train, utils", "utils.keep_freed_memory()",
+                                      {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"})
+    assert applied == "False"
