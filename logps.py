@@ -300,12 +300,15 @@ class _TokenLogpFunction(torch.autograd.Function):
         g = grad_logps.to(cdt)
         kept, ctx.kept = ctx.kept, None  # consumed in place; a second backward recomputes
         k = 0 if kept is None else kept.shape[0]
-        pieces = [(0, k)] if k else []
+        # the kept rows in one piece, unless their products need a cast copy (half-precision
+        # weights): then block by block, so that the copy stays one block's size
+        whole = k > 0 and weight.dtype == cdt
+        pieces = [(0, k)] if whole else []
         pieces += [(s, e) for s, e in _blocks(rows.shape[0], weight.shape[0], ctx.chunk_size,
-                                              rows.device) if s >= k]
+                                              rows.device) if not whole or s >= k]
         for s, e in pieces:
-            if s == 0 and k:
-                d = kept.exp_()
+            if e <= k:
+                d = kept[s:e].exp_()
             else:
                 with _autocast_as(ctx.autocast):
                     logits = _chunk_logits(rows[s:e], weight, bias, cdt)

@@ -217,10 +217,10 @@ class BasicTrainer(SingleProcessPlacement):
         self.batch_counter = 0
         self.run_log = RunLog(self.run_dir, rank, config)
         self.eval_batches = self.build_eval_batches()
-        self.uses_layout = False  # set by check_output_layers
-        self.check_output_layers()
+        self.uses_layout = False  # set by check_models
+        self.check_models()
 
-    def check_output_layers(self):
+    def check_models(self):
         """Before training: score each model from its full logits where the chunked output layer
         does not reproduce its forward on two evaluation sequences (scoring.check_output_layers),
         then decide whether batches are laid out with shared prompts / packed rows
@@ -705,9 +705,9 @@ class FSDPTrainer(ShardedTrainer):
         finally:
             self.reshard_roots()
 
-    def check_output_layers(self):
+    def check_models(self):
         try:
-            super().check_output_layers()
+            super().check_models()
         finally:
             self.reshard_roots()
 

@@ -481,6 +481,46 @@ def test_completion_logps_matches_full_logits(avg, chunk, use_bias):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize('chunk', [7, 1024])
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_completion_logps_kept_rows_span_several_cpu_blocks(chunk, use_bias, monkeypatch):
+    # blocks of 2 rows on CPU: with chunk 7 the first 6 of the 14 scored rows are kept, in one
+    # buffer written by 3 forward blocks and taken in one piece by backward, and the other 8
+    # rows are recomputed block by block; with chunk 1024 all 14 are kept (7 forward blocks)
+    import logps
+    hidden, weight, bias, labels = _part_b_case(B=3, T=7, V=11)
+    labels[2, :] = torch.arange(7) % 11  # scored rows: 3 + 5 + 6 = 14
+    monkeypatch.setattr(logps, 'CPU_BLOCK_ELEMENTS', 2 * 11)
+    h1, w1, b1 = _leaves(hidden, weight, bias)
+    h2, w2, b2 = _leaves(hidden, weight, bias)
+    out = completion_logps(h1, w1, labels, b1 if use_bias else None, chunk_size=chunk)
+    ref = get_batch_logps(h2 @ w2.T + (b2 if use_bias else 0), labels, False)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    coef = torch.tensor([0.7, -1.3, 2.0], dtype=D)
+    wrt1 = [h1, w1] + ([b1] if use_bias else [])
+    wrt2 = [h2, w2] + ([b2] if use_bias else [])
+    for a, b in zip(torch.autograd.grad((out * coef).sum(), wrt1),
+                    torch.autograd.grad((ref * coef).sum(), wrt2)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_completion_logps_half_precision_weights_keep_block_sized_casts(monkeypatch):
+    # bfloat16 weights: log-probs in float32 from bfloat16 logits; backward casts the kept rows
+    # block by block and gives the gradients of the same computation done with full logits
+    import logps
+    hidden, weight, _, labels = _part_b_case(B=3, T=7, V=11)
+    labels[2, :] = torch.arange(7) % 11
+    monkeypatch.setattr(logps, 'CPU_BLOCK_ELEMENTS', 2 * 11)
+    h1, w1 = (x.to(torch.bfloat16).requires_grad_(True) for x in (hidden, weight))
+    h2, w2 = (x.to(torch.bfloat16).requires_grad_(True) for x in (hidden, weight))
+    out = completion_logps(h1, w1, labels, chunk_size=7)
+    ref = get_batch_logps((h2 @ w2.T).float(), labels, False)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out.sum(), [h1, w1]), torch.autograd.grad(ref.sum(), [h2, w2])):
+        assert a.dtype == torch.bfloat16
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize('avg', [False, True])
 @pytest.mark.parametrize('chunk,vchunk', [(1, 1), (4, 3), (5, 11), (1024, 8192)])
 def test_completion_token_kl_matches_full_logits(avg, chunk, vchunk):
