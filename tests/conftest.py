@@ -10,6 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+# Before any test module loads torch, as for users: train.py sets the math library's environment
+# (bitwise-reproducible MKL) and glibc's memory settings when it is imported, and MKL reads its
+# variables only when torch loads it. The bitwise baseline holds only in that environment.
+import train  # noqa: E402,F401
 
 # Small, fast settings for the embedded model; each test adds its own overrides.
 FAST = ["n_examples=64", "batch_size=8", "eval_batch_size=16", "n_eval_examples=32",
