@@ -1,5 +1,6 @@
-"""Helpers shared by train.py and trainers.py: run directories, seeding, tokenizers, models,
-safe checkpoint loading and the few distributed primitives the trainers need."""
+"""Helpers shared by train.py and trainers.py: glibc's memory settings for training, run
+directories, seeding, tokenizers, models, safe checkpoint loading and the few distributed
+primitives the trainers need."""
 import ctypes
 import datetime
 import fcntl
