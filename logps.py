@@ -229,12 +229,6 @@ def _in_place(fn: Callable, x: torch.Tensor) -> torch.Tensor:
         return fn(x, -1)
 
 
-def _kept_rows(n: int, vocab: int, chunk_size: int, device: torch.device, keep_rows: int) -> int:
-    """How many leading rows keep their log-softmax for backward: the whole blocks within the
-    first keep_rows."""
-    return max((e for _, e in _blocks(n, vocab, chunk_size, device) if e <= keep_rows), default=0)
-
-
 def _target_logps(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   targets: torch.Tensor, chunk_size: int, keep_rows: int, wpo: bool = False):
     """(per-row log-probs of the targets, (k, V) log-softmax of the first k rows (the whole
@@ -247,9 +241,10 @@ def _target_logps(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     n, vocab = rows.shape[0], weight.shape[0]
     logps = torch.empty(n, dtype=cdt, device=rows.device)
     wpo_rows = torch.empty(n, dtype=cdt, device=rows.device) if wpo else None
-    k = _kept_rows(n, vocab, chunk_size, rows.device, keep_rows)
+    blocks = _blocks(n, vocab, chunk_size, rows.device)
+    k = max((e for _, e in blocks if e <= keep_rows), default=0)  # the whole blocks kept
     kept = torch.empty(k, vocab, dtype=cdt, device=rows.device) if k else None
-    for s, e in _blocks(n, vocab, chunk_size, rows.device):
+    for s, e in blocks:
         out = kept[s:e] if e <= k else None
         # one fused pass per row (max, sum, write) instead of logsumexp's separate passes
         log_probs = _in_place(torch.log_softmax, _chunk_logits(rows[s:e], weight, bias, cdt, out))

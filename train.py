@@ -35,7 +35,7 @@ from utils import ConfigError
 
 OmegaConf.register_new_resolver("get_local_run_dir", utils.get_local_run_dir, replace=True)
 # Training frees and re-allocates the same memory every step: keep it in the process instead of
-# page-faulting it back each time (utils.keep_freed_memory; any MALLOC_* variable opts out).
+# page-faulting it back each time (utils.keep_freed_memory; MALLOC_* or GLIBC_TUNABLES opts out).
 utils.keep_freed_memory()
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
