@@ -51,7 +51,7 @@ SHP_MIN_SCORE_RATIO = 2.0      # the DPO paper's SHP filter: keep pairs whose sc
 SE_SPLIT_SEED = 42             # seed the DPO code uses to carve a test split out of SE 'train'
 SE_TEST_FRACTION = 0.01
 GROUP_BY_LENGTH_CHUNK = 50     # batches per length-sorted mega-chunk
-_TOKENIZED_FORMAT_VERSION = 1  # bump when the tokenised columns change, to invalidate caches
+_TOKENIZED_FORMAT_VERSION = 2  # bump when the tokenised columns change, to invalidate caches
 
 PromptData = Dict[str, Dict]
 
@@ -376,12 +376,15 @@ DATASETS: Dict[str, Callable[..., PromptData]] = {
     'synthetic': get_synthetic,
 }
 
-# how to shorten an over-long prompt; HH conversations keep their latest turns
-TRUNCATION_MODES = {'hh': 'keep_end'}
+# how to shorten an over-long prompt.  HH conversations and the user's own files keep the prompt's
+# end: the latest turn, the question and a chat template's assistant header are there (TRL's
+# DPOTrainer also keeps the last max_prompt_length tokens).  SHP and SE keep their start, as in
+# the DPO repository (a post's title and question come first).
+TRUNCATION_MODES = {'hh': 'keep_end', 'shp': 'keep_start', 'se': 'keep_start', 'synthetic': 'keep_start'}
 
 
 def truncation_mode_for(name: str) -> str:
-    return TRUNCATION_MODES.get(name, 'keep_start')
+    return TRUNCATION_MODES.get(name, 'keep_end')
 
 
 def _is_data_file_name(name: str, split: str) -> bool:
@@ -457,6 +460,7 @@ def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], ch
     chosen_ids = chosen_ids if chosen_ids[-1:] == [eos_token_id] else chosen_ids + [eos_token_id]
     rejected_ids = rejected_ids if rejected_ids[-1:] == [eos_token_id] else rejected_ids + [eos_token_id]
     longer = max(len(chosen_ids), len(rejected_ids))
+    n_prompt, n_responses = len(prompt_ids), len(chosen_ids) + len(rejected_ids)
     if len(prompt_ids) + longer > max_length:
         prompt_ids = (prompt_ids[:max_prompt_length] if truncation_mode == 'keep_start'
                       else prompt_ids[-max_prompt_length:])
@@ -464,7 +468,10 @@ def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], ch
         chosen_ids = chosen_ids[:max_length - max_prompt_length]
         rejected_ids = rejected_ids[:max_length - max_prompt_length]
     element = {'prompt': prompt, 'chosen': prompt + chosen, 'rejected': prompt + rejected,
-               'chosen_response_only': chosen, 'rejected_response_only': rejected}
+               'chosen_response_only': chosen, 'rejected_response_only': rejected,
+               # 1 when cut, 0 when whole: counted in the metrics (data/truncated_*) and at start-up
+               'prompt_truncated': int(len(prompt_ids) < n_prompt),
+               'response_truncated': int(len(chosen_ids) + len(rejected_ids) < n_responses)}
     for side, response_ids in (('chosen', chosen_ids), ('rejected', rejected_ids)):
         ids = prompt_ids + response_ids
         element[f'{side}_input_ids'] = ids
@@ -488,8 +495,9 @@ def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_m
     Returns:
         dict with ``{chosen,rejected}_{input_ids,attention_mask,labels}`` (prompt + response;
         labels are the ids with prompt positions set to -100), ``prompt_input_ids``,
-        ``prompt_attention_mask`` (lists of ints) and the texts ``prompt``, ``chosen``,
-        ``rejected`` (prompt + response), ``chosen_response_only``, ``rejected_response_only``.
+        ``prompt_attention_mask`` (lists of ints), the texts ``prompt``, ``chosen``,
+        ``rejected`` (prompt + response), ``chosen_response_only``, ``rejected_response_only``,
+        and ``prompt_truncated``, ``response_truncated`` (1 when that part was cut, else 0).
     """
     _check_truncation_mode(truncation_mode)
     _check_lengths(max_length, max_prompt_length)
@@ -705,9 +713,26 @@ def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_le
             print(data.kept_summary(f'{name} [{split}]'))
         parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
                                       max_prompt_length, cache_dir=cache_dir, silent=silent))
+        if not silent:
+            note = truncation_note(parts[-1], truncation_mode_for(name), max_length, max_prompt_length)
+            if note:
+                print(f'{name} [{split}]: {note}')
         group_sizes.extend(sizes)
     tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return tokenized, np.asarray(group_sizes, dtype=np.int64)
+
+
+def truncation_note(tokenized: datasets.Dataset, truncation_mode: str, max_length: int,
+                    max_prompt_length: int) -> str:
+    """'3 of 400 prompts cut to their last 128 tokens; ...', or '' when nothing was cut."""
+    counts = [int(np.asarray(tokenized.data.column(f'{part}_truncated')).sum())
+              for part in ('prompt', 'response')]
+    kept = 'last' if truncation_mode == 'keep_end' else 'first'
+    notes = [f'{counts[0]:,} of {len(tokenized):,} prompts cut to their {kept} {max_prompt_length} tokens '
+             f'(max_prompt_length)' if counts[0] else '',
+             f'{counts[1]:,} of {len(tokenized):,} examples with responses cut to '
+             f'{max_length - max_prompt_length} tokens (max_length - max_prompt_length)' if counts[1] else '']
+    return '; '.join(n for n in notes if n)
 
 
 def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,

@@ -354,7 +354,10 @@ class BasicTrainer(SingleProcessPlacement):
         out.update({"grad_norm": grad_norm,
                     "examples_per_second": batch_size_of(batch) / (time.time() - start),
                     "counters/examples": self.example_counter,
-                    "counters/updates": self.batch_counter})
+                    "counters/updates": self.batch_counter,
+                    # examples of this batch whose prompt / responses tokenisation cut short
+                    "data/truncated_prompts": sum(batch["prompt_truncated"]),
+                    "data/truncated_responses": sum(batch["response_truncated"])})
         return out
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TOKEN_KEYS = {f'{side}_{kind}' for side in ('chosen', 'rejected')
               for kind in ('input_ids', 'attention_mask', 'labels')} | {'prompt_input_ids', 'prompt_attention_mask'}
-TEXT_KEYS = {'prompt', 'chosen', 'rejected', 'chosen_response_only', 'rejected_response_only'}
+TEXT_KEYS = {'prompt', 'chosen', 'rejected', 'chosen_response_only', 'rejected_response_only',
+             'prompt_truncated', 'response_truncated'}  # the two flags are 0/1 lists, not padded
 
 
 # ---------------------------------------------------------------------------
@@ -678,7 +679,34 @@ def test_several_datasets_and_truncation_modes(tok, cache):
                                       n_epochs=1, silent=True, cache_dir=cache))
     assert len(out) == 400 + 4
     assert [b['prompt'][0] for b in out[-4:]] == ['Q: capital of France?\nA:'] * 2 + ['The sky is', H + 'Hi' + A]
-    assert pdx.truncation_mode_for('hh') == 'keep_end' and pdx.truncation_mode_for(user_file) == 'keep_start'
+    assert pdx.truncation_mode_for('hh') == 'keep_end' and pdx.truncation_mode_for(user_file) == 'keep_end'
+    assert pdx.truncation_mode_for('shp') == 'keep_start'  # as in the DPO repository
+
+
+def test_long_prompts_of_user_files_keep_their_end_and_are_counted(tmp_path, tok, capsys):
+    """A user's long prompt keeps its last max_prompt_length tokens (the question, and for chat rows
+    the template's assistant header), and start-up says how many prompts and responses were cut."""
+    filler = ' '.join(['sort c a b'] * 60)
+    text_rows = [{'prompt': filler + ' QUESTION: what is 2+2?', 'chosen': ' 4', 'rejected': ' 5'},
+                 {'prompt': 'Short?', 'chosen': ' yes', 'rejected': ' no'}]
+    chat_rows = [{'prompt': [{'role': 'user', 'content': filler + ' Which is larger?'}],
+                  'chosen': [{'role': 'assistant', 'content': 'a'}],
+                  'rejected': [{'role': 'assistant', 'content': ' '.join(['b'] * 80)}]}]
+    settings = dict(split='train', batch_size=1, shuffle=False, n_epochs=1, max_length=64,
+                    max_prompt_length=24, cache_dir=str(tmp_path / 'cache'))
+    text = write_jsonl(tmp_path / 'text.jsonl', text_rows)
+    long, short = pdx.get_batch_iterator([str(text)], tok, **settings)
+    question = ids(tok, ' QUESTION: what is 2+2?')
+    assert long['prompt_input_ids'][0].tolist()[-len(question):] == question
+    assert (long['prompt_truncated'], short['prompt_truncated']) == ([1], [0])
+    assert capsys.readouterr().out.count('1 of 2 prompts cut to their last 24 tokens') == 1
+    chat = write_jsonl(tmp_path / 'chat.jsonl', chat_rows)
+    (element,) = pdx.get_batch_iterator([str(chat)], tok, **settings)
+    end = ids(tok, ' larger?<|end|><|assistant|>')  # the question, then the assistant header whole
+    assert element['prompt_input_ids'][0].tolist()[-len(end):] == end and end[-1] == tok.convert_tokens_to_ids('<|assistant|>')
+    assert element['prompt_truncated'] == [1] and element['response_truncated'] == [1]
+    out = capsys.readouterr().out
+    assert '1 of 1 prompts cut' in out and '1 of 1 examples with responses cut to 40 tokens' in out
 
 
 def test_tokenisation_is_cached(tmp_path, tok, monkeypatch):

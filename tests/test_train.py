@@ -106,6 +106,22 @@ def test_sft_run_writes_documented_checkpoints_and_metrics(tmp_path):
     assert {"logps_eval/chosen", "counters/examples"} <= set(eval_rows[0])
 
 
+def test_train_metrics_count_truncated_prompts_and_responses(tmp_path):
+    """data/truncated_* count the batch's examples whose prompt / responses were cut (worked out
+    here from the texts: a prompt is cut when its tokens outnumber the kept prompt ids)."""
+    trainer = make_trainer(["loss=dpo", "loss.beta=0.1", "max_length=12", "max_prompt_length=8"], tmp_path)
+    batch = next(iter(trainer.train_iterator()))
+    metrics = trainer.train_step(batch)
+    n_ids = lambda text: len(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
+    kept = batch["prompt_attention_mask"].sum(1).tolist()
+    cut_prompts = sum(n_ids(p) > k for p, k in zip(batch["prompt"], kept))
+    responses = zip(batch["chosen_response_only"], batch["rejected_response_only"],
+                    batch["chosen_attention_mask"].sum(1).tolist(), batch["rejected_attention_mask"].sum(1).tolist(), kept)
+    cut_responses = sum(n_ids(c) + n_ids(r) + 2 > nc + nr - 2 * k for c, r, nc, nr, k in responses)  # + EOS each
+    assert 0 < cut_prompts and 0 < cut_responses
+    assert (metrics["data/truncated_prompts"], metrics["data/truncated_responses"]) == (cut_prompts, cut_responses)
+
+
 def test_checkpoint_reloads_into_a_fresh_model(tmp_path, tokenizer):
     import utils
     run_dir = run_in_process([*FAST, "n_examples=16", f"local_run_dir={tmp_path}/sft"])
