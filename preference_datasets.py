@@ -14,7 +14,8 @@ one entry there.
 
 Data sources:
 
-* ``path=None``: the Hugging Face hub copy (``datasets.load_dataset``).
+* ``path=None``: the Hugging Face hub copy (``datasets.load_dataset``; its cached copy when the
+  hub is unreachable, else one ``utils.ConfigError`` line naming ``dataset_paths.NAME``).
 * ``path=<directory>``: a local copy laid out like the hub repository; files whose name
   contains the split as a word (``test.jsonl.gz``, ``helpful-base-test.jsonl``) are read.
 * ``path=<file>``: one ``.jsonl``/``.json``/``.parquet``/``.csv`` file (optionally ``.gz``)
@@ -41,6 +42,7 @@ from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 
 import data_files
+import utils
 # re-exported: callers and tests import these from here
 from data_files import (ASSISTANT_MARKER, HUMAN_MARKER, SUPPORTED_FORMATS, DatasetFormatError,  # noqa: F401
                         _field, data_suffix, preference_row_to_text, read_rows, resolve_data_files,
@@ -60,13 +62,47 @@ PromptData = Dict[str, Dict]
 # Rows of one split: the hub or local files (read by data_files)
 # ---------------------------------------------------------------------------
 
-def _load_hub(hub_name: str, split: str, cache_dir: Optional[str]):
-    """Load one split from the hub, turning network/config failures into one clear error."""
+# the hub copies of the named datasets
+HUB_NAMES = {'hh': 'Anthropic/hh-rlhf', 'shp': 'stanfordnlp/SHP', 'se': 'HuggingFaceH4/stack-exchange-preferences'}
+
+
+@contextlib.contextmanager
+def _hub_access(hub_name: str):
+    """datasets offline at once when the hub is unreachable (it would retry each file for ~25 s;
+    a cached copy still loads), as utils._from_pretrained does for models; every failure becomes
+    one ConfigError line naming the dataset_paths key that gives a local copy instead."""
+    name = next((short for short, hub in HUB_NAMES.items() if hub == hub_name), hub_name)
+    offline = not utils.hub_reachable()
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = was_offline or offline
+    fix = (f'pass dataset_paths.{name}=FILE (a local copy: a {SUPPORTED_FORMATS} file, or a folder '
+           'laid out like the hub repository)')
     try:
-        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+        yield
     except Exception as e:  # many failure types (offline, bad split, auth); all need the same advice
-        raise RuntimeError(f"could not load '{hub_name}' split '{split}' from the Hugging Face hub "
-                           f'({type(e).__name__}: {e}). Offline? Pass a local copy with path=.') from e
+        if offline:
+            raise utils.ConfigError(f'datasets=[{name}]: the Hugging Face hub is unreachable (offline) and '
+                                    f'no cached copy of {hub_name} exists; {fix}') from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise utils.ConfigError(f'datasets=[{name}]: could not load {hub_name} from the Hugging Face hub '
+                                f'({type(e).__name__}: {first}); {fix}') from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
+
+
+def _load_hub(hub_name: str, split: str, cache_dir: Optional[str]):
+    """Load one split from the hub (or its cached copy)."""
+    with _hub_access(hub_name):
+        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+
+
+def check_hub_datasets(names: Sequence[str], paths: Optional[Dict[str, str]]) -> None:
+    """Refuse, before anything is built, a hub dataset without a local path that cannot be had:
+    the hub unreachable and no cached copy (utils.ConfigError naming dataset_paths.NAME)."""
+    for name in names:
+        if name in HUB_NAMES and (paths or {}).get(name) is None and not utils.hub_reachable():
+            with _hub_access(HUB_NAMES[name]):
+                datasets.load_dataset_builder(HUB_NAMES[name])
 
 
 def _rows(hub_name: str, split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
@@ -186,7 +222,7 @@ def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
     prompt and chosen reply for SFT.
     """
     table = _PromptTable()
-    for where, row in _rows('Anthropic/hh-rlhf', split, cache_dir, path, silent):
+    for where, row in _rows(HUB_NAMES['hh'], split, cache_dir, path, silent):
         chosen = _field(row, 'chosen', str, where, _HH_SCHEMA)
         rejected = _field(row, 'rejected', str, where, _HH_SCHEMA)
         table.add_row(*split_hh_transcripts(chosen, rejected, where))
@@ -216,7 +252,7 @@ def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, p
     the highest-scored response kept for the prompt.
     """
     table = _PromptTable()
-    for where, row in _rows('stanfordnlp/SHP', split, cache_dir, path, silent):
+    for where, row in _rows(HUB_NAMES['shp'], split, cache_dir, path, silent):
         history = _field(row, 'history', str, where, _SHP_SCHEMA)
         ref_a = _field(row, 'human_ref_A', str, where, _SHP_SCHEMA)
         ref_b = _field(row, 'human_ref_B', str, where, _SHP_SCHEMA)
@@ -261,7 +297,7 @@ _SE_SCHEMA = ("StackExchange rows need 'question' (HTML str) and 'answers' (a li
 
 def _se_rows(split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
     """SE rows of the derived split (hub 'train' shuffled with seed 42, 1% test)."""
-    hub_name = 'HuggingFaceH4/stack-exchange-preferences'
+    hub_name = HUB_NAMES['se']
     if path is not None and '{split}' in str(path):
         yield from _rows(hub_name, split, cache_dir, path, silent)  # the files are already split
         return

@@ -593,6 +593,8 @@ def run(config: DictConfig):
         return spawn_local_workers(config, torch.cuda.device_count())
     validate_config(config, world_size)
     resolve_model_source(config.model)
+    # a hub dataset that cannot be had (no network, no cached copy) is refused before any model loads
+    preference_datasets.check_hub_datasets(list(config.datasets), dict(config.dataset_paths))
     if world_size > 1:
         utils.init_distributed(rank, world_size, local_rank)
         # Each rank stamped its own run directory name; all must use rank 0's.

@@ -289,6 +289,7 @@ def test_se_parquet_hub_layout(tmp_path):
 def test_hub_code_path(monkeypatch, name, hub_name, fixture, split, hub_split):
     """Without a path the loaders call datasets.load_dataset; feed it the fixture rows."""
     calls = []
+    monkeypatch.setattr(pdx.utils, 'hub_reachable', lambda: True)
 
     def fake_load_dataset(path, split=None, cache_dir=None):
         calls.append((path, split, cache_dir))
@@ -302,10 +303,47 @@ def test_hub_code_path(monkeypatch, name, hub_name, fixture, split, hub_split):
 
 def test_hub_failure_is_explained(monkeypatch):
     def offline(*args, **kwargs):
-        raise ConnectionError('no network')
+        raise ConnectionError('no network\nmore detail')
     monkeypatch.setattr(pdx.datasets, 'load_dataset', offline)
-    with pytest.raises(RuntimeError, match='Offline. Pass a local copy with path='):
+    monkeypatch.setattr(pdx.utils, 'hub_reachable', lambda: True)
+    with pytest.raises(pdx.utils.ConfigError, match=r'^datasets=\[hh\]: could not load Anthropic/hh-rlhf from the '
+                       r'Hugging Face hub \(ConnectionError: no network\); pass dataset_paths.hh=FILE \(a local copy'):
         pdx.get_dataset('hh', 'train', silent=True)
+
+
+def closed_port_endpoint() -> str:
+    """http://127.0.0.1:PORT where nothing listens: connections are refused at once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{s.getsockname()[1]}'
+
+
+@pytest.mark.parametrize('name', ['hh', 'shp', 'se'])
+@pytest.mark.parametrize('unreachable', ['HF_HUB_OFFLINE', 'closed port'])
+def test_unreachable_hub_fails_at_once_naming_dataset_paths(monkeypatch, tmp_path, name, unreachable):
+    """No hub and no cached copy: one line within seconds (datasets alone retries ~25 s)."""
+    import time
+    from huggingface_hub import constants
+    if unreachable == 'HF_HUB_OFFLINE':
+        monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    else:
+        endpoint = closed_port_endpoint()
+        monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+        monkeypatch.setattr(pdx.datasets.config, 'HF_ENDPOINT', endpoint)
+    pdx.utils.hub_reachable.cache_clear()
+    start = time.monotonic()
+    try:
+        with pytest.raises(pdx.utils.ConfigError, match=rf'^datasets=\[{name}\]: the Hugging Face hub is '
+                           rf'unreachable \(offline\) and no cached copy .* pass dataset_paths.{name}=FILE'):
+            pdx.get_dataset(name, 'test', silent=True, cache_dir=str(tmp_path))
+        with pytest.raises(pdx.utils.ConfigError, match=f'dataset_paths.{name}=FILE'):
+            pdx.check_hub_datasets(['synthetic', name], {name: None})
+    finally:
+        pdx.utils.hub_reachable.cache_clear()
+    assert time.monotonic() - start < 10  # the probe gives up after 3 s; the rest is local
+    assert not pdx.datasets.config.HF_HUB_OFFLINE  # datasets' own setting restored
+    pdx.check_hub_datasets([name], {name: 'local.jsonl'})  # a local copy needs no hub
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,23 @@ def test_hub_model_offline_is_refused_in_one_line_naming_model_and_fix(tmp_path)
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("unreachable", ["HF_HUB_OFFLINE", "closed port"])
+def test_hub_dataset_offline_is_refused_in_one_line_naming_dataset_paths(tmp_path, unreachable):
+    """datasets=[hh] with no hub and no cached copy: one line, before any model is built."""
+    import time
+    from test_datasets import closed_port_endpoint
+    env = (offline_env(tmp_path) if unreachable == "HF_HUB_OFFLINE"
+           else {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": closed_port_endpoint()})
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    result = run_subprocess(["datasets=[hh]", f"local_run_dir={run_dir}", "wandb.enabled=false"],
+                            env=env, timeout=120)
+    assert_one_line_refusal(result, "datasets=[hh]", "unreachable", "dataset_paths.hh=FILE")
+    assert time.monotonic() - start < 60  # start-up included; the hub's retries alone took ~35 s
+    assert not run_dir.exists()
+
+
 def test_missing_tokenizer_offline_is_refused_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     result = run_subprocess(["model.tokenizer_name_or_path=some-org/no-such-tokenizer",
