@@ -489,18 +489,40 @@ def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)])
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status);
+    elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path) -> None:
+    """safetensors' save_file, with the mode any file the framework writes has (0666 & ~umask):
+    safetensors writes a temporary file (mode 0600) and renames it into place, keeping that mode,
+    so a group or another user the umask lets read the run could not read the weights."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 def save_hf_format(model, state_dict: Dict[str, torch.Tensor], tokenizer, out_dir):
     """config.json + safetensors weights + tokenizer, loadable with from_pretrained anywhere."""
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
-    from safetensors.torch import save_file
     # Tied weights share storage; safetensors refuses shared tensors, so store distinct copies of
     # what the model does not tie on load.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tensors = {k: v.contiguous().clone() for k, v in state_dict.items()
                if not (k in tied and model.config.tie_word_embeddings)}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
