@@ -163,8 +163,8 @@ def validate_model_config(model: DictConfig):
                      f"model.gguf_file={model.gguf_file} is not a file in "
                      f"model.name_or_path={model.name_or_path}")
     if model.offline_gguf is not None:
-        _require(set(model.offline_gguf) == {"package", "file", "install"},
-                 f"model.offline_gguf needs exactly package, file and install, got "
+        _require(set(model.offline_gguf) == {"package", "file", "install", "hub_name"},
+                 f"model.offline_gguf needs exactly package, file, install and hub_name, got "
                  f"{sorted(model.offline_gguf)}")
     if model.archive is not None:
         utils.resolve_policy_file(model.archive, "model.archive")

