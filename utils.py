@@ -73,6 +73,15 @@ def get_local_dir(prefixes: List[str]) -> str:
     return str(Path(".cache") / getpass.getuser())
 
 
+def config_group_options(*groups: str) -> str:
+    """One line per config group, 'model: blank_model, gpt2-large, ...' (the YAML files in
+    config/GROUP/), for a program's --help; Hydra's own $APP_CONFIG_GROUPS would list every group
+    of the shared config folder, also those the program refuses."""
+    root = Path(__file__).resolve().parent / "config"
+    return "\n".join(f"{group}: " + ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml")))
+                     for group in groups)
+
+
 def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
     """A fresh run directory name: {local_dir}/{exp_name}_{timestamp} (not created here)."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
