@@ -42,6 +42,23 @@ def test_default_run_dir_is_named_after_the_experiment(tmp_path):
     assert Path(config.local_run_dir).name.startswith("sft_tiny_")
 
 
+@pytest.mark.slow
+def test_a_sweep_writes_runs_and_its_record_under_the_local_dir_not_the_checkout(tmp_path):
+    """python train.py -m: each job a run directory {exp_name}_{timestamp} under local_dirs' first
+    entry and USER, and Hydra's multirun.yaml beside them in multirun/, not in ./multirun/."""
+    import getpass
+    before = set((ROOT / "multirun").rglob("*")) if (ROOT / "multirun").exists() else set()
+    result = run_subprocess(["-m", *FAST, "n_examples=8", "debug=true", f"local_dirs=[{tmp_path}]",
+                             "exp_name=seed${seed}", "seed=0,1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    user = tmp_path / getpass.getuser()
+    assert sorted(p.name.split("_")[0] for p in user.iterdir()) == ["multirun", "seed0", "seed1"]
+    assert len(list(user.glob("multirun/*/multirun.yaml"))) == 1
+    after = set((ROOT / "multirun").rglob("*")) if (ROOT / "multirun").exists() else set()
+    assert after == before
+    assert "multirun/" in (ROOT / ".gitignore").read_text().split()
+
+
 def test_tiny_model_and_tokenizer_round_trip(tokenizer, tmp_path):
     import transformers
     import utils
