@@ -175,17 +175,25 @@ def atomic_replace_dir(tmp: Path, final: Path):
 
 
 def save_file(obj, path: Path):
-    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC) rather
-    than torch's own writer's "unexpected pos" RuntimeError."""
+    """torch.save through a Python file object, so that a full disk's OSError(ENOSPC) is in the
+    exception's chain (see is_out_of_space)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
 
 
 def is_out_of_space(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # Writers that wrap the OS error in their own (safetensors) keep its text.
-    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+    """Whether a full disk (or quota) caused `error`, anywhere in its chain: torch.save's zip
+    writer raises its own "unexpected pos" RuntimeError with the OSError(ENOSPC) only as its
+    __context__, and other writers (safetensors) wrap the OS error in theirs, keeping its text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def file_sizes(directory: Path) -> Dict[str, int]:
