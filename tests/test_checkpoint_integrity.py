@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, run_subprocess
+from conftest import FAST, compose, poison_policy_at, run_subprocess
+# (finished_run: a finished run with step-8, step-16, step-24 and LATEST, and its final weights)
+from test_checkpoints import FINISHED, copy_run, finished_run, policy_state, same_weights  # noqa: F401
 
 # step-16, step-32 and step-48 (5.6 MB each with the embedded model) fit in 20 MB; LATEST
 # (7.4 MB: the Hugging Face files too) does not.
@@ -57,3 +59,117 @@ def test_a_full_filesystem_is_one_line_and_exit_code_4_then_relaunch(small_disk)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run_dir / 'step-48'} at 48 examples" in again.stdout
     assert (run_dir / "LATEST" / "policy.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- content hashes
+
+def flip_bytes(file: Path, n: int = 16):
+    """Invert `n` bytes in the middle of `file`: its size is unchanged."""
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    file.write_bytes(bytes(data))
+
+
+def test_every_file_of_a_checkpoint_is_in_its_manifest_with_its_hash(finished_run):
+    import json
+    import checkpoints
+    for name in ("step-8", "LATEST"):
+        path = finished_run[0] / name
+        manifest = json.loads((path / checkpoints.MANIFEST).read_text())
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                       if p.is_file() and p.name != checkpoints.MANIFEST)
+        assert manifest["hash"] == checkpoints.HASH and sorted(manifest["files"]) == files
+        for file, entry in manifest["files"].items():  # hashed while written == read back
+            assert entry == {"size": (path / file).stat().st_size,
+                             checkpoints.HASH: checkpoints.hash_file(path / file)}, file
+    assert checkpoints.verify_files(finished_run[0] / "LATEST") is True
+
+
+def test_a_damaged_file_of_the_right_size_is_skipped_on_resume(finished_run, tmp_path, capsys):
+    import train
+    run_dir = copy_run(finished_run[0], tmp_path / "run")
+    shutil.rmtree(run_dir / "LATEST")  # as if killed before the end
+    policy = run_dir / "step-24" / "policy.pt"
+    flip_bytes(policy)
+    train.run(compose([*FINISHED, f"local_run_dir={run_dir}"]))
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipping damaged checkpoint {run_dir / 'step-24'}: {policy} "
+                        "does not match the content hash recorded when it was written (it was "
+                        "damaged after the save)"]
+    assert f"resuming from {run_dir / 'step-16'} at 16 examples" in out
+    assert same_weights(policy_state(run_dir / "LATEST"), finished_run[1])
+
+
+def test_every_reader_refuses_a_damaged_file_in_one_line(finished_run, tmp_path):
+    import checkpoints
+    import evaluate
+    import export_hf
+    import train
+    import utils
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from conftest import ROOT
+    run_dir = copy_run(finished_run[0], tmp_path / "run")
+    latest, step = run_dir / "step-24", run_dir / "step-16"  # (LATEST: already finished)
+    flip_bytes(latest / "policy.pt")
+    flip_bytes(step / "config.yaml", 4)
+    damaged = "does not match the content hash recorded when it was written"
+    with pytest.raises(utils.ConfigError, match=f"^resume_from={latest} is not an intact "
+                       f"checkpoint: {latest / 'policy.pt'} {damaged}"):
+        train.run(compose([*FINISHED, f"resume_from={latest}", f"local_run_dir={tmp_path}/a"]))
+    with pytest.raises(utils.ConfigError, match=f"^model.archive={latest}: "
+                       f"{latest / 'policy.pt'} {damaged}"):
+        train.run(compose([*FINISHED, f"model.archive={latest}", f"local_run_dir={tmp_path}/b"]))
+    with pytest.raises(utils.ConfigError, match=f"^export_hf.py CHECKPOINT={step}: "
+                       f"{step / 'config.yaml'} {damaged}"):
+        export_hf.export(str(step), str(tmp_path / "hf"))
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = hydra_compose("evaluate", overrides=[f"checkpoint={latest}"])
+    with pytest.raises(checkpoints.DamagedCheckpoint, match=f"^{latest / 'policy.pt'} {damaged}"):
+        evaluate.load_models(cfg)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_without_a_manifest_loads_and_says_it_cannot_be_verified(finished_run,
+                                                                              tmp_path, capsys):
+    """Checkpoints written before content hashes: no manifest.json, no "manifest" key."""
+    import checkpoints
+    import train
+    run_dir = copy_run(finished_run[0], tmp_path / "run")
+    shutil.rmtree(run_dir / "LATEST")
+    old = run_dir / "step-24"
+    (old / checkpoints.MANIFEST).unlink()
+    state = torch.load(old / checkpoints.TRAINER_STATE, weights_only=True)
+    del state["manifest"]
+    torch.save(state, old / checkpoints.TRAINER_STATE)
+    train.run(compose([*FINISHED, f"local_run_dir={run_dir}"]))
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "cannot be verified" in line] == [
+        f"note: {old} was written without {checkpoints.MANIFEST} (before checkpoints held "
+        "content hashes); its files cannot be verified"]
+    assert "warning:" not in out and f"resuming from {old} at 24 examples" in out
+    assert same_weights(policy_state(run_dir / "LATEST"), finished_run[1])
+    # a checkpoint that was written with a manifest and lost it is damaged, not old
+    (run_dir / "step-16" / checkpoints.MANIFEST).unlink()
+    assert checkpoints.inspect_checkpoint(run_dir / "step-16")[1] == "manifest.json is missing"
+
+
+def test_divergence_names_a_checkpoint_that_verified(tmp_path, monkeypatch):
+    import trainers
+    from test_train import make_trainer
+    trainer = make_trainer(["n_examples=64", "eval_every=16"], tmp_path)
+    run_dir = tmp_path / "run"
+    real_step = trainers.BasicTrainer.train_step
+
+    def damage_step_32(self, batch):
+        if self.example_counter == 40:
+            flip_bytes(run_dir / "step-32" / "optimizer.pt")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(trainers.BasicTrainer, "train_step", damage_step_32)
+    poison_policy_at(monkeypatch, 40)
+    with pytest.raises(trainers.TrainingDiverged) as err:
+        trainer.train()
+    good = run_dir / "step-16"
+    assert f"the last good checkpoint is {good};" in str(err.value)
