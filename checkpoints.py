@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -26,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import xxhash
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 import parallel
 import utils
@@ -501,12 +503,38 @@ def sharded_policy_shapes(path: Path) -> Dict[str, torch.Tensor]:
             if key.startswith("policy.") and isinstance(meta, TensorStorageMetadata)}
 
 
-def load_sharded(path: Path, states: Dict[str, object]):
+def load_sharded(path: Path, states: Dict[str, object], ranks):
     """Every rank: fill `states` (shaped as for save_sharded, this rank's shards) in place from
-    path/sharded/ (any number of processes may have written it)."""
+    path/sharded/ (any number of processes may have written it).
+
+    Raises:
+        DamagedCheckpoint: on every rank, when a shard could not be read on any (`states` may
+            then be partly filled: load another checkpoint into them, or none).
+    """
     import torch.distributed.checkpoint as dcp
-    check_sharded_metadata(path)
-    dcp.load(states, checkpoint_id=str(path / SHARDED_DIR))
+    problem = None
+    try:
+        check_sharded_metadata(path)
+        dcp.load(states, checkpoint_id=str(path / SHARDED_DIR))
+    except DamagedCheckpoint as e:
+        problem = str(e)
+    except (Exception, CheckpointException) as e:  # a damaged shard: unpickling, zip, ...
+        problem = f"its shards in {path / SHARDED_DIR} could not be read ({shard_error(e)})"
+    problems = ranks.merge({ranks.rank: problem} if problem else {})  # every rank agrees
+    if problems:
+        raise DamagedCheckpoint(problems[min(problems)])
+
+
+def shard_error(error: BaseException) -> str:
+    """One line for a failed DCP load: the first failing rank's own error, not the tracebacks
+    of every rank that CheckpointException's text holds."""
+    failures = getattr(error, "failures", None)
+    where = ""
+    if failures:
+        rank = min(failures)
+        error, where = failures[rank][0], f"rank {rank}: "
+    text = str(error).strip().splitlines()
+    return f"{where}{type(error).__name__}{': ' + text[0] if text else ''}"
 
 
 def load_policy_state(path: Path) -> Dict[str, torch.Tensor]:
@@ -523,7 +551,13 @@ def load_policy_state(path: Path) -> Dict[str, torch.Tensor]:
             raise DamagedCheckpoint(str(e)) from None
     import torch.distributed.checkpoint as dcp
     state = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in sharded_policy_shapes(path).items()}
-    dcp.load({"policy": state}, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load({"policy": state}, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+    except (Exception, CheckpointException) as e:  # a damaged shard, written without a manifest
+        raise DamagedCheckpoint(f"the shards in {path / SHARDED_DIR} could not be read "
+                                f"({shard_error(e)})") from None
     return state
 
 
@@ -623,13 +657,14 @@ def restore_training(path: Path, parts: TrainingParts, ranks) -> dict:
     Returns:
         The trainer state it was saved with (counters, loss state, ...).
     Raises:
-        DamagedCheckpoint: on every rank, a file could not be read (nothing was loaded).
+        DamagedCheckpoint: on every rank, a file could not be read or verified (nothing was
+            loaded, or a shard failed to load: the next checkpoint loaded replaces it all).
         ConfigError: on every rank, the weights do not fit the model (nothing was loaded).
     """
     states, state = read_for_restore(path, parts.policy, parts.reference.policy_state_to_load, ranks)
     if is_sharded(path):
         loaded = parallel.sharded_states(parts.policy, parts.optimizer)
-        load_sharded(path, loaded)
+        load_sharded(path, loaded, ranks)
         parallel.load_sharded_states(parts.policy, parts.optimizer, loaded)
     else:
         parts.load_policy(states["policy.pt"])

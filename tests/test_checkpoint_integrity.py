@@ -173,3 +173,61 @@ def test_divergence_names_a_checkpoint_that_verified(tmp_path, monkeypatch):
         trainer.train()
     good = run_dir / "step-16"
     assert f"the last good checkpoint is {good};" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+def overwrite(file: Path, start: int, n: int):
+    """Overwrite `n` bytes of `file` from `start` with other bytes: its size is unchanged."""
+    with open(file, "r+b") as f:
+        f.seek(start)
+        f.write(bytes((7 * i + 1) % 256 for i in range(n)))
+
+
+def forget_manifest(checkpoint: Path):
+    """Make `checkpoint` look written before content hashes: no manifest, no "manifest" key."""
+    import checkpoints
+    (checkpoint / checkpoints.MANIFEST).unlink()
+    state = torch.load(checkpoint / checkpoints.TRAINER_STATE, weights_only=True)
+    del state["manifest"]
+    torch.save(state, checkpoint / checkpoints.TRAINER_STATE)
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_makes_every_rank_fall_back(tmp_path):
+    """checkpoint_format=sharded over 2 processes: 200 KB of rank 1's shard of step-24 damaged
+    (size unchanged). With a manifest the hash finds it; without one (an older checkpoint) the
+    shard fails to load. Either way every rank skips step-24 with one warning, resumes from
+    step-16 and ends where the undisturbed run ended."""
+    import checkpoints
+    from test_distributed import train_2proc
+    args = ("checkpoint_format=sharded", "eval_every=8")  # step-8, -16, -24, LATEST
+    whole = tmp_path / "whole"
+    train_2proc("FSDPTrainer", whole, *args)
+    final = checkpoints.load_policy_state(whole / "LATEST")
+    for case in ("hashed", "older"):
+        run_dir = copy_run(whole, tmp_path / case)
+        shutil.rmtree(run_dir / "LATEST")
+        shard = run_dir / "step-24" / "sharded" / "__1_0.distcp"
+        if case == "hashed":
+            overwrite(shard, shard.stat().st_size // 2 - 100_000, 200_000)
+            problem = (f"{shard} does not match the content hash recorded when it was written "
+                       "(it was damaged after the save)")
+        else:
+            forget_manifest(run_dir / "step-24")
+            overwrite(shard, 0, 200_000)  # the first records' headers: torch cannot read them
+            # (both ranks read from rank 1's file: the first that failed is named)
+            problem = f"its shards in {shard.parent} could not be read (rank "
+            with pytest.raises(checkpoints.DamagedCheckpoint, match="could not be read"):
+                checkpoints.load_policy_state(run_dir / "step-24")  # export_hf.py, evaluate.py
+        output = train_2proc("FSDPTrainer", run_dir, *args)
+        warnings = [line for line in output.splitlines() if "warning:" in line]
+        assert len(warnings) == 1, output[-4000:]
+        assert warnings[0].startswith(f"warning: skipping damaged checkpoint "
+                                      f"{run_dir / 'step-24'}: {problem}"), warnings
+        assert "Traceback" not in output
+        assert f"resuming from {run_dir / 'step-16'} at 16 examples" in output
+        resumed = checkpoints.load_policy_state(run_dir / "LATEST")
+        assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k])
+                                                       for k in final), case
+
