@@ -192,11 +192,11 @@ def damaged_newer_than(run_dir: Path, example_counter: Optional[int]) -> List[Tu
 def atomic_replace_dir(tmp: Path, final: Path):
     """Move a fully written directory into place so a crash never leaves a half checkpoint under
     the final name."""
-    if final.exists():
+    if final.exists() or final.is_symlink():
         trash = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, trash)
         os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove(trash)
     else:
         os.replace(tmp, final)
 
@@ -214,6 +214,15 @@ class HashingWriter:
 
     def flush(self):
         self.file.flush()
+
+
+def remove(path: Path):
+    """Delete a directory tree, or a file or symbolic link as itself (rmtree refuses links; the
+    directory a link points to is not the run's to delete)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save_file(obj, path: Path) -> str:
@@ -579,13 +588,13 @@ def prune_checkpoints(run_dir: Path, keep: Optional[int]):
     steps = sorted((p for p in run_dir.glob("step-*") if p.is_dir()),
                    key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:max(len(steps) - keep, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
 
 def remove_partial_writes(run_dir: Path):
     """Delete directories a crash during a save left behind."""
     for stale in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove(stale)
 
 
 # ----------------------------------------------------------------------------- a run, every rank

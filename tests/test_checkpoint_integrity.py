@@ -102,14 +102,20 @@ def test_a_damaged_file_of_the_right_size_is_skipped_on_resume(finished_run, tmp
     assert same_weights(policy_state(run_dir / "LATEST"), finished_run[1])
 
 
+def evaluate_models(checkpoint: Path):
+    """evaluate.py's (policy, reference, tokenizer, run config, step) of a checkpoint."""
+    import evaluate
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from conftest import ROOT
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return evaluate.load_models(hydra_compose("evaluate", overrides=[f"checkpoint={checkpoint}"]))
+
+
 def test_every_reader_refuses_a_damaged_file_in_one_line(finished_run, tmp_path):
     import checkpoints
-    import evaluate
     import export_hf
     import train
     import utils
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from conftest import ROOT
     run_dir = copy_run(finished_run[0], tmp_path / "run")
     latest, step = run_dir / "step-24", run_dir / "step-16"  # (LATEST: already finished)
     flip_bytes(latest / "policy.pt")
@@ -124,10 +130,8 @@ def test_every_reader_refuses_a_damaged_file_in_one_line(finished_run, tmp_path)
     with pytest.raises(utils.ConfigError, match=f"^export_hf.py CHECKPOINT={step}: "
                        f"{step / 'config.yaml'} {damaged}"):
         export_hf.export(str(step), str(tmp_path / "hf"))
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        cfg = hydra_compose("evaluate", overrides=[f"checkpoint={latest}"])
     with pytest.raises(checkpoints.DamagedCheckpoint, match=f"^{latest / 'policy.pt'} {damaged}"):
-        evaluate.load_models(cfg)
+        evaluate_models(latest)
     assert not (tmp_path / "a").exists() and not (tmp_path / "hf").exists()
 
 
@@ -205,6 +209,10 @@ def test_a_damaged_shard_makes_every_rank_fall_back(tmp_path):
     whole = tmp_path / "whole"
     train_2proc("FSDPTrainer", whole, *args)
     final = checkpoints.load_policy_state(whole / "LATEST")
+    # evaluate.py reads a sharded step-N/ (gathered in its one process)
+    policy, _, _, _, step = evaluate_models(whole / "step-16")
+    assert step == 16 and same_weights(policy.state_dict(),
+                                       checkpoints.load_policy_state(whole / "step-16"))
     for case in ("hashed", "older"):
         run_dir = copy_run(whole, tmp_path / case)
         shutil.rmtree(run_dir / "LATEST")
@@ -231,3 +239,49 @@ def test_a_damaged_shard_makes_every_rank_fall_back(tmp_path):
         assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k])
                                                        for k in final), case
 
+
+# ----------------------------------------------------------------------------- one line is one line
+
+def test_a_symlinked_latest_is_replaced_and_no_link_is_left_behind(tmp_path):
+    import checkpoints
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    checkpoints.write_checkpoint(tmp_path, "elsewhere", {"policy.pt": {"w": torch.ones(2)}}, 8,
+                                 {}, {"example_counter": 8})
+    (run_dir / "LATEST").symlink_to(elsewhere)
+    checkpoints.write_checkpoint(run_dir, "LATEST", {"policy.pt": {"w": torch.zeros(2)}}, 16, {},
+                                 {"example_counter": 16})
+    assert [p.name for p in run_dir.iterdir()] == ["LATEST"]
+    assert not (run_dir / "LATEST").is_symlink() and checkpoints.verify_files(run_dir / "LATEST")
+    assert checkpoints.verify_files(elsewhere)  # what the link pointed to is not the run's
+    (run_dir / ".old-LATEST-1").symlink_to(elsewhere)  # as a crash mid-replace leaves it
+    checkpoints.remove_partial_writes(run_dir)
+    assert [p.name for p in run_dir.iterdir()] == ["LATEST"] and (elsewhere / "policy.pt").is_file()
+
+
+def test_a_raw_pickle_is_refused_in_one_line_without_torch_warnings(tmp_path):
+    import pickle
+    import warnings
+    import utils
+    raw = tmp_path / "policy.pt"
+    raw.write_bytes(pickle.dumps({"state": {"w": [1.0, 2.0]}}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(utils.ConfigError) as err:
+            utils.safe_torch_load(str(raw), "model.archive")
+    assert [str(w.message) for w in caught] == []
+    message = str(err.value)
+    assert message.startswith(f"model.archive file {raw} needs arbitrary code to unpickle and was "
+                              "refused (only tensors and plain containers load): ")
+    # torch's reason (its wording varies with the version), not its advice to drop weights_only
+    assert "\n" not in message and "weights_only" not in message
+
+
+def test_a_json_error_names_its_column_once(tmp_path):
+    import data_files
+    from preference_datasets import DatasetFormatError
+    with pytest.raises(DatasetFormatError) as err:
+        list(data_files._iter_jsonl(tmp_path / "d.jsonl", b'{"prompt": "unterminated\n'))
+    assert "at at" not in str(err.value)
+    assert str(err.value).startswith(f"{tmp_path / 'd.jsonl'}, line 1: not valid JSON "
+                                     "(Unterminated string starting at: column 12).")
