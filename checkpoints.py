@@ -216,6 +216,10 @@ class HashingWriter:
     def flush(self):
         self.file.flush()
 
+    @property
+    def name(self) -> str:  # the path, as a file object's
+        return self.file.name
+
 
 def remove(path: Path):
     """Delete a directory tree, or a file or symbolic link as itself (rmtree refuses links; the
@@ -739,10 +743,11 @@ def save_on_rank0(run_dir: Path, name: str, states: Dict[str, object], step: int
 
 def read_for_restore(path: Path, policy: torch.nn.Module, policy_state_to_load: Callable,
                      ranks) -> Tuple[dict, dict]:
-    """(states, trainer state) of a checkpoint, "policy.pt" already the full state to load and
-    checked against the model, its files first checked against its manifest. With several processes only rank 0 reads the full policy and
-    optimizer states (loading sends each rank its shard; the other ranks get {}), and every rank
-    gets rank 0's verdict.
+    """(states, trainer state) of a checkpoint, its files first checked against its manifest
+    (verify_files), "policy.pt" already the full state to load and checked against the model.
+    With several processes only rank 0 verifies and reads the full policy and optimizer states
+    (loading sends each rank its shard; the other ranks get {}), and every rank gets rank 0's
+    verdict.
 
     Args:
         path: the checkpoint directory.

@@ -108,7 +108,8 @@ def evaluate_models(checkpoint: Path):
     from hydra import compose as hydra_compose, initialize_config_dir
     from conftest import ROOT
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        return evaluate.load_models(hydra_compose("evaluate", overrides=[f"checkpoint={checkpoint}"]))
+        cfg = hydra_compose("evaluate", overrides=[f"checkpoint={checkpoint}"])
+    return evaluate.load_models(cfg)
 
 
 def test_every_reader_refuses_a_damaged_file_in_one_line(finished_run, tmp_path):
