@@ -13,9 +13,10 @@ own samples, and writes `eval.json` (and the samples, `eval_samples.jsonl`) besi
 Every mean comes with a standard error clustered by prompt (the samples of one prompt are not
 independent of each other): the standard deviation of the per-prompt means over sqrt(#prompts).
 
-The checkpoint is a step-N/ or LATEST/ directory of any trainer (policy.pt holds a full state dict;
-the run's config.yaml says how to build the model, the tokenizer, the data and the reference), or
-a Hugging Face directory (config.json, no policy.pt), for which `reference=PATH` is required.
+The checkpoint is a step-N/ or LATEST/ directory of any trainer (policy.pt holds a full state dict,
+or sharded/ the shards of checkpoint_format=sharded; the run's config.yaml says how to build the
+model, the tokenizer, the data and the reference), its files checked against its manifest first,
+or a Hugging Face directory (config.json, no policy.pt), for which `reference=PATH` is required.
 """
 import os
 
@@ -36,6 +37,7 @@ import torch
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
 import preference_datasets
 import synthetic_data
 from losses import _is_number  # one definition of "a finite number" for every config check
@@ -360,13 +362,18 @@ def build_run_tokenizer(model_cfg: DictConfig, trust_remote_code: bool):
     return utils.build_tokenizer(model_cfg.name_or_path, trust_remote_code, gguf_file=gguf)
 
 
-def load_state(model, path: Path, what: str):
-    """A copy of `model` with the state dict of the policy.pt at `path`."""
-    state = utils.safe_torch_load(str(path), what)
-    state = state.get("state") if isinstance(state, dict) else None
+def read_policy(path: Path, what: str) -> tuple:
+    """(state dict, step_idx) of the policy.pt at `path`."""
+    archive = utils.safe_torch_load(str(path), what)
+    state = archive.get("state") if isinstance(archive, dict) else None
     if not isinstance(state, dict):
         raise ConfigError(f"{what} file {path} is not a policy.pt from this framework "
                           "(expected a dict with a 'state' model state dict)")
+    return state, archive.get("step_idx")
+
+
+def load_state(model, state: Dict[str, torch.Tensor], path: Path, what: str):
+    """A copy of `model` with `state`, the state dict read from `path`."""
     loaded = copy.deepcopy(model)
     try:
         loaded.load_state_dict(state)
@@ -408,14 +415,19 @@ def load_models(cfg: DictConfig):
     if not checkpoint.is_dir():
         raise ConfigError(f"checkpoint={checkpoint} is not a directory; pass a step-N/ or LATEST/ "
                           "directory of a run, or a Hugging Face model directory")
+    weights = "policy.pt" if policy_file(checkpoint) is not None else (
+        checkpoints.SHARDED_DIR if checkpoints.is_sharded(checkpoint) else None)
+    if weights is not None and (checkpoint / "config.yaml").is_file():
+        checkpoints.verify_files(checkpoint, ["config.yaml", weights])
     run_config = None
     if (checkpoint / "config.yaml").is_file():
         run_config = with_current_defaults(OmegaConf.load(checkpoint / "config.yaml"))
-    if policy_file(checkpoint) is not None and run_config is not None:
+    if weights is not None and run_config is not None:
         return _load_framework_checkpoint(cfg, checkpoint, run_config)
     if not (checkpoint / "config.json").is_file():
-        raise ConfigError(f"checkpoint={checkpoint} holds neither policy.pt with config.yaml (a "
-                          "checkpoint of train.py) nor config.json (a Hugging Face model)")
+        raise ConfigError(f"checkpoint={checkpoint} holds neither policy.pt or sharded/ with "
+                          "config.yaml (a checkpoint of train.py, checkpoint_format=full or "
+                          "sharded) nor config.json (a Hugging Face model)")
     if cfg.reference is None:
         raise ConfigError(f"checkpoint={checkpoint} is a Hugging Face directory, which does not say "
                           "what it was trained from; pass reference=PATH (a policy.pt, a checkpoint "
@@ -435,9 +447,16 @@ def _load_framework_checkpoint(cfg, checkpoint: Path, run_config: DictConfig):
     except ConfigError as e:
         raise ConfigError(f"{e} (the reference comes from the run's config; pass reference=PATH "
                           "to give it explicitly)")
-    policy = load_state(initial, checkpoint / "policy.pt", "checkpoint")
+    if checkpoints.is_sharded(checkpoint):  # checkpoint_format=sharded: gathered in this process
+        state = checkpoints.load_policy_state(checkpoint)
+        step = utils.safe_torch_load(str(checkpoint / checkpoints.TRAINER_STATE),
+                                     "checkpoint")["example_counter"]
+        source = checkpoint / checkpoints.SHARDED_DIR
+    else:
+        source = checkpoint / "policy.pt"
+        state, step = read_policy(source, "checkpoint")
+    policy = load_state(initial, state, source, "checkpoint")
     reference = initial if cfg.reference is None else _explicit_reference(cfg, policy)
-    step = utils.safe_torch_load(str(checkpoint / "policy.pt"), "checkpoint").get("step_idx")
     return policy, reference, tokenizer, run_config, step
 
 
@@ -445,7 +464,8 @@ def _explicit_reference(cfg: DictConfig, policy):
     path = Path(cfg.reference)
     found = policy_file(path)
     if found is not None:
-        return load_state(policy, found, "reference")
+        checkpoints.verify_files(found.parent, [found.name])
+        return load_state(policy, read_policy(found, "reference")[0], found, "reference")
     return load_hf_model(str(cfg.reference), cfg.trust_remote_code, "reference")
 
 

@@ -391,7 +391,7 @@ def build_whole_models(config: DictConfig, tokenizer):
         utils.disable_dropout(reference)
         reference.requires_grad_(False)
     if m.archive is not None:
-        state = utils.load_policy_archive(m.archive, "model.archive")
+        state = checkpoints.load_policy_archive(m.archive, "model.archive")
         source = f"model.archive={m.archive}"
         for model in (policy, reference):
             if model is not None:

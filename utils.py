@@ -14,6 +14,7 @@ import pickle
 import platform
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
@@ -391,13 +392,24 @@ def safe_torch_load(path: str, what: str = "checkpoint"):
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. a raw pickle's protocol: the refusal is one line
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConfigError(f"{what} file {path} needs arbitrary code to unpickle and was refused "
-                          f"(only tensors and plain containers load): {str(e).splitlines()[0]}")
+                          f"(only tensors and plain containers load): {unpickling_reason(e)}")
     except Exception as e:  # truncated or not a torch file at all
         raise ConfigError(f"{what} file {path} could not be read as a torch checkpoint: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def unpickling_reason(error: Exception) -> str:
+    """torch's reason for refusing a pickle under weights_only, without its first line's advice
+    to retry with weights_only=False and its closing pointers."""
+    lines = str(error).replace("WeightsUnpickler error:", "\n").splitlines()
+    reason = [line.strip() for line in lines[1:] if line.strip() and not line.startswith(
+        ("Please file an issue", "Check the documentation"))]
+    return reason[0] if reason else (lines[0] if lines else type(error).__name__)
 
 
 def resolve_policy_file(path: str, option: str = "model.archive") -> str:

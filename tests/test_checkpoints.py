@@ -209,6 +209,11 @@ def test_a_checkpoint_damaged_inside_is_skipped_when_loaded(finished_run, tmp_pa
     shutil.rmtree(run_dir / "LATEST")  # as if killed before the end
     policy = run_dir / "step-24" / "policy.pt"
     policy.write_bytes(b"\0" * policy.stat().st_size)  # the right size, but not a torch file
+    # written before content hashes (no manifest): found only when loaded
+    (run_dir / "step-24" / "manifest.json").unlink()
+    state = torch.load(run_dir / "step-24" / "trainer_state.pt", weights_only=True)
+    del state["manifest"]
+    torch.save(state, run_dir / "step-24" / "trainer_state.pt")
     train.run(compose([*FINISHED, f"local_run_dir={run_dir}"]))
     out = capsys.readouterr().out
     assert out.count("warning:") == 1
@@ -250,6 +255,7 @@ def test_resume_checks_the_weights_against_the_model(tmp_path):
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     state["files"]["policy.pt"] = (path / "policy.pt").stat().st_size
     torch.save(state, path / "trainer_state.pt")
+    checkpoints.write_manifest(path, {})  # as if written so
     assert checkpoints.inspect_checkpoint(path)[1] is None
     with pytest.raises(utils.ConfigError, match=f"checkpoint {path / 'policy.pt'} does not fit "
                        f"the model \\(missing keys: {dropped}\\); nothing was loaded"):
