@@ -49,32 +49,35 @@ class Reference:
             sides: ('chosen', 'rejected') or ('chosen',).
         """
 
+    chunk_size = None  # logps_chunk_size, for the kinds that run a model
+
+    @contextlib.contextmanager
+    def _scope(self):
+        """Yields the model that scores as the reference, ready to run (kinds that run one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
+        yield
+
+    def layout_logps(self, batch: Dict, layout, average: bool,
+                     public_tokens: Optional[torch.Tensor] = None) -> Dict[str, logps.SideLogps]:
+        """{side: logps.SideLogps} of the sides of a packing.Layout of `batch`, no gradient:
+        (B,) log-probs (sums, or per-token means) and LD-DPO's public part (public_tokens)."""
+        with torch.no_grad(), self._scope() as model:
+            return packing.model_logps(model, layout, average, self.chunk_size, public_tokens)
+
     def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
-        """(B,) log-probs of `side`'s label tokens (summed, or per-token means), no gradient."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
+        """(B,) log-probs of `side`'s label tokens in the usual layout, no gradient."""
+        return self.layout_logps(batch, packing.plain_layout(batch, side), average)[side].logps
 
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        """LD-DPO's parts, no gradient: {'sum': (B,) summed log-probs, 'public': (B,) summed over
-        each row's first public_tokens[b] completion tokens (the pair's shared length)}."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
-
-    def pair_logps(self, batch: Dict, sides: Tuple[str, ...], average: bool,
-                   layout=None) -> Dict[str, torch.Tensor]:
-        """{side: sequence_logps(batch, side, average)}; a kind that runs a model scores a
-        packing.Layout of the batch instead, when given, in one forward."""
-        return {side: self.sequence_logps(batch, side, average) for side in sides}
-
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
-        """(B, T, H) final hidden states, for token-level KL (when supports_token_kl)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
-
-    def layout_hidden(self, layout) -> torch.Tensor:
-        """(R, L, H) final hidden states on a packing.Layout's rows (when supports_token_kl)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
+    def layout_states(self, layout, full: bool) -> torch.Tensor:
+        """(R, L, H) final hidden states on a packing.Layout's rows, or (full) its logits, for
+        token-level KL (TDPO)."""
+        with self._scope() as model:
+            return packing.model_states(model, layout, full)
 
     def output_layer(self):
-        """(weight (V, H), bias (V,) or None), for token-level KL (when supports_token_kl)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
+        """(weight (V, H), bias (V,) or None), for token-level KL."""
+        with self._scope() as model:
+            return logps.output_layer(model)
 
     def generate(self, sample: Callable, batch: Dict) -> Optional[List[str]]:
         """`sample(model, batch)` with the reference's model, or None when it cannot generate."""
@@ -134,43 +137,14 @@ class ModelReference(Reference):
     def __init__(self, model, chunk_size: int, before_use: Optional[Callable[[], None]] = None):
         self.model, self.chunk_size, self.before_use = model, chunk_size, before_use
 
-    def _use(self):
+    @contextlib.contextmanager
+    def _scope(self):
         if self.before_use is not None:
             self.before_use()
-        return self.model
+        yield self.model
 
     def prepare(self, batches, rank_slice, sides):
         self.model.eval()
-
-    def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
-        model = self._use()
-        with torch.no_grad():
-            return logps.sequence_logps(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        average, self.chunk_size)
-
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        model = self._use()
-        with torch.no_grad():
-            return logps.sequence_parts(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        self.chunk_size, public_tokens)
-
-    def pair_logps(self, batch, sides, average, layout=None):
-        if layout is None:
-            return super().pair_logps(batch, sides, average)
-        model = self._use()
-        with torch.no_grad():
-            return packing.model_logps(model, layout, average, self.chunk_size)
-
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
-        return logps.hidden_states(self._use(), input_ids, attention_mask)
-
-    def layout_hidden(self, layout) -> torch.Tensor:
-        return packing.model_hidden(self._use(), layout)
-
-    def output_layer(self):
-        return logps.output_layer(self._use())
 
     def generate(self, sample: Callable, batch: Dict) -> Optional[List[str]]:
         return sample(self.model, batch)
@@ -258,9 +232,10 @@ class CachedReference(Reference):
                     need = self.ranks.any_rank(any(k not in entries for k in keys))
                     if not (need or need_pairs):
                         continue
-                    parts = self.live.sequence_parts(micro, side, shared)
-                    sums, found[side] = parts["sum"], parts.get("public")
-                    counts = logps.completion_token_counts(micro[f"{side}_labels"], sums.dtype)
+                    layout = packing.plain_layout(micro, side)
+                    parts = self.live.layout_logps(micro, layout, False, shared)[side]
+                    sums, found[side] = parts.logps, parts.public
+                    counts = layout.selections[side].counts.to(sums.dtype)
                     # the same division the average=True path does, so the means are identical
                     means = sums / counts.clamp(min=1)
                     if need:
@@ -304,9 +279,20 @@ class CachedReference(Reference):
                 "(precompute_ref_log_probs=false) or rebuild the trainer") from None
         return torch.tensor(values, dtype=self.dtype, device=self.ranks.device)
 
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        """The cached sums and the pair's cached public sums (scored with the same shared
-        lengths: `shared_tokens` of the pair)."""
+    def layout_logps(self, batch, layout, average, public_tokens=None):
+        """The cached log-probs of the layout's sides, and with public_tokens the pair's cached
+        public sums (scored with the same shared lengths: `shared_tokens` of the pair)."""
+        out = {}
+        for side, selection in layout.selections.items():
+            total, public = self.sequence_logps(batch, side, average), None
+            if public_tokens is not None:
+                public = self._public(batch, side)
+                if average:
+                    public = public / selection.counts.clamp(min=1).to(public)
+            out[side] = logps.SideLogps(total, public)
+        return out
+
+    def _public(self, batch: Dict, side: str) -> torch.Tensor:
         index = ("chosen", "rejected").index(side)
         try:
             public = [self.publics[key][index] for key in pair_keys(batch, ("chosen", "rejected"))]
@@ -315,8 +301,7 @@ class CachedReference(Reference):
                 f"precompute_ref_log_probs: a pair of this batch has no precomputed LD-DPO public "
                 f"reference log-prob in {self.path}; rebuild the trainer or use "
                 "precompute_ref_log_probs=false") from None
-        return {"sum": self.sequence_logps(batch, side, False),
-                "public": torch.tensor(public, dtype=self.dtype, device=self.ranks.device)}
+        return torch.tensor(public, dtype=self.dtype, device=self.ranks.device)
 
 
 def shared_tokens(batch: Dict) -> torch.Tensor:
@@ -558,32 +543,6 @@ class AdapterReference(Reference):
                 yield self.policy
         finally:
             self.policy.train(training)
-
-    def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
-        with torch.no_grad(), self._scope() as model:
-            return logps.sequence_logps(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        average, self.chunk_size)
-
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        with torch.no_grad(), self._scope() as model:
-            return logps.sequence_parts(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        self.chunk_size, public_tokens)
-
-    def pair_logps(self, batch, sides, average, layout=None):
-        if layout is None:
-            return super().pair_logps(batch, sides, average)
-        with torch.no_grad(), self._scope() as model:
-            return packing.model_logps(model, layout, average, self.chunk_size)
-
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
-        with self._scope() as model:
-            return logps.hidden_states(model, input_ids, attention_mask)
-
-    def layout_hidden(self, layout) -> torch.Tensor:
-        with self._scope() as model:
-            return packing.model_hidden(model, layout)
 
     def output_layer(self):
         return logps.output_layer(self.policy)  # never adapted (train.py refuses lm_head)

@@ -107,3 +107,23 @@ def smollm2_dir():
     if importlib.util.find_spec("gguf") is None:
         return None
     return utils.packaged_model_dir(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
+
+
+def rows_batch(input_ids, attention_mask, labels, side="chosen"):
+    """(B, T) tensors as a collated batch of one side."""
+    return {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
+            f"{side}_labels": labels}
+
+
+def usual_logps(model, input_ids, attention_mask, labels, average, chunk_size):
+    """(B,) log-probs of `model` on right-padded rows: the usual layout (packing.plain_layout)."""
+    import packing
+    layout = packing.plain_layout(rows_batch(input_ids, attention_mask, labels), "chosen")
+    return packing.model_logps(model, layout, average, chunk_size)["chosen"].logps
+
+
+def usual_token_kl(policy, reference, input_ids, attention_mask, labels, average, chunk_size):
+    """TDPO's (logps_margin, position_kl, logps) on the usual layout (packing.token_kl)."""
+    import packing
+    layout = packing.plain_layout(rows_batch(input_ids, attention_mask, labels), "chosen")
+    return packing.token_kl(policy, reference, layout, average, chunk_size)["chosen"]

@@ -1015,10 +1015,10 @@ def _full_logits_parts(model, batch, side, shared):
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize('average', [False, True])
 def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average):
-    import types
     import transformers
+    import packing
     import references
-    import trainers
+    import scoring
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     policy = transformers.GPT2LMHeadModel(config).to(dtype).eval()
@@ -1026,10 +1026,9 @@ def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average
     batch = _tiny_pair_batch()
     spec = get_loss({'name': 'ipo' if average else 'sigmoid'})
     args = {'beta': 0.1, 'ld_alpha': 0.5, 'use_weighting': True}
-    trainer = types.SimpleNamespace(loss=spec, loss_args=args, config=types.SimpleNamespace(logps_chunk_size=2),
-                                    policy=policy, reference=references.ModelReference(ref_model, 2),
-                                    sides=('chosen', 'rejected'))
-    got = trainers.BasicTrainer.batch_logps(trainer, batch)
+    layouts = [packing.plain_layout(batch, side) for side in ('chosen', 'rejected')]
+    got = scoring.batch_logps(policy, references.ModelReference(ref_model, 2), batch, layouts, spec,
+                              args, 2)
     counts = [(batch[f'{s}_labels'][:, 1:] != -100).sum(-1) for s in ('chosen', 'rejected')]
     shared = torch.minimum(*counts)
     assert shared.tolist() == [2, 1, 6]
