@@ -240,6 +240,13 @@ def build_layout(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bo
                   n_pairs, sum(s.length for s in segments))
 
 
+def shared_tokens(batch: Dict) -> torch.Tensor:
+    """(B,) LD-DPO's public length of each pair: min(chosen, rejected) completion tokens."""
+    counts = [(batch[f"{side}_labels"][:, 1:] != logps.IGNORE_INDEX).sum(-1)
+              for side in ("chosen", "rejected")]
+    return torch.minimum(*counts)
+
+
 def padding_fraction(batch: Dict, sides: Sequence[str]) -> float:
     """The fraction of padding tokens when each side is run as its own right-padded batch."""
     masks = [batch[f"{side}_attention_mask"] for side in sides]

@@ -12,52 +12,44 @@ from typing import Callable, Dict, Sequence
 import torch
 
 import logps
+import losses
 import packing
-import references
 from utils import rank0_print
 
 
 def batch_logps(policy, reference, batch: Dict, layouts, spec, args: dict,
-                chunk_size: int) -> Dict[str, torch.Tensor]:
-    """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects: (B,) tensors
-    policy_{side}, reference_{side} (when the loss needs a reference), {side}_margin and
-    {side}_position_kl (token-level losses), {side}_tokens (counted completion tokens), with
-    LD-DPO '<those>_public' and with WPO '{side}_wpo_logweight'.
+                chunk_size: int) -> losses.BatchLogps:
+    """The log-probs the loss asks for (losses.BatchLogps), one forward per model and Layout.
 
     Args:
         policy: the placed policy.
         reference: the run's references.Reference.
         batch: this rank's micro-batch, on the device.
-        layouts: the batch's packing.lay_out: one forward each.
+        layouts: the batch's packing.lay_out.
         spec: the loss's losses.LossSpec; args: its arguments.
         chunk_size: logps_chunk_size.
     """
     average = spec.average_log_prob(args)
     public, wpo = spec.sequence_parts(args)
-    shared = references.shared_tokens(batch) if public else None
-    out = {}
+    shared = packing.shared_tokens(batch) if public else None
+    out, parts = {}, {}  # BatchLogps fields, and those of its LD-DPO public part
     for layout in layouts:
         if spec.token_level:
             for side, (margin, kl, policy_logps) in packing.token_kl(
                     policy, reference, layout, average, chunk_size).items():
-                out.update({f"{side}_margin": margin, f"{side}_position_kl": kl,
-                            f"policy_{side}": policy_logps})
-            continue
-        found = {"policy": packing.model_logps(policy, layout, average, chunk_size, shared, wpo)}
-        if spec.needs_reference(args):
-            found["reference"] = reference.layout_logps(batch, layout, average, shared)
-        for model, sides in found.items():
-            for side, values in sides.items():
-                out[f"{model}_{side}"] = values.logps
-                if public:
-                    out[f"{model}_{side}_public"] = values.public
-        if wpo:
-            out.update({f"{side}_wpo_logweight": values.wpo_logweight
-                        for side, values in found["policy"].items()})
-    for layout in layouts:
+                out.update({side: policy_logps, f"{side}_margin": margin, f"{side}_kl": kl})
+        else:
+            found = {"": packing.model_logps(policy, layout, average, chunk_size, shared, wpo)}
+            if spec.needs_reference(args):
+                found["reference_"] = reference.layout_logps(batch, layout, average, shared)
+            for model, sides in found.items():
+                for side, values in sides.items():
+                    out[model + side], parts[model + side] = values.logps, values.public
+                    if wpo and not model:
+                        out[f"{side}_wpo"] = values.wpo_logweight
         for side, selection in layout.selections.items():
-            out[f"{side}_tokens"] = selection.counts.to(out[f"policy_{side}"])
-    return out
+            out[f"{side}_tokens"] = selection.counts.to(out[side])
+    return losses.BatchLogps(**out, public=losses.BatchLogps(**parts) if public else None)
 
 
 def check_layout(policy, reference_model, policy_logps: Callable, batch: Dict,

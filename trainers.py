@@ -31,7 +31,9 @@ import optim
 import packing
 import parallel
 import preference_datasets
+import ref_cache
 import references
+import sampling
 import scoring
 from utils import rank0_print, save_hf_format, start_wandb
 
@@ -205,7 +207,7 @@ class BasicTrainer(SingleProcessPlacement):
         self.loss_generator = torch.Generator().manual_seed(seed)
         # Hashed before placing moves or shards it: the reference cache is keyed by it. Rank 0's
         # hash for every rank (under FSDP the other ranks' models are on the meta device, no data).
-        fingerprint = (parallel.rank0_value(references.model_fingerprint, reference_model)
+        fingerprint = (parallel.rank0_value(ref_cache.weights_hash, reference_model)
                        if config.precompute_ref_log_probs and reference_model is not None else None)
         # Hooks on the backbone that collect an MoE router's load-balancing loss (else inert).
         self.router_loss = moe.RouterLoss(policy, config.router_aux_loss_coef)
@@ -254,8 +256,8 @@ class BasicTrainer(SingleProcessPlacement):
         """The reference kind the config asks for (references.build_reference decides)."""
         c = self.config
         return references.build_reference(
-            self.policy, model, self.place_reference, self.loss.needs_reference(self.loss_args),
-            c.logps_chunk_size, c.precompute_ref_log_probs, fingerprint, self.ranks,
+            self.policy, model, self.place_reference, c.logps_chunk_size,
+            c.precompute_ref_log_probs, fingerprint, self.ranks,
             (c.ref_model_mixup_alpha, c.ref_model_sync_steps) if c.sync_ref_model else None,
             {"model": c.model.name_or_path or f"from_config ({c.model.from_config.model_type})",
              "archive": c.model.archive, "merge_archive": c.lora.merge_archive})
@@ -397,10 +399,10 @@ class BasicTrainer(SingleProcessPlacement):
     def write_samples(self):
         """Sample from the policy (and reference) for the first n_eval_model_samples eval prompts;
         appended to samples.jsonl in the run directory."""
-        sample = functools.partial(references.sample_completions, tokenizer=self.tokenizer,
+        sample = functools.partial(sampling.sample_texts, tokenizer=self.tokenizer,
                                    max_length=self.config.max_length, device=self.device,
                                    context=self.generation_context)
-        records = references.sample_records(
+        records = sampling.sample_records(
             self.policy, self.reference, self.eval_batches, self.config.n_eval_model_samples,
             lambda batch, n: slice_batch(batch, 0, n, self.device), sample, self.example_counter)
         self.run_log.samples(records, self.example_counter)

@@ -25,8 +25,9 @@ def compose(overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
     import train  # registers the resolver
+    overrides = train.rewrite_aliases(list(overrides))  # as train.py's command line
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=overrides)
 
 
 def run_in_process(overrides):

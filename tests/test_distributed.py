@@ -453,7 +453,7 @@ import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from omegaconf import OmegaConf
 from conftest import compose
-import parallel, references, train, utils
+import parallel, ref_cache, references, train, utils
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 rank = dist.get_rank()
@@ -461,7 +461,7 @@ config = compose(OVERRIDES)
 OmegaConf.resolve(config)
 policy, reference = train.build_models(config, utils.build_tokenizer("embedded"))
 out = {"meta": [all(p.is_meta for p in m.parameters()) for m in (policy, reference)],
-       "fingerprint": parallel.rank0_value(references.model_fingerprint, reference),
+       "fingerprint": parallel.rank0_value(ref_cache.weights_hash, reference),
        "rng": torch.rand(3).tolist()}
 built = {k: v.clone() for k, v in policy.state_dict().items()} if rank == 0 else {}
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))

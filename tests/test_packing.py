@@ -132,7 +132,7 @@ def scored(policy, reference, batch, name, args_changes, lay):
     loss, _ = spec.compute(found, args, spec.init_state(), gather=lambda t: t, train=True)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    return {k: v.detach() for k, v in found.items()}, grads
+    return {k: v.detach() for k, v in found.tensors().items()}, grads
 
 
 LOSSES = [("dpo", {"beta": 0.1}), ("ipo", {"beta": 0.1}), ("ipo", {"rpo_alpha": 1.0}),

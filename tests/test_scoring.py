@@ -109,11 +109,14 @@ def test_batch_logps_gives_the_loss_its_inputs():
     got = scoring.batch_logps(policy, reference, batch, packing.lay_out(batch, SIDES, False, False,
                                                                         None),
                               spec, {"beta": 0.1}, 3)
-    assert got["chosen_tokens"].tolist() == [2.0, 4.0]
-    assert got["rejected_tokens"].tolist() == [3.0, 1.0]
-    torch.testing.assert_close(got["reference_chosen"],
+    assert isinstance(got, losses.BatchLogps) and got.public is None and got.chosen_kl is None
+    assert got.chosen_tokens.tolist() == [2.0, 4.0]
+    assert got.rejected_tokens.tolist() == [3.0, 1.0]
+    torch.testing.assert_close(got.reference_chosen,
                                reference.sequence_logps(batch, "chosen", False))
-    assert got["policy_chosen"].requires_grad and not got["reference_chosen"].requires_grad
+    assert got.chosen.requires_grad and not got.reference_chosen.requires_grad
+    assert set(got.tensors()) == {"chosen", "rejected", "reference_chosen", "reference_rejected",
+                                  "chosen_tokens", "rejected_tokens"}
 
 
 def project_frames_below(name: str):
