@@ -18,15 +18,12 @@ or sharded/ the shards of checkpoint_format=sharded; the run's config.yaml says 
 model, the tokenizer, the data and the reference), its files checked against its manifest first,
 or a Hugging Face directory (config.json, no policy.pt), for which `reference=PATH` is required.
 """
-import os
-
-# The same bitwise-reproducible CPU math as train.py (set before torch loads MKL).
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import cpu_env  # noqa: F401  (bitwise-reproducible MKL, as train.py: before torch loads it)
 
 import copy
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +31,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import hydra
 import torch
-import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
 import preference_datasets
+import sampling
 import synthetic_data
-from losses import _is_number  # one definition of "a finite number" for every config check
-from train import _require
 import utils
-from utils import ConfigError
+from utils import ConfigError, is_number, require
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
@@ -305,37 +300,6 @@ def tokenize_completions(tokenizer, prompts: Sequence[str], completions: Sequenc
     return prompt_ids, completion_ids
 
 
-# ----------------------------------------------------------------------------- sampling
-
-def sample_completions(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
-                       generation: dict, batch_size: int, device) -> List[List[int]]:
-    """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
-    each ending at and including the first EOS, or max_new_tokens long if none came)."""
-    from transformers import GenerationConfig
-    # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
-    config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
-    samples = []
-    for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False):
-        batch = rows[start:start + batch_size]
-        width = max(len(r) for r in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(batch):  # left-padded, so every row continues at the same column
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
-        samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id) for seq in out[:, width:])
-    return samples
-
-
-def _until_eos(tokens: List[int], eos_id: int) -> List[int]:
-    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
-
-
 def content_length(completion: Sequence[int], eos_id: int) -> int:
     """Tokens before the EOS."""
     return len(completion) - (1 if completion and completion[-1] == eos_id else 0)
@@ -516,7 +480,7 @@ def _response_ids(batch: dict, side: str) -> List[int]:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def validate_config(cfg: DictConfig):
+def validate_eval_config(cfg: DictConfig):
     """Refuse a bad setting with one line naming the key, the value and what is allowed."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -525,18 +489,18 @@ def validate_config(cfg: DictConfig):
     for key in ("n_samples", "max_new_tokens", "batch_size", "score_batch_size", "n_prompts"):
         value = cfg[key]
         if not (value is None and key == "n_prompts"):
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                      f"{key}={value!r} must be a positive integer")
-    _require(_is_number(cfg.temperature) and cfg.temperature > 0,
+    require(is_number(cfg.temperature) and cfg.temperature > 0,
              f"temperature={cfg.temperature!r} must be a number > 0")
-    _require(_is_number(cfg.top_p) and 0 < cfg.top_p <= 1, f"top_p={cfg.top_p!r} must be in (0, 1]")
-    _require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
-    _require(isinstance(cfg.trust_remote_code, bool),
+    require(is_number(cfg.top_p) and 0 < cfg.top_p <= 1, f"top_p={cfg.top_p!r} must be in (0, 1]")
+    require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
+    require(isinstance(cfg.trust_remote_code, bool),
              f"trust_remote_code={cfg.trust_remote_code!r} must be true or false")
     name = cfg.reward.name
-    _require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
+    require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
     keys = set(cfg.reward) - {"name"}
-    _require(keys == REWARDS[name].config_keys,
+    require(keys == REWARDS[name].config_keys,
              f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
              f"{sorted(keys)}; see config/reward/{name}.yaml")
 
@@ -570,14 +534,14 @@ def generate_both(policy, reference, tokenizer, prompts: List[dict], cfg: DictCo
     out = []
     for offset, model in ((0, policy), (1, reference)):
         utils.set_seed(2 * cfg.seed + offset)
-        out.append(sample_completions(model, tokenizer, prompt_ids, cfg.n_samples, generation,
+        out.append(sampling.sample_token_ids(model, tokenizer, prompt_ids, cfg.n_samples, generation,
                                       cfg.batch_size, device))
     return out
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Sample, score and summarise; writes eval.json and eval_samples.jsonl. Returns the results."""
-    validate_config(cfg)
+    validate_eval_config(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy, reference, tokenizer, run_config, step = load_models(cfg)
     policy, reference = policy.to(device).eval(), reference.to(device).eval()

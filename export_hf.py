@@ -101,7 +101,7 @@ def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: b
     or the merged model, rebuilding the base weights the saved config names (checked against
     the hash recorded in base_weights.pt)."""
     import lora
-    import references
+    import ref_cache
     import train
     if saved.model.trust_remote_code:
         saved.model.trust_remote_code = False  # a checkpoint never decides that code runs
@@ -116,7 +116,7 @@ def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: b
         lora.write_peft_adapter(out, policy.state_dict(), policy, saved.model.name_or_path)
         return out
     record = utils.safe_torch_load(str(checkpoint / "base_weights.pt"), OPTION)["state"]
-    base = references.weights_hash(policy, lambda n: "lora_" not in n and ".modules_to_save." not in n)
+    base = ref_cache.weights_hash(policy, lambda n: "lora_" not in n and ".modules_to_save." not in n)
     if base != record["hash"]:
         raise utils.ConfigError(f"{OPTION}={checkpoint}: rebuilding the base weights from its "
                                 f"config.yaml ({record['sources']}) gives other weights than it was "

@@ -4,15 +4,10 @@ Validates the whole config before any model is built, writes the resolved config
 directory, builds the tokenizer, the policy and (when the loss needs one) the reference model, and
 hands them to the trainer named by `trainer`. Multi-process trainers run under torchrun.
 """
-import os
-
-# Bitwise-reproducible CPU math, so a resumed run ends with the same weights as an uninterrupted
-# one: MKL otherwise varies its thread count with machine load and picks code paths by memory
-# alignment, which changes summation order from run to run. Set before torch loads MKL.
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import cpu_env  # noqa: F401  (bitwise-reproducible MKL: before torch loads it)
 
 import copy
+import os
 import difflib
 import math
 import shutil
@@ -48,9 +43,7 @@ MIXED_PRECISION = (None, "bfloat16", "float16")
 
 # ----------------------------------------------------------------------------- validation
 
-def _require(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
+_require = utils.require  # every check below
 
 
 def _positive_int(config, key: str, allow_none: bool = False):
@@ -116,15 +109,7 @@ def validate_config(config: DictConfig, world_size: int):
              f"max_length={config.max_length}")
     _require(config.trainer in TRAINERS,
              f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
-    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
-    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
-    per_update = config.gradient_accumulation_steps * data_procs
-    _require(config.batch_size % per_update == 0,
-             f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
-             f"({config.gradient_accumulation_steps}) x processes ({data_procs}) = {per_update}")
-    _require(config.eval_batch_size % data_procs == 0,
-             f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
-             f"processes ({data_procs})")
+    validate_batch_split(config, world_size)
     optimizer = getattr(torch.optim, str(config.optimizer), None)
     _require(isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer),
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "
@@ -145,6 +130,19 @@ def validate_config(config: DictConfig, world_size: int):
     if config.resume_from is not None:
         _require(Path(config.resume_from).is_dir(),
                  f"resume_from={config.resume_from} is not a directory")
+
+
+def validate_batch_split(config: DictConfig, world_size: int):
+    """The batches split evenly into micro-batches and processes."""
+    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
+    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
+    per_update = config.gradient_accumulation_steps * data_procs
+    _require(config.batch_size % per_update == 0,
+             f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
+             f"({config.gradient_accumulation_steps}) x processes ({data_procs}) = {per_update}")
+    _require(config.eval_batch_size % data_procs == 0,
+             f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
+             f"processes ({data_procs})")
 
 
 def validate_model_config(model: DictConfig):
@@ -677,6 +675,29 @@ def build_and_train(config: DictConfig, rank: int, world_size: int):
 OPEN_MAPPINGS = ("model.from_config", "dataset_paths")
 # Keys the DPO repository's command lines use under another name here.
 KEY_ALIASES = {"model.block": "model.block_name"}
+# The beta-DPO repository's switch: `loss=dpo loss.mode_loss=beta_DPO` is loss=beta_dpo here
+# (config/loss/beta_dpo.yaml); its default 'mean', and 'dpo', are plain DPO.
+MODE_LOSSES = {"dpo": "dpo", "mean": "dpo", "beta_DPO": "beta_dpo"}
+
+
+def rewrite_aliases(args: List[str]) -> List[str]:
+    """The overrides with KEY_ALIASES and the beta-DPO repository's `loss.mode_loss`
+    (MODE_LOSSES) rewritten to this repository's names.
+
+    Raises:
+        ConfigError: a mode_loss that repository does not have, or with a loss other than dpo.
+    """
+    args = [_rewrite_alias(a) for a in args]
+    modes = [a.partition("=")[2] for a in args if a.partition("=")[0] == "loss.mode_loss"]
+    if not modes:
+        return args
+    chosen = [a.partition("=")[2] for a in args if a.partition("=")[0] == "loss"]
+    if modes[-1] not in MODE_LOSSES or chosen[-1:] not in ([], ["dpo"]):
+        raise ConfigError(f"loss.mode_loss={modes[-1]}: the beta-DPO repository's switch takes "
+                          f"{', '.join(MODE_LOSSES)} with loss=dpo; here beta-DPO is "
+                          "loss=beta_dpo (config/loss/beta_dpo.yaml)")
+    rest = [a for a in args if a.partition("=")[0] not in ("loss", "loss.mode_loss")]
+    return [f"loss={MODE_LOSSES[modes[-1]]}", *rest]
 
 
 def check_command_line(args: List[str]) -> Tuple[List[str], List[str]]:
@@ -689,7 +710,10 @@ def check_command_line(args: List[str]) -> Tuple[List[str], List[str]]:
         (the overrides with aliases rewritten, one problem line per unknown key). Anything this
         does not understand (Hydra flags, a syntax error, an unknown preset) is left to Hydra.
     """
-    args = [_rewrite_alias(a) for a in args]
+    try:
+        args = rewrite_aliases(args)
+    except ConfigError as e:
+        return args, [str(e)]
     if any(a.startswith("-") for a in args):
         return args, []
     from hydra import compose, initialize_config_dir

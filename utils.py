@@ -7,6 +7,7 @@ import fcntl
 import functools
 import getpass
 import hashlib
+import math
 import importlib.util
 import netrc
 import os
@@ -15,6 +16,7 @@ import platform
 import random
 import tempfile
 import warnings
+from numbers import Real
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
@@ -26,6 +28,17 @@ import torch.distributed as dist
 
 class ConfigError(ValueError):
     """A bad setting or input: train.py prints its message as one line and exits non-zero."""
+
+
+def require(ok: bool, message: str):
+    """Raise ConfigError(message) unless ok: a config check's one line."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def is_number(x) -> bool:
+    """A finite int or float, not a bool: what every numeric config check accepts."""
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 # ----------------------------------------------------------------------------- process memory
@@ -168,9 +181,9 @@ def build_embedded_tokenizer(cache_dir: Optional[str] = None):
     """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
-    import preference_datasets
+    import synthetic_data
 
-    corpus = preference_datasets.synthetic_corpus()
+    corpus = synthetic_data.synthetic_corpus()
     key = hashlib.sha256(("\n".join(corpus) + f"|{EMBEDDED_VOCAB_SIZE}|v1").encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / f"embedded-tokenizer-{key}"
     if not (path / "tokenizer.json").exists():
