@@ -48,6 +48,15 @@ def read_metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# Wall-clock measurements differ from run to run by nature; every other logged value must not.
+WALL_CLOCK_KEYS = ("examples_per_second",)
+
+
+def logged_values(run_dir, leave_out=WALL_CLOCK_KEYS):
+    """metrics.jsonl's rows without the keys in `leave_out`, to compare two runs row by row."""
+    return [{k: v for k, v in row.items() if k not in leave_out} for row in read_metrics(run_dir)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     """Keep the embedded tokenizer and dataset caches out of the user's home during tests."""
