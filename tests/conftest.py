@@ -12,7 +12,8 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 # Before any test module loads torch, as for users: train.py sets the math library's environment
 # (bitwise-reproducible MKL) and glibc's memory settings when it is imported, and MKL reads its
-# variables only when torch loads it. The bitwise baseline holds only in that environment.
+# variables only when torch loads it. Runs compared bit for bit (tests/test_bitwise.py) are
+# made in that environment.
 import train  # noqa: E402,F401
 
 # Small, fast settings for the embedded model; each test adds its own overrides.
