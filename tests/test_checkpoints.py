@@ -409,7 +409,7 @@ def test_resume_from_into_a_new_directory_trains_at_the_configured_lr(tmp_path):
     (resume_from=... local_run_dir=NEW). The restored optimizer and scheduler carry the old lr;
     the configured one must be what the next steps use."""
     import torch
-    first = run_in_process([*FAST, "n_examples=32", "eval_every=16", "warmup_steps=0",
+    first = run_in_process([*FAST, "n_examples=32", "eval_every=16", "warmup_steps=0", "lr=1e-3",
                             f"local_run_dir={tmp_path}/first"])
     again = run_in_process([*FAST, "n_examples=48", "eval_every=16", "warmup_steps=0", "lr=1e-5",
                             f"resume_from={first}/step-16", f"local_run_dir={tmp_path}/again"])
