@@ -1,0 +1,177 @@
+"""KTO, CPO (SimPO, AlphaPO) and ORPO against TRL 1.16's own trainer code, the oracle (test-only).
+
+As tests/test_losses_trl.py: TRL's methods run unbound on a small stand-in object holding only the
+attributes they read. For CPO and ORPO the stand-in model returns logits we choose (leaves), TRL's
+`get_batch_loss_metrics` does its own log-softmax, averaging and cross-entropy, and we compare, in
+float64, the whole loss (pair term plus NLL) and its gradient with respect to the logits to 1e-5
+relative. For KTO the stand-in model returns per-token log-probs (the main and the mismatched
+sequences) and TRL's `_compute_loss` runs with precomputed references, as in test_losses_trl.
+Also: one hand-worked value per formula, arithmetic in the comment.
+"""
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kto_cpo_orpo as K
+from trl_losses import chosen_nll
+
+cpo_trainer = pytest.importorskip('trl.experimental.cpo.cpo_trainer')
+orpo_trainer = pytest.importorskip('trl.experimental.orpo.orpo_trainer')
+kto_trainer = pytest.importorskip('trl.trainer.kto_trainer')
+
+D = torch.float64
+B, T, V = 5, 8, 11  # pairs, sequence length, vocabulary
+CPU = SimpleNamespace(device=torch.device('cpu'), gather_for_metrics=lambda x: x, gather=lambda x: x)
+
+
+def _pairs(seed):
+    """Chosen rows then rejected rows: a prompt of 1-3 tokens shared by the pair, completions of
+    1..T-p tokens, right padding; logits are float64 leaves."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (2 * B, T), generator=g)
+    attention = torch.zeros(2 * B, T, dtype=torch.long)
+    labels = torch.full((2 * B, T), -100)
+    for i in range(B):
+        p = int(torch.randint(1, 4, (1,), generator=g))
+        for row in (i, B + i):
+            c = int(torch.randint(1, T - p + 1, (1,), generator=g))
+            ids[row, :p] = ids[i, :p]
+            attention[row, :p + c] = 1
+            labels[row, p:p + c] = ids[row, p:p + c]
+            ids[row, p + c:] = 0
+    logits = (torch.randn(2 * B, T, V, generator=g, dtype=D) * 2).requires_grad_(True)
+    return ids, attention, labels, logits
+
+
+def _trl_batch(ids, attention, labels):
+    return {'chosen_input_ids': ids[:B], 'chosen_attention_mask': attention[:B], 'chosen_labels': labels[:B],
+            'rejected_input_ids': ids[B:], 'rejected_attention_mask': attention[B:],
+            'rejected_labels': labels[B:]}
+
+
+def _stand_in(trainer_cls, logits, **fields):
+    """A stand-in trainer: TRL's own methods bound to a namespace with the fields they read."""
+    fake = SimpleNamespace(is_encoder_decoder=False, pad_token_id=0, padding_value=0, aux_loss_enabled=False,
+                           accelerator=CPU, **fields)
+    fake.concatenated_inputs = trainer_cls.concatenated_inputs
+    fake.get_batch_logps = trainer_cls.get_batch_logps
+    fake.concatenated_forward = lambda model, batch: trainer_cls.concatenated_forward(fake, model, batch)
+    for name in ('cpo_loss', 'odds_ratio_loss'):
+        if hasattr(trainer_cls, name):
+            setattr(fake, name, getattr(trainer_cls, name).__get__(fake))
+    model = lambda input_ids, **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    return fake, model
+
+
+def _token_logps(logits, ids):
+    """(2B, T-1) log p(token t+1 | prefix), our own log-softmax."""
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def _sums(logits, ids, mask):
+    per_token = _token_logps(logits, ids) * mask[:, 1:]
+    return per_token.sum(1), mask[:, 1:].sum(1).to(D)
+
+
+def trl_cpo(ids, attention, labels, logits, **config):
+    fields = dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid', cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
+    fields.update(config)
+    fake, model = _stand_in(cpo_trainer.CPOTrainer, logits, **fields)
+    loss, _ = cpo_trainer.CPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
+    return loss
+
+
+def ours_cpo(ids, attention, labels, logits, cpo_alpha=1.0, **config):
+    sums, tokens = _sums(logits, ids, (labels != -100).long())
+    averaged = config.get('loss_type', 'sigmoid') in ('ipo', 'simpo')
+    logps = sums / tokens if averaged else sums
+    config.setdefault('beta', 0.1)
+    losses, _, _ = K.cpo_loss(logps[:B], logps[B:], None, None, **config)
+    loss = losses.mean()
+    if cpo_alpha:
+        loss = loss + cpo_alpha * chosen_nll(sums[:B], tokens[:B], gather=lambda x: x)
+    return loss
+
+
+def _assert_same(got, expected, logits):
+    assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got.item(), expected.item())
+    (g_got,) = torch.autograd.grad(got, logits, retain_graph=True)
+    (g_exp,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(g_got, g_exp, rtol=1e-5, atol=1e-12)
+
+
+CPO_CASES = [
+    {},
+    {'beta': 0.5, 'label_smoothing': 0.1},
+    {'loss_type': 'hinge', 'beta': 0.3},
+    {'loss_type': 'ipo'},
+    {'loss_type': 'simpo', 'cpo_alpha': 0.0},                       # SimPO
+    {'loss_type': 'simpo', 'cpo_alpha': 0.5, 'simpo_gamma': 1.0, 'beta': 2.0, 'label_smoothing': 0.2},
+    {'loss_type': 'simpo', 'cpo_alpha': 0.0, 'alpha': 0.25, 'beta': 2.0},  # AlphaPO
+    {'loss_type': 'sigmoid', 'alpha': -0.5},
+    {'loss_type': 'ipo', 'alpha': 1.0, 'cpo_alpha': 0.0},
+]
+
+
+@pytest.mark.parametrize('config', CPO_CASES, ids=[str(i) for i in range(len(CPO_CASES))])
+def test_cpo_matches_trl(config):
+    for seed in (0, 1):
+        case = _pairs(seed)
+        _assert_same(ours_cpo(*case, **config), trl_cpo(*case, **config), case[3])
+
+
+def trl_orpo(ids, attention, labels, logits, beta=0.1):
+    fake, model = _stand_in(orpo_trainer.ORPOTrainer, logits, beta=beta)
+    loss, _ = orpo_trainer.ORPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
+    return loss
+
+
+def ours_orpo(ids, attention, labels, logits, beta=0.1):
+    """ORPO's NLL runs over the chosen prompt and completion (TRL: 'computed over the full prompt
+    and response'); its odds ratio over the averaged completion log-probs."""
+    sums, tokens = _sums(logits, ids, (labels != -100).long())
+    full, full_tokens = _sums(logits, ids, attention)
+    logps = sums / tokens
+    losses, _, _ = K.orpo_loss(logps[:B], logps[B:], None, None, beta=beta)
+    return losses.mean() + chosen_nll(full[:B], full_tokens[:B], gather=lambda x: x)
+
+
+@pytest.mark.parametrize('beta', [0.1, 1.0])
+def test_orpo_matches_trl(beta):
+    # TRL's odds ratio upcasts with .float(), so its float64 inputs become float32: 1e-5 holds
+    for seed in (0, 1):
+        case = _pairs(seed)
+        _assert_same(ours_orpo(*case, beta=beta), trl_orpo(*case, beta=beta), case[3])
+
+
+def test_cpo_and_orpo_hand_values():
+    one = torch.tensor([-1.0], dtype=D)
+    two = torch.tensor([-2.0], dtype=D)
+    # sigmoid, beta 1: s = -1 - (-2) = 1, loss = log(1 + e^-1) = 0.31326
+    assert K.cpo_loss(one, two, beta=1.0)[0].item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-12)
+    # simpo, beta 2, gamma 1: s = 1 - 0.5 = 0.5, loss = log(1 + e^-1)
+    got = K.cpo_loss(one, two, beta=2.0, loss_type='simpo', simpo_gamma=1.0)[0]
+    assert got.item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-12)
+    # AlphaPO alpha 1: r = 1 - e^{-logp}: r_c = 1 - e = -1.71828, r_r = 1 - e^2 = -6.38906;
+    # hinge beta 1: relu(1 - 4.67078) = 0
+    assert K.cpo_loss(one, two, beta=1.0, loss_type='hinge', alpha=1.0)[0].item() == 0.0
+    # ORPO: log odds = (-1 + 2) - (log(1 - e^-1) - log(1 - e^-2)) = 1 - (-0.45868 + 0.14541) = 1.31327
+    log_odds = 1 - (math.log(1 - math.exp(-1)) - math.log(1 - math.exp(-2)))
+    expected = 0.5 * math.log1p(math.exp(-log_odds))
+    assert K.orpo_loss(one, two, beta=0.5)[0].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_alphapo_reward_is_finite_where_probability_underflows():
+    # exp(-800) is 0 in float64, so TRL's p ** -alpha would be inf; the same formula as expm1 is not
+    r = K.alphapo_reward(torch.tensor([-800.0, -1.0], dtype=D), 0.01)
+    assert torch.isfinite(r).all()
+    assert r[1].item() == pytest.approx((1 - math.exp(-1.0) ** -0.01) / 0.01, rel=1e-12)
+
+
+def test_orpo_upcasts_half_precision():
+    half = torch.tensor([-0.5], dtype=torch.bfloat16), torch.tensor([-1.5], dtype=torch.bfloat16)
+    losses, cr, rr = K.orpo_loss(*half, beta=0.1)
+    assert losses.dtype == cr.dtype == torch.float32
