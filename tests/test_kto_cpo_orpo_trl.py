@@ -175,3 +175,115 @@ def test_orpo_upcasts_half_precision():
     half = torch.tensor([-0.5], dtype=torch.bfloat16), torch.tensor([-1.5], dtype=torch.bfloat16)
     losses, cr, rr = K.orpo_loss(*half, beta=0.1)
     assert losses.dtype == cr.dtype == torch.float32
+
+
+def _kto_case(seed, labels):
+    """Per-token log-probs (leaves) of the examples and of their mismatched pairs, completion at the
+    end of each row, and precomputed reference sums for both."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    for i in range(n):
+        mask[i, T - int(torch.randint(1, T, (1,), generator=g)):] = 1
+    kl_mask = mask[K.mismatched_order(n)]
+    per_token = ((-torch.rand(n, T - 1, generator=g, dtype=D) * 2) * mask[:, 1:]).requires_grad_(True)
+    kl_per_token = ((-torch.rand(n, T - 1, generator=g, dtype=D) * 2) * kl_mask[:, 1:]).requires_grad_(True)
+    ref = -torch.rand(n, generator=g, dtype=D) * 2 * mask.sum(1)
+    # the references' mismatched sums sit below the policy's, so the KL estimate is positive
+    ref_kl = kl_per_token.detach().sum(1) - torch.rand(n, generator=g, dtype=D)
+    return per_token, kl_per_token, mask, kl_mask, ref, ref_kl, torch.tensor(labels)
+
+
+def trl_kto(case, gather=lambda x: x, **config):
+    """TRL's KTO loss and its logged KL for this batch; `gather` stands in for other processes."""
+    per_token, kl_per_token, mask, kl_mask, ref, ref_kl, labels = case
+    fields = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type='kto')
+    fields.update(config)
+    n, zeros = len(labels), torch.zeros_like(per_token)
+    ids, kl_ids = torch.zeros(n, T, dtype=torch.long), torch.ones(n, T, dtype=torch.long)
+
+    class Model:
+        training = True
+
+        def __call__(self, input_ids, **kw):
+            logps = kl_per_token if input_ids is kl_ids else per_token
+            return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros)
+    model = Model()
+    fake = SimpleNamespace(model=model, ref_model=None, precompute_ref_logps=True, aux_loss_enabled=False,
+                           calculate_KL=fields['loss_type'] == 'kto',
+                           accelerator=SimpleNamespace(device=torch.device('cpu'), gather_for_metrics=gather),
+                           _metrics={'train': defaultdict(list)}, _total_train_tokens=0, _tp_size=1, **fields)
+    fake._compute_kl_logps = kto_trainer.KTOTrainer._compute_kl_logps.__get__(fake)
+    inputs = {'input_ids': ids, 'attention_mask': torch.ones(n, T), 'completion_mask': mask,
+              'KL_input_ids': kl_ids, 'KL_attention_mask': torch.ones(n, T), 'KL_completion_mask': kl_mask,
+              'label': labels, 'ref_logps': ref, 'ref_KL_logps': ref_kl}
+    loss = kto_trainer.KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
+    return loss, fake._metrics['train']['kl'][0]
+
+
+def ours_kto(case, gather=None, **config):
+    per_token, kl_per_token, mask, kl_mask, ref, ref_kl, labels = case
+    config.setdefault('beta', 0.1)
+    kl = torch.zeros((), dtype=D)  # apo_zero_unpaired has no reference point (TRL logs 0)
+    if config.get('loss_type', 'kto') == 'kto':
+        kl = K.kto_kl(kl_per_token.sum(1), ref_kl, gather)
+    losses, _ = K.kto_loss(per_token.sum(1), ref, labels, kl, **config)
+    return losses.mean(), kl.item()
+
+
+KTO_CASES = [
+    ({}, [True, False, True, True, False, False]),
+    ({'beta': 0.5, 'desirable_weight': 1.33, 'undesirable_weight': 0.7}, [True, True, True, False, True]),
+    ({'loss_type': 'apo_zero_unpaired', 'beta': 0.3}, [False, True, False, True]),
+    ({}, [True, True, True]),            # one label only: TRL's empty undesirable side
+    ({'undesirable_weight': 2.0}, [False, False, False, False]),
+]
+
+
+@pytest.mark.parametrize('config,labels', KTO_CASES, ids=[str(i) for i in range(len(KTO_CASES))])
+def test_kto_matches_trl(config, labels):
+    for seed in (0, 1):
+        case = _kto_case(seed, labels)
+        expected, expected_kl = trl_kto(case, **config)
+        got, kl = ours_kto(case, **config)
+        assert kl == pytest.approx(expected_kl, rel=1e-12)
+        if config.get('loss_type') != 'apo_zero_unpaired':
+            assert kl > 0  # the case was built so; a clamp at 0 would make the check empty
+        assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got.item(), expected.item())
+        (g_got,) = torch.autograd.grad(got, case[0], retain_graph=True)
+        (g_exp,) = torch.autograd.grad(expected, case[0])
+        assert torch.allclose(g_got, g_exp, rtol=1e-5, atol=1e-12)
+
+
+def test_kto_kl_estimate_gathered_matches_trl():
+    """Two processes: TRL averages the per-process means and clamps the result at 0; a negative
+    mean on the other process pulls this one's estimate down (and, far enough, to 0)."""
+    case = _kto_case(3, [True, False, True, False])
+    for other in (-0.25, -1e3):
+        other_mean = torch.tensor([other], dtype=D)
+        gather = lambda x: torch.cat([x.reshape(-1), other_mean.to(x.dtype)])  # noqa: E731
+        expected_loss, expected_kl = trl_kto(case, gather=lambda x: gather(x) if x.dtype == D else x)
+        got_loss, kl = ours_kto(case, gather=gather)
+        assert kl == pytest.approx(expected_kl, rel=1e-12, abs=0)
+        assert torch.allclose(got_loss, expected_loss, rtol=1e-5, atol=0)
+    assert kl == 0.0
+
+
+def test_kto_hand_values():
+    # kto, beta 1, kl 0.5: desirable r = 1: 1 - sig(0.5) = 0.37754; undesirable r = 1, weight 2:
+    # 2 (1 - sig(0.5 - 1)) = 2 sig(0.5) = 1.24492
+    losses, rewards = K.kto_loss(torch.tensor([1.0, 1.0], dtype=D), torch.zeros(2, dtype=D),
+                                 torch.tensor([True, False]), torch.tensor(0.5, dtype=D), beta=1.0,
+                                 undesirable_weight=2.0)
+    sig = 1 / (1 + math.exp(-0.5))
+    assert losses.tolist() == pytest.approx([1 - sig, 2 * sig], rel=1e-12)
+    assert rewards.tolist() == [1.0, 1.0]
+    # the KL estimate: mean(-1, 3) = 1 over mismatched pairs; mean(-3, 1) = -1 clamps to 0
+    assert K.kto_kl(torch.tensor([0.0, 4.0]), torch.tensor([1.0, 1.0])).item() == 1.0
+    assert K.kto_kl(torch.tensor([-2.0, 2.0]), torch.tensor([1.0, 1.0])).item() == 0.0
+
+
+def test_mismatched_order_is_trls_rotation():
+    # TRL's add_kl_completion_ids: [completions[-1]] + completions[:-1]
+    completions = ['a', 'b', 'c', 'd']
+    assert [completions[i] for i in K.mismatched_order(4).tolist()] == [completions[-1]] + completions[:-1]
