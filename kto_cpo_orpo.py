@@ -179,3 +179,28 @@ def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels: 
         undesirable = torch.sigmoid(beta * ratio)
     losses = torch.where(labels, desirable_weight * desirable, undesirable_weight * undesirable)
     return losses, beta * ratio.detach()
+
+
+def kto_weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                      undesirable_weight: float) -> Optional[str]:
+    """TRL's advice for imbalanced data (KTOTrainer, from Eq. 8 of the KTO paper): the weighted
+    counts should satisfy 1 <= (w_D n_D) / (w_U n_U) <= 4/3, i.e. EITHER desirable_weight in
+    [n_U w_U / n_D, 1.33 n_U w_U / n_D] OR undesirable_weight in [n_D w_D / (1.33 n_U), n_D w_D / n_U].
+
+    Returns:
+        None when the counts are equal or one weight is already in its range; else one line
+        recommending the ranges (TRL rounds them to 2 decimals, as here).
+    """
+    n_desirable, n_undesirable = max(n_desirable, 1), max(n_undesirable, 1)
+    if n_desirable == n_undesirable:
+        return None
+    desirable = (round(n_undesirable * undesirable_weight / n_desirable, 2),
+                 round(n_undesirable * undesirable_weight / n_desirable * 1.33, 2))
+    undesirable = (round(n_desirable * desirable_weight / n_undesirable / 1.33, 2),
+                   round(n_desirable * desirable_weight / n_undesirable, 2))
+    if desirable[0] <= desirable_weight <= desirable[1] or undesirable[0] <= undesirable_weight <= undesirable[1]:
+        return None
+    return (f'{n_desirable:,} desirable and {n_undesirable:,} undesirable examples with loss.desirable_weight='
+            f'{desirable_weight} and loss.undesirable_weight={undesirable_weight}: KTO (Eq. 8, as TRL) '
+            f'recommends EITHER desirable_weight in [{desirable[0]}, {desirable[1]}] OR undesirable_weight in '
+            f'[{undesirable[0]}, {undesirable[1]}] (not both); see docs/kto.md')
