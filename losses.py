@@ -30,6 +30,8 @@ from trl_losses import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_los
                         bco_pair_loss, chosen_nll, discopop_loss, exo_pair_loss, f_divergence_score,
                         hinge_loss, ipo_loss, ld_logps, nca_pair_loss, preference_loss, robust_loss,
                         sigmoid_loss, sigmoid_norm_loss, sppo_hard_loss, wpo_weights, _rewards)
+# TRL's KTOTrainer, CPOTrainer (CPO, SimPO, AlphaPO) and ORPOTrainer
+from kto_cpo_orpo import CPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, kto_kl, kto_loss, orpo_log_odds, orpo_loss
 
 
 # ---------------------------------------------------------------------------
@@ -354,9 +356,21 @@ class LossSpec:
     selected_by: Optional[Tuple[str, str, str]] = None
     aliases: Tuple[str, ...] = ()
 
+    # key -> (check, allowed) for keys whose meaning is this entry's own (overrides _CHECKS)
+    checks = {}
+    # ORPO: the trainer also supplies the prompts' log-probs (scoring.example_inputs)
+    prompt_nll = False
+
     @property
     def stateful(self) -> bool:
         return bool(self.initial_state)
+
+    def check(self, args: dict) -> None:
+        """Refuse combinations of keys that the single-key checks cannot see (ValueError)."""
+
+    def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
+        """(desirable_weight, undesirable_weight) for a loss on unpaired examples (KTO), else None."""
+        return None
 
     @property
     def hyper_parameters(self) -> Dict[str, inspect.Parameter]:
@@ -558,6 +572,103 @@ class MixtureSpec(LossSpec):
         return loss, metrics
 
 
+def _reference_free_inputs(logps: dict) -> Tuple[torch.Tensor, ...]:
+    return logps['policy_chosen'], logps['policy_rejected'], None, None
+
+
+class CPOSpec(LossSpec):
+    """TRL's CPOTrainer (CPO, SimPO, AlphaPO): `cpo_loss` on summed log-probs, or per-token means
+    for loss_type ipo and simpo (TRL's own choice), plus cpo_alpha times the mean NLL over the
+    batch's chosen completion tokens (TRL's cross-entropy on the chosen labels). No reference."""
+    checks = {'loss_type': (lambda v: v in CPO_LOSS_TYPES, f'one of {", ".join(CPO_LOSS_TYPES)}'),
+              # AlphaPO's alpha may take either sign (0: the log-prob reward)
+              'alpha': (lambda v: _is_number(v), 'a finite number'),
+              'simpo_gamma': (lambda v: _is_number(v), 'a finite number'),
+              'cpo_alpha': (lambda v: _is_number(v) and v >= 0, 'a number >= 0')}
+
+    def check(self, args: dict) -> None:
+        if args.get('loss_type') in ('hinge', 'ipo') and args.get('label_smoothing', 0) != 0:
+            # TRL warns and ignores it; refuse rather than ignore
+            raise ValueError(f'loss.label_smoothing={args["label_smoothing"]!r}: not used by loss_type='
+                             f'{args["loss_type"]}; use 0, or loss_type sigmoid or simpo')
+
+    def average_log_prob(self, args: dict) -> bool:
+        return args.get('loss_type') in ('ipo', 'simpo')
+
+    def inputs(self, logps: dict, args: dict) -> Tuple[torch.Tensor, ...]:
+        return _reference_free_inputs(logps)
+
+    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """As LossSpec.compute; the NLL term is RPO's (`chosen_nll`) with weight cpo_alpha (0: none)."""
+        nll = {'rpo_alpha': args['cpo_alpha'] if args.get('cpo_alpha') else None}
+        return super().compute(logps, dict(args, **nll), state, gather, train, generator, rank)
+
+
+class ORPOSpec(LossSpec):
+    """TRL's ORPOTrainer: the mean over pairs of `orpo_loss` on per-token averaged log-probs, plus
+    the NLL of the chosen sequences over their prompt and completion tokens (TRL: "computed over
+    the full prompt and response"), the mean over all those tokens of the batch. The trainer
+    supplies 'policy_prompt' and 'prompt_tokens' (the prompt's log-probs after its first token)
+    beside the completion log-probs. No reference, no SFT stage."""
+    prompt_nll = True
+
+    def average_log_prob(self, args: dict) -> bool:
+        return True
+
+    def inputs(self, logps: dict, args: dict) -> Tuple[torch.Tensor, ...]:
+        return _reference_free_inputs(logps)
+
+    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """As LossSpec.compute; the loss is ORPO's whole loss, odds-ratio term plus NLL."""
+        pc, pr = logps['policy_chosen'], logps['policy_rejected']
+        losses_, cr, rjr = self.fn(pc, pr, beta=args['beta'])
+        chosen_sum = pc * logps['chosen_tokens'].clamp(min=1)  # the trainer's mean, undone
+        nll = chosen_nll(chosen_sum + logps['policy_prompt'], logps['chosen_tokens'] + logps['prompt_tokens'],
+                         gather)
+        metrics = _reward_metrics(cr, rjr, pc, pr)
+        log_odds = orpo_log_odds(pc, pr).detach()
+        metrics.update({'nll/chosen': nll.detach(), 'orpo/log_odds_chosen': log_odds,
+                        'orpo/log_odds_ratio': F.logsigmoid(log_odds)})
+        return losses_.mean() + nll.to(losses_.dtype), metrics
+
+
+class KTOSpec(LossSpec):
+    """TRL's KTOTrainer on unpaired examples. The trainer's batches (preference_datasets with
+    `unpaired_weights`) hold one example per row in the chosen columns, its KL sequence (the
+    row's prompt with another row's completion) in the rejected columns and a bool 'label'; so
+    'policy_chosen' / 'reference_chosen' are the examples' summed log-probs and
+    'policy_rejected' / 'reference_rejected' the KL sequences'. The KL estimate (`kto_kl`) is
+    gathered over data-parallel processes; apo_zero_unpaired uses none."""
+    checks = {'loss_type': (lambda v: v in KTO_LOSS_TYPES, f'one of {", ".join(KTO_LOSS_TYPES)}'),
+              'desirable_weight': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+              'undesirable_weight': (lambda v: _is_number(v) and v >= 0, 'a number >= 0')}
+
+    def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
+        return float(args['desirable_weight']), float(args['undesirable_weight'])
+
+    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """The mean of `kto_loss` over the examples, and TRL's metrics: kl, the rewards and
+        log-probs of desirable and undesirable examples (per example), their counts, the margin
+        between the two mean rewards over the (gathered) batch."""
+        pc, rc, labels = logps['policy_chosen'], logps['reference_chosen'], logps['label'].bool()
+        if args.get('loss_type', 'kto') == 'kto':
+            kl = kto_kl(logps['policy_rejected'], logps['reference_rejected'], gather)
+        else:
+            kl = torch.zeros((), dtype=pc.dtype, device=pc.device)
+        kwargs = {k: args[k] for k in self.hyper_parameters if k in args}
+        losses_, rewards = self.fn(pc, rc, labels, kl, **kwargs)
+        good, bad = gather(rewards[labels]), gather(rewards[~labels])
+        metrics = {'kto/kl': kl, 'rewards/chosen': rewards[labels], 'rewards/rejected': rewards[~labels],
+                   'logps/chosen': pc.detach()[labels], 'logps/rejected': pc.detach()[~labels],
+                   'count/desirable': labels.sum().to(pc.dtype), 'count/undesirable': (~labels).sum().to(pc.dtype)}
+        if good.numel() and bad.numel():
+            metrics['rewards/margins'] = good.mean() - bad.mean()
+        return losses_.mean(), metrics
+
+
 def _trl(name: str, fn: Callable, **facts) -> LossSpec:
     return LossSpec(name, fn, trl=True, **facts)
 
@@ -588,6 +699,10 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
     _trl('sigmoid_norm', sigmoid_norm_loss, averaged=True),
     MixtureSpec('mix', chosen_nll, config_only=frozenset({'losses', 'weights', *MIXTURE_SHARED_KEYS,
                                                          'use_weighting', 'ld_alpha'})),
+    # SimPO is CPO's loss_type simpo with cpo_alpha 0 (config/loss/simpo.yaml)
+    CPOSpec('cpo', cpo_loss, reference='never', aliases=('simpo',), config_only=frozenset({'cpo_alpha'})),
+    ORPOSpec('orpo', orpo_loss, reference='never'),
+    KTOSpec('kto', kto_loss),
 )}
 # TRL's ipo is ours with averaged log-probs (its default); as a mixture term it is TRL's
 _TRL_TERMS = tuple(n for n, s in LOSSES.items() if s.trl) + ('sft',)
@@ -688,7 +803,7 @@ def validate_loss_args(loss_args: dict) -> None:
     for key in spec.required_keys:
         if key not in loss_args:
             raise ValueError(f'loss.{key} is missing: required for loss {name!r}')
-    for key, (ok, allowed) in _CHECKS.items():
+    for key, (ok, allowed) in dict(_CHECKS, **spec.checks).items():
         if key in loss_args and not ok(loss_args[key]):
             raise ValueError(f'loss.{key}={loss_args[key]!r}: must be {allowed}')
     for key in spec.zero_only:
@@ -702,6 +817,7 @@ def validate_loss_args(loss_args: dict) -> None:
     if loss_args.get('reference_free') and loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl':
         raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: needs the reference; '
                          'use reverse_kl with reference_free=true')
+    spec.check(loss_args)
     if isinstance(spec, MixtureSpec):
         _check_mixture(loss_args, spec)
     terms = [term for term, _ in spec.terms(loss_args)] if isinstance(spec, MixtureSpec) else [spec]

@@ -690,7 +690,7 @@ def _refuse_unpaired(data: PromptData, name: str, split: str) -> None:
 
 
 def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shuffle: bool,
-                            seed: int) -> np.ndarray:
+                            seed: int, lengths: Optional[np.ndarray] = None) -> np.ndarray:
     """Element indices of every batch of one epoch of unpaired examples, (n_batches, batch_size).
 
     Every batch holds both labels (KTO's KL estimate and its two weights assume it), in the
@@ -698,6 +698,8 @@ def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shu
     batch_size - 1 desirable examples per batch. Desirable and undesirable examples are shuffled
     separately (seeded by (seed, epoch), as `_epoch_batches`), then mixed within each batch; the
     examples of the larger side left over once the other is used up wait for the next epoch.
+    With `lengths` (group_by_length) each side is sorted by length within chunks of
+    GROUP_BY_LENGTH_CHUNK batches before the batches are formed, and the batch order shuffled.
     """
     rng = np.random.default_rng([seed, epoch])
     desirable, undesirable = np.flatnonzero(labels), np.flatnonzero(~labels)
@@ -705,9 +707,20 @@ def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shu
         desirable, undesirable = rng.permutation(desirable), rng.permutation(undesirable)
     k = int(min(max(round(batch_size * len(desirable) / len(labels)), 1), batch_size - 1))
     n = min(len(desirable) // k, len(undesirable) // (batch_size - k))
-    batches = np.concatenate([desirable[:n * k].reshape(n, k),
-                              undesirable[:n * (batch_size - k)].reshape(n, batch_size - k)], axis=1)
+    sides = [desirable[:n * k], undesirable[:n * (batch_size - k)]]
+    if lengths is not None:
+        sides = [_sorted_in_chunks(side, lengths, GROUP_BY_LENGTH_CHUNK * per) for side, per in
+                 zip(sides, (k, batch_size - k))]
+    batches = np.concatenate([sides[0].reshape(n, k), sides[1].reshape(n, batch_size - k)], axis=1)
+    if shuffle and lengths is not None:
+        batches = batches[rng.permutation(n)]
     return rng.permuted(batches, axis=1) if shuffle else batches
+
+
+def _sorted_in_chunks(elements: np.ndarray, lengths: np.ndarray, chunk: int) -> np.ndarray:
+    """`elements` sorted by decreasing length within consecutive chunks of `chunk`."""
+    return np.concatenate([part[np.argsort(-lengths[part], kind='stable')]
+                           for part in np.array_split(elements, range(chunk, len(elements), chunk))])
 
 
 def _epoch_batches(epoch: int, group_sizes: np.ndarray, lengths: np.ndarray, batch_size: int,
@@ -727,10 +740,7 @@ def _epoch_batches(epoch: int, group_sizes: np.ndarray, lengths: np.ndarray, bat
     offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     elements = np.repeat(starts[order], sizes) + offsets
     if group_by_length:
-        chunk = GROUP_BY_LENGTH_CHUNK * batch_size
-        elements = np.concatenate([
-            part[np.argsort(-lengths[part], kind='stable')]
-            for part in np.array_split(elements, range(chunk, len(elements), chunk))])
+        elements = _sorted_in_chunks(elements, lengths, GROUP_BY_LENGTH_CHUNK * batch_size)
     n_batches = len(elements) // batch_size
     batches = elements[:n_batches * batch_size].reshape(n_batches, batch_size)
     if group_by_length and shuffle:  # similar lengths within a batch, batches in random order
@@ -751,7 +761,8 @@ def _batch_schedule(group_sizes: np.ndarray, lengths: np.ndarray, batch_size: in
     produced, epoch = 0, 0
     while n_epochs is None or epoch < n_epochs:
         if labels is not None:
-            batches = _labelled_epoch_batches(epoch, labels, batch_size, shuffle, seed)
+            batches = _labelled_epoch_batches(epoch, labels, batch_size, shuffle, seed,
+                                              lengths if group_by_length else None)
         else:
             batches = _epoch_batches(epoch, group_sizes, lengths, batch_size, shuffle, seed, group_by_length)
         for batch in batches:
@@ -843,9 +854,6 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
     pad_token_id = _pad_id(tokenizer)
     _eos_id(tokenizer)  # fail now rather than half-way through tokenising
     unpaired = unpaired_weights is not None
-    if unpaired and group_by_length:
-        raise ValueError('group_by_length=true: not supported with unpaired (KTO) examples, whose batches '
-                         'are drawn per label; set group_by_length=false.')
     tokenized, group_sizes = _load_tokenized(names, tokenizer, split, sft_mode, max_length,
                                              max_prompt_length, silent, cache_dir, paths, unpaired)
     if len(tokenized) < batch_size:

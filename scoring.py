@@ -56,6 +56,22 @@ def batch_logps(policy, reference, batch: Dict, spec, args: dict, chunk_size: in
     return out
 
 
+def example_inputs(policy, batch: Dict, spec, chunk_size: int) -> Dict[str, torch.Tensor]:
+    """What some entries read beside the completions' log-probs: KTO's 'label' (bool, (B,)),
+    and for ORPO (spec.prompt_nll) the policy's summed log-probs of each prompt's tokens after its
+    first, 'policy_prompt', with their count 'prompt_tokens' (its NLL covers prompt and completion)."""
+    out = {}
+    if 'label' in batch:
+        out['label'] = batch['label']
+    if spec.prompt_nll:
+        ids, mask = batch['prompt_input_ids'], batch['prompt_attention_mask']
+        labels = ids.masked_fill(mask == 0, -100)
+        out['policy_prompt'] = logps.sequence_logps(policy, ids, mask, labels, False, chunk_size)
+        out['prompt_tokens'] = logps.completion_token_counts(labels, out['policy_prompt'].dtype).to(
+            out['policy_prompt'].device)
+    return out
+
+
 def _layout_logps(policy, reference, batch: Dict, layout, spec, args: dict, chunk_size: int,
                   average: bool) -> Dict[str, torch.Tensor]:
     """batch_logps on a packing.Layout: one forward per model for all of the batch's sequences."""

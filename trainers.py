@@ -262,7 +262,8 @@ class BasicTrainer(SingleProcessPlacement):
         return preference_datasets.get_batch_iterator(
             list(c.datasets), self.tokenizer, split=split, max_length=c.max_length,
             max_prompt_length=c.max_prompt_length, sft_mode=not self.loss.paired, seed=self.seed,
-            silent=self.rank != 0, cache_dir=None, paths=paths, **kwargs)
+            silent=self.rank != 0, cache_dir=None, paths=paths,
+            unpaired_weights=self.loss.unpaired_weights(self.loss_args), **kwargs)
 
     def build_eval_batches(self) -> List[Dict]:
         c = self.config
@@ -303,8 +304,10 @@ class BasicTrainer(SingleProcessPlacement):
     def batch_logps(self, batch: Dict, layout=None) -> Dict[str, torch.Tensor]:
         """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects
         (scoring.batch_logps)."""
-        return scoring.batch_logps(self.policy, self.reference, batch, self.loss, self.loss_args,
-                                   self.config.logps_chunk_size, self.sides, layout)
+        out = scoring.batch_logps(self.policy, self.reference, batch, self.loss, self.loss_args,
+                                  self.config.logps_chunk_size, self.sides, layout)
+        out.update(scoring.example_inputs(self.policy, batch, self.loss, self.config.logps_chunk_size))
+        return out
 
     def batch_loss(self, batch: Dict, train: bool):
         """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kto_cpo_orpo as K
-from trl_losses import chosen_nll
+import losses
 
 cpo_trainer = pytest.importorskip('trl.experimental.cpo.cpo_trainer')
 orpo_trainer = pytest.importorskip('trl.experimental.orpo.orpo_trainer')
@@ -84,16 +84,27 @@ def trl_cpo(ids, attention, labels, logits, **config):
     return loss
 
 
-def ours_cpo(ids, attention, labels, logits, cpo_alpha=1.0, **config):
+def registry_loss(name, config, logits, ids, labels, attention):
+    """The registry entry's whole loss on the log-probs the trainer supplies: completion sums (or
+    means where the entry says), token counts and, for ORPO, the prompts' sums and counts."""
+    config = dict(config, name=name)
+    losses.validate_loss_args(config)
+    spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != 'name'}
     sums, tokens = _sums(logits, ids, (labels != -100).long())
-    averaged = config.get('loss_type', 'sigmoid') in ('ipo', 'simpo')
-    logps = sums / tokens if averaged else sums
-    config.setdefault('beta', 0.1)
-    losses, _, _ = K.cpo_loss(logps[:B], logps[B:], None, None, **config)
-    loss = losses.mean()
-    if cpo_alpha:
-        loss = loss + cpo_alpha * chosen_nll(sums[:B], tokens[:B], gather=lambda x: x)
+    logps = sums / tokens if spec.average_log_prob(args) else sums
+    prompt = (attention.bool() & (labels == -100)).long()
+    prompt_sums, prompt_tokens = _sums(logits, ids, prompt)
+    inputs = {'policy_chosen': logps[:B], 'policy_rejected': logps[B:], 'chosen_tokens': tokens[:B],
+              'rejected_tokens': tokens[B:], 'policy_prompt': prompt_sums[:B], 'prompt_tokens': prompt_tokens[:B]}
+    loss, _ = spec.compute(inputs, args, spec.init_state(), gather=lambda x: x, train=True)
     return loss
+
+
+CPO_DEFAULTS = dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid', cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
+
+
+def ours_cpo(ids, attention, labels, logits, **config):
+    return registry_loss('cpo', dict(CPO_DEFAULTS, **config), logits, ids, labels, attention)
 
 
 def _assert_same(got, expected, logits):
@@ -131,12 +142,8 @@ def trl_orpo(ids, attention, labels, logits, beta=0.1):
 
 def ours_orpo(ids, attention, labels, logits, beta=0.1):
     """ORPO's NLL runs over the chosen prompt and completion (TRL: 'computed over the full prompt
-    and response'); its odds ratio over the averaged completion log-probs."""
-    sums, tokens = _sums(logits, ids, (labels != -100).long())
-    full, full_tokens = _sums(logits, ids, attention)
-    logps = sums / tokens
-    losses, _, _ = K.orpo_loss(logps[:B], logps[B:], None, None, beta=beta)
-    return losses.mean() + chosen_nll(full[:B], full_tokens[:B], gather=lambda x: x)
+    and response'): the registry adds the prompts' log-probs to the completions'."""
+    return registry_loss('orpo', {'beta': beta}, logits, ids, labels, attention)
 
 
 @pytest.mark.parametrize('beta', [0.1, 1.0])
@@ -221,14 +228,18 @@ def trl_kto(case, gather=lambda x: x, **config):
     return loss, fake._metrics['train']['kl'][0]
 
 
-def ours_kto(case, gather=None, **config):
+def ours_kto(case, gather=lambda x: x, **config):
+    """The registry's KTO entry on the log-probs the trainer supplies: the examples' sums in the
+    chosen slots, the mismatched (KL) sequences' in the rejected slots, the labels."""
     per_token, kl_per_token, mask, kl_mask, ref, ref_kl, labels = case
-    config.setdefault('beta', 0.1)
-    kl = torch.zeros((), dtype=D)  # apo_zero_unpaired has no reference point (TRL logs 0)
-    if config.get('loss_type', 'kto') == 'kto':
-        kl = K.kto_kl(kl_per_token.sum(1), ref_kl, gather)
-    losses, _ = K.kto_loss(per_token.sum(1), ref, labels, kl, **config)
-    return losses.mean(), kl.item()
+    config = dict(dict(name='kto', beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type='kto'),
+                  **config)
+    losses.validate_loss_args(config)
+    spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != 'name'}
+    logps = {'policy_chosen': per_token.sum(1), 'reference_chosen': ref, 'policy_rejected': kl_per_token.sum(1),
+             'reference_rejected': ref_kl, 'label': labels}
+    loss, metrics = spec.compute(logps, args, spec.init_state(), gather=gather, train=True)
+    return loss, metrics['kto/kl'].item()
 
 
 KTO_CASES = [

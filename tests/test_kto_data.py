@@ -134,8 +134,6 @@ def test_refusals(tmp_path, tok):
         _iterator(tok, [one_label], batch_size=2)
     with pytest.raises(ValueError, match='at least 2 examples per batch'):
         _iterator(tok, [unpaired], batch_size=1)
-    with pytest.raises(ValueError, match='group_by_length=false'):
-        _iterator(tok, [unpaired], group_by_length=True)
     mixed = str(_write(tmp_path / 'mixed.jsonl', ROWS[:1] + [{'prompt': 'p', 'chosen': ' a', 'rejected': ' b'}]))
     with pytest.raises(DatasetFormatError, match='line 2: mixes unpaired rows'):
         pdx.get_dataset(mixed, 'train', silent=True)
@@ -157,3 +155,15 @@ def test_labelled_schedule_is_seeded_and_resumable():
     assert (a == pdx._labelled_epoch_batches(2, labels, 4, True, seed=5)).all()
     assert not (a == pdx._labelled_epoch_batches(3, labels, 4, True, seed=5)).all()
     assert sorted(a.ravel().tolist()) == list(range(20))
+
+
+def test_group_by_length_keeps_both_labels_and_groups_lengths():
+    labels = np.array([True, False] * 200)
+    lengths = np.arange(400)[::-1].copy()
+    batches = pdx._labelled_epoch_batches(0, labels, 4, True, seed=1, lengths=lengths)
+    assert all(labels[b].sum() == 2 for b in batches)
+    assert sorted(batches.ravel().tolist()) == list(range(400))
+    # lengths sorted within chunks of 50 batches: a batch spans far fewer lengths than a random one
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    random_spread = np.mean([np.ptp(lengths[b]) for b in pdx._labelled_epoch_batches(0, labels, 4, True, seed=1)])
+    assert spread < random_spread / 5
