@@ -105,3 +105,44 @@ def test_reference_free_entries_build_no_reference(tmp_path):
         config = compose([*FAST, f"loss={name}", f"local_run_dir={tmp_path}"])
         OmegaConf.resolve(config)
         assert train.build_models(config, utils.build_tokenizer("embedded"))[1] is None, name
+
+
+def _same_runs(a, b, keys):
+    for key in keys:
+        got, want = [m[key] for m in a if key in m], [m[key] for m in b if key in m]
+        assert len(want) >= 2 and got == pytest.approx(want, rel=1e-5, abs=1e-7), key
+
+
+def test_kto_precomputed_reference_equals_the_live_reference(tmp_path):
+    # the KL sequences' reference log-probs come from the disk cache too
+    common = [*FAST, *QUICK, "loss=kto"]
+    live = read_metrics(run_in_process([*common, f"local_run_dir={tmp_path}/live"]))
+    cached = read_metrics(run_in_process([*common, "precompute_ref_log_probs=true",
+                                          f"local_run_dir={tmp_path}/cached"]))
+    _same_runs(cached, live, ("loss/train", "loss/eval", "kto_train/kl", "rewards_train/chosen"))
+
+
+@pytest.mark.parametrize("loss", ["kto", "orpo"])
+def test_shared_prompts_and_packing_equal_plain_rows(loss, tmp_path):
+    # share_prompt and packing are on by default; one row per sequence must train the same
+    common = [*FAST, *QUICK, f"loss={loss}"]
+    laid_out = read_metrics(run_in_process([*common, f"local_run_dir={tmp_path}/layout"]))
+    plain = read_metrics(run_in_process([*common, "share_prompt=false", "packing=false",
+                                         f"local_run_dir={tmp_path}/plain"]))
+    _same_runs(laid_out, plain, ("loss/train", "loss/eval", "logps_train/chosen"))
+    computed = [sum(m["tokens/computed"] for m in rows if "tokens/computed" in m) for rows in (laid_out, plain)]
+    assert computed[0] < computed[1]  # the prompts were shared: the layout was in use
+
+
+def test_kto_with_lora_uses_the_adapter_off_reference(tmp_path):
+    import train
+    import utils
+    from omegaconf import OmegaConf
+    overrides = [*FAST, *QUICK, "loss=kto", "lora.r=4", f"local_run_dir={tmp_path}/lora"]
+    config = compose(overrides)
+    OmegaConf.resolve(config)
+    assert train.build_models(config, utils.build_tokenizer("embedded"))[1] is None  # no second model
+    rows = _train_rows(run_in_process(overrides))
+    # the adapter starts at zero: policy == adapter-off reference, so the first loss is 1 - sig(0)
+    assert rows[0]["loss/train"] == pytest.approx(0.5, abs=1e-6)
+    assert rows[1]["kto_train/kl"] != 0 or rows[1]["loss/train"] != 0.5  # the adapter trained
