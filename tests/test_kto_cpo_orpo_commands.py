@@ -113,6 +113,7 @@ def _same_runs(a, b, keys):
         assert len(want) >= 2 and got == pytest.approx(want, rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_kto_precomputed_reference_equals_the_live_reference(tmp_path):
     # the KL sequences' reference log-probs come from the disk cache too
     common = [*FAST, *QUICK, "loss=kto"]
@@ -122,6 +123,7 @@ def test_kto_precomputed_reference_equals_the_live_reference(tmp_path):
     _same_runs(cached, live, ("loss/train", "loss/eval", "kto_train/kl", "rewards_train/chosen"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["kto", "orpo"])
 def test_shared_prompts_and_packing_equal_plain_rows(loss, tmp_path):
     # share_prompt and packing are on by default; one row per sequence must train the same
@@ -134,6 +136,7 @@ def test_shared_prompts_and_packing_equal_plain_rows(loss, tmp_path):
     assert computed[0] < computed[1]  # the prompts were shared: the layout was in use
 
 
+@pytest.mark.slow
 def test_kto_with_lora_uses_the_adapter_off_reference(tmp_path):
     import train
     import utils
@@ -146,3 +149,22 @@ def test_kto_with_lora_uses_the_adapter_off_reference(tmp_path):
     # the adapter starts at zero: policy == adapter-off reference, so the first loss is 1 - sig(0)
     assert rows[0]["loss/train"] == pytest.approx(0.5, abs=1e-6)
     assert rows[1]["kto_train/kl"] != 0 or rows[1]["loss/train"] != 0.5  # the adapter trained
+
+
+@pytest.mark.slow
+def test_kto_resumes_exactly(tmp_path, capsys):
+    # the labelled batch schedule is rebuilt from (seed, epoch) and skipped to the resume point
+    import shutil
+    import torch
+    common = [*FAST, *QUICK, "n_examples=32", "eval_every=16", "loss=kto"]
+    whole = run_in_process([*common, f"local_run_dir={tmp_path}/whole"])
+    resumed = run_in_process([*common, f"local_run_dir={tmp_path}/resumed"])
+    shutil.rmtree(resumed / "LATEST")
+    capsys.readouterr()
+    run_in_process([*common, f"local_run_dir={tmp_path}/resumed"])
+    assert "resuming from" in capsys.readouterr().out
+    got = torch.load(resumed / "LATEST" / "policy.pt", weights_only=True)["state"]
+    want = torch.load(whole / "LATEST" / "policy.pt", weights_only=True)["state"]
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    rows = [m for m in read_metrics(resumed) if "loss/train" in m]
+    assert [m["counters/examples"] for m in rows][-2:] == [24, 32]
