@@ -486,9 +486,11 @@ def is_unpaired_row(row: dict) -> bool:
 
 
 def _label(value, where: str) -> bool:
-    """A boolean label; CSV cells are text, so 'true'/'false' (any case) and '1'/'0' are read too."""
+    """A boolean label; 0/1 and, as CSV cells are text, 'true'/'false' (any case) and '1'/'0' too."""
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):  # JSON or parquet written with 0/1
+        return bool(value)
     if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
         return _LABEL_WORDS[value.strip().lower()]
     raise DatasetFormatError(f"{where}: column 'label' must be true or false, got {value!r:.40}. "

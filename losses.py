@@ -372,6 +372,10 @@ class LossSpec:
         """(desirable_weight, undesirable_weight) for a loss on unpaired examples (KTO), else None."""
         return None
 
+    def sides(self, args: dict) -> Tuple[str, ...]:
+        """The responses the trainer scores: chosen and rejected, or only the SFT target."""
+        return ('chosen', 'rejected') if self.paired else ('chosen',)
+
     @property
     def hyper_parameters(self) -> Dict[str, inspect.Parameter]:
         """The function's parameters that come from the config."""
@@ -640,13 +644,18 @@ class KTOSpec(LossSpec):
     row's prompt with another row's completion) in the rejected columns and a bool 'label'; so
     'policy_chosen' / 'reference_chosen' are the examples' summed log-probs and
     'policy_rejected' / 'reference_rejected' the KL sequences'. The KL estimate (`kto_kl`) is
-    gathered over data-parallel processes; apo_zero_unpaired uses none."""
+    gathered over data-parallel processes; apo_zero_unpaired uses none, and its trainer scores
+    only the examples (`sides`)."""
     checks = {'loss_type': (lambda v: v in KTO_LOSS_TYPES, f'one of {", ".join(KTO_LOSS_TYPES)}'),
               'desirable_weight': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
               'undesirable_weight': (lambda v: _is_number(v) and v >= 0, 'a number >= 0')}
 
     def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
         return float(args['desirable_weight']), float(args['undesirable_weight'])
+
+    def sides(self, args: dict) -> Tuple[str, ...]:
+        """The examples, and their KL sequences where the loss type estimates the KL term."""
+        return ('chosen', 'rejected') if args.get('loss_type', 'kto') == 'kto' else ('chosen',)
 
     def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:

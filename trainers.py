@@ -298,8 +298,8 @@ class BasicTrainer(SingleProcessPlacement):
 
     @property
     def sides(self):
-        """The responses a step scores: chosen and rejected, or only the SFT target."""
-        return ("chosen", "rejected") if self.loss.paired else ("chosen",)
+        """The responses a step scores: chosen and rejected, or only the SFT target (the entry says)."""
+        return self.loss.sides(self.loss_args)
 
     def batch_logps(self, batch: Dict, layout=None) -> Dict[str, torch.Tensor]:
         """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects

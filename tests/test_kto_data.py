@@ -167,3 +167,10 @@ def test_group_by_length_keeps_both_labels_and_groups_lengths():
     spread = np.mean([np.ptp(lengths[b]) for b in batches])
     random_spread = np.mean([np.ptp(lengths[b]) for b in pdx._labelled_epoch_batches(0, labels, 4, True, seed=1)])
     assert spread < random_spread / 5
+
+
+def test_integer_labels_are_read(tmp_path):
+    rows = [dict(r, label=int(r['label'])) for r in ROWS]
+    assert pdx.get_dataset(str(_write(tmp_path / 'ints.jsonl', rows)), 'train', silent=True) == EXPECTED
+    with pytest.raises(DatasetFormatError, match="column 'label' must be true or false, got 2"):
+        pdx.get_dataset(str(_write(tmp_path / 'two.jsonl', [dict(ROWS[0], label=2)])), 'train', silent=True)
