@@ -1,5 +1,6 @@
 """Preference-learning losses (SFT, TDPO, beta-DPO; DPO/cDPO/IPO and TRL's loss types come from
-trl_losses.py) and the loss registry, which says what each loss needs from the trainer.
+trl_losses.py, those of TRL's KTO, CPO and ORPO trainers from kto_cpo_orpo.py) and the loss
+registry, which says what each loss needs from the trainer.
 
 Everything here is a pure function of its arguments: no config reading, no
 distributed calls (the caller passes a `gather` callable where one is needed).
@@ -341,6 +342,10 @@ class LossSpec:
         trl: a TRL loss_type: usable as a mixture term and accepts TRL_OPTIONS.
         selected_by: (name, key, value): the config that selects this entry instead of `name`.
         aliases: other config names of this entry.
+    Class attributes of subclasses: `checks` (key -> (check, allowed) overriding _CHECKS for keys
+    of the entry's own meaning) and `prompt_nll` (the trainer also supplies the prompts'
+    log-probs, scoring.example_inputs); methods `check`, `unpaired_weights` and `sides` say what
+    single-key checks cannot, whether batches are unpaired examples (KTO) and what is scored.
     """
     name: str
     fn: Callable
