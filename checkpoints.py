@@ -4,26 +4,34 @@ pruning old ones and cleaning up after a crash.
 A checkpoint is a directory {run_dir}/step-{examples}/ or {run_dir}/LATEST/ (the end of the run)
 holding one file per named state (policy.pt, optimizer.pt, scheduler.pt, ...; each a dict
 {"step_idx", "state", "metrics"}), whatever extra files the caller writes (config.yaml, the Hugging
-Face export of LATEST), and trainer_state.pt, written last: its presence marks the checkpoint
-complete, and it records the size of every other file, so a file truncated or deleted afterwards
-is found without reading it. It is written under a temporary name and renamed into place, so a
-crash never leaves a half checkpoint under the final name. Nothing here knows about trainers:
+Face export of LATEST), trainer_state.pt, whose presence marks the checkpoint complete and which
+records the size of every other file (so a file truncated or deleted afterwards is found without
+reading it), and manifest.json, written last: the size and content hash of every file, checked
+before a file is trusted (verify_files), so a file damaged in place is found too. It is written
+under a temporary name and renamed into place, so a crash never leaves a half checkpoint under
+the final name. Nothing here knows about trainers:
 callers pass the state dicts and a function that writes their extra files; the functions that
 save, read and resume on every rank of a run take its `parallel.Ranks` (rank, barrier).
 """
 import errno
 import functools
+import json
+import mmap
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import xxhash
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 import parallel
+import utils
 from utils import (ConfigError, broadcast_object, check_state_dict, get_rng_state, rank0_print,
                    safe_torch_load, set_rng_state)
 
@@ -33,6 +41,12 @@ TRAINER_STATE = "trainer_state.pt"
 # a reference's), and with trainer_state.pt the files that make a checkpoint complete.
 STATE_FILES = ("policy.pt", "optimizer.pt", "scheduler.pt")
 CHECKPOINT_FILES = STATE_FILES + (TRAINER_STATE,)
+# Written after trainer_state.pt: {"hash": HASH, "files": {path: {"size": bytes, HASH: hex}}}.
+MANIFEST = "manifest.json"
+# XXH3-128 (xxHash, a dependency of `datasets`): ~10 GB/s on one core against ~1 GB/s for
+# sha256/blake2b, so hashing adds a few percent to a save. It finds damage (bit rot, a torn
+# copy), not tampering: whoever can rewrite a file can rewrite the manifest too.
+HASH = "xxh3_128"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -55,9 +69,10 @@ def checkpoint_dirs(run_dir: Path) -> List[Path]:
 def inspect_checkpoint(path: Path) -> Tuple[Optional[dict], Optional[str]]:
     """(trainer state, None) for an intact checkpoint, else (None, what is wrong with it).
 
-    Intact means: trainer_state.pt reads back, and every file it lists has the size it had when
+    Intact means: trainer_state.pt reads back, every file it lists has the size it had when
     written (checkpoints written before sizes were recorded: every file in CHECKPOINT_FILES
-    exists). File contents are read only when the checkpoint is loaded (read_checkpoint)."""
+    exists), and the manifest exists if the checkpoint was written with one. Contents are
+    hashed only before the checkpoint is loaded (verify_files)."""
     if not (path / TRAINER_STATE).is_file():
         return None, f"{TRAINER_STATE} is missing (the save did not finish)"
     try:
@@ -67,6 +82,8 @@ def inspect_checkpoint(path: Path) -> Tuple[Optional[dict], Optional[str]]:
     sizes = state.get("files") if isinstance(state, dict) else None
     if not isinstance(sizes, dict):
         sizes = {name: None for name in STATE_FILES}
+    if state.get("manifest") and not (path / MANIFEST).is_file():
+        return None, f"{MANIFEST} is missing"
     for name, size in sizes.items():
         file = path / name
         if not file.is_file():
@@ -136,11 +153,22 @@ def how_to_continue(run_dir: Path, fix: str) -> str:
     """Advice after training diverged: relaunching the run would diverge again, and lr & co. may
     not change within it, so it names the checkpoint to continue from in a new run directory (the
     newest complete one), if there is one, and the `fix` to apply first."""
-    good = newest_checkpoint(run_dir) if run_dir.is_dir() else None
+    good = newest_verified(run_dir)
     if good is None:
-        return f"no checkpoint was saved before it; {fix} and start again"
+        return f"no intact checkpoint was saved before it; {fix} and start again"
     return (f"the last good checkpoint is {good}; {fix} and continue from it with "
             f"resume_from={good} local_run_dir=NEW_DIR")
+
+
+def newest_verified(run_dir: Path) -> Optional[Path]:
+    """The newest intact checkpoint whose files match its manifest (or that has none), or None."""
+    for path, _ in survey(run_dir)[0] if run_dir.is_dir() else []:
+        try:
+            verify_files(path)
+            return path
+        except DamagedCheckpoint:
+            continue
+    return None
 
 
 def resume_checkpoint(resume_from: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -165,27 +193,84 @@ def damaged_newer_than(run_dir: Path, example_counter: Optional[int]) -> List[Tu
 def atomic_replace_dir(tmp: Path, final: Path):
     """Move a fully written directory into place so a crash never leaves a half checkpoint under
     the final name."""
-    if final.exists():
+    if final.exists() or final.is_symlink():
         trash = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, trash)
         os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove(trash)
     else:
         os.replace(tmp, final)
 
 
-def save_file(obj, path: Path):
-    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC) rather
-    than torch's own writer's "unexpected pos" RuntimeError."""
+class HashingWriter:
+    """A binary file that hashes the bytes written through it: torch.save streams into it, so
+    the content hash costs no second read of the file."""
+
+    def __init__(self, file):
+        self.file, self.hash = file, xxhash.xxh3_128()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    @property
+    def name(self) -> str:  # the path, as a file object's
+        return self.file.name
+
+
+def remove(path: Path):
+    """Delete a directory tree, or a file or symbolic link as itself (rmtree refuses links; the
+    directory a link points to is not the run's to delete)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_file(obj, path: Path) -> str:
+    """torch.save through a Python file object, so that a full disk's OSError(ENOSPC) is in the
+    exception's chain (see is_out_of_space). Returns the file's content hash (HASH)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+    return writer.hash.hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """The content hash (HASH) of a file, hashed where it lies in the page cache (mapped: a
+    third of the time of reading it into a buffer)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # an empty file cannot be mapped
+            return xxhash.xxh3_128().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_128(mapped).hexdigest()
+
+
+def write_manifest(directory: Path, hashes: Dict[str, str]):
+    """directory/MANIFEST: the size and content hash of every file under `directory`; `hashes`
+    gives those already known (hashed as they were written), the others are read back."""
+    files = {name: {"size": size, HASH: hashes.get(name) or hash_file(directory / name)}
+             for name, size in file_sizes(directory).items() if name != MANIFEST}
+    with open(directory / MANIFEST, "w") as f:
+        json.dump({"hash": HASH, "files": files}, f, indent=0)
 
 
 def is_out_of_space(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # Writers that wrap the OS error in their own (safetensors) keep its text.
-    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+    """Whether a full disk (or quota) caused `error`, anywhere in its chain: torch.save's zip
+    writer raises its own "unexpected pos" RuntimeError with the OSError(ENOSPC) only as its
+    __context__, and other writers (safetensors) wrap the OS error in theirs, keeping its text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def file_sizes(directory: Path) -> Dict[str, int]:
@@ -213,8 +298,9 @@ def write_checkpoint(run_dir: Path, name: str, states: Dict[str, object], step: 
             {"step_idx": step, "state": state, "metrics": metrics}, in this order.
         step: examples seen.
         metrics: the evaluation metrics at this point.
-        trainer_state: what resuming needs besides the states (counters, RNG, ...); written last,
-            with "files" (each other file's size) and "state_files" (the names in `states`).
+        trainer_state: what resuming needs besides the states (counters, RNG, ...); written
+            with "files" (each other file's size), "state_files" (the names in `states`) and
+            "manifest" (that MANIFEST, written last, holds every file's content hash).
         write_extras: called with the temporary directory to add files (config, exports).
         started: the temporary directory exists already, holding files every rank wrote
             (checkpoint_format=sharded; see save_sharded).
@@ -230,12 +316,15 @@ def write_checkpoint(run_dir: Path, name: str, states: Dict[str, object], step: 
         if not started:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        for fname, state in states.items():
-            save_file({"step_idx": step, "state": state, "metrics": metrics}, tmp / fname)
+        hashes = {fname: save_file({"step_idx": step, "state": state, "metrics": metrics},
+                                   tmp / fname)
+                  for fname, state in states.items()}
         if write_extras is not None:
             write_extras(tmp)
-        save_file(dict(trainer_state, files=file_sizes(tmp), state_files=list(states)),
-                  tmp / TRAINER_STATE)
+        hashes[TRAINER_STATE] = save_file(dict(trainer_state, files=file_sizes(tmp),
+                                               state_files=list(states), manifest=MANIFEST),
+                                          tmp / TRAINER_STATE)
+        write_manifest(tmp, hashes)
         atomic_replace_dir(tmp, final)
     except BaseException as e:  # KeyboardInterrupt too: never leave the partial write behind
         abandon_write(run_dir, name, e)
@@ -254,6 +343,74 @@ def abandon_write(run_dir: Path, name: str, error: BaseException):
 def out_of_space(run_dir: Path, name: str) -> CheckpointWriteError:
     return CheckpointWriteError(f"no space left writing {name} to {run_dir}; free space or set "
                                 "keep_checkpoints")
+
+
+# ----------------------------------------------------------------------------- verifying
+
+def resume_files(listed) -> List[str]:
+    """What resuming reads of a checkpoint's files: its torch files and shards (not the
+    config, nor LATEST's Hugging Face files, which export_hf.py may rewrite in place)."""
+    return [n for n in listed if n.endswith(".pt") or n.startswith(SHARDED_DIR + "/")]
+
+
+def read_manifest(path: Path) -> Optional[dict]:
+    """{file: {"size", HASH}} from a checkpoint's MANIFEST, or None when it has none."""
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+        files = manifest["files"]
+        if manifest["hash"] != HASH or not all(HASH in entry for entry in files.values()):
+            raise ValueError(f"not a {HASH} manifest")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise DamagedCheckpoint(f"{file} could not be read ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return files
+
+
+def verify_files(path: Path, names: Optional[List[str]] = None) -> bool:
+    """Check files of checkpoint `path` against the content hashes its manifest recorded when it
+    was written, before anything trusts them.
+
+    Args:
+        path: the checkpoint directory.
+        names: the files to check, relative to `path`; a folder (SHARDED_DIR) stands for every
+            file under it; None: every file resuming reads (resume_files).
+    Returns:
+        True when every file matched; False for a checkpoint written without a manifest (before
+        content hashes), after one line saying it cannot be verified.
+    Raises:
+        DamagedCheckpoint: naming the first file that is missing or differs, or the manifest.
+    """
+    listed = read_manifest(path)
+    if listed is None:
+        rank0_print(f"note: {path} was written without {MANIFEST} (before checkpoints held "
+                    "content hashes); its files cannot be verified")
+        return False
+    wanted = resume_files(listed) if names is None else [
+        n for name in names for n in ([k for k in listed if k.startswith(name + "/")] or [name])]
+    for name in wanted:
+        file, entry = path / name, listed.get(name)
+        if entry is None:
+            raise DamagedCheckpoint(f"{file} is not listed in {path / MANIFEST}")
+        if not file.is_file():
+            raise DamagedCheckpoint(f"{file} is missing")
+        if file.stat().st_size != entry["size"] or hash_file(file) != entry[HASH]:
+            raise DamagedCheckpoint(f"{file} does not match the content hash recorded when it "
+                                    "was written (it was damaged after the save)")
+    return True
+
+
+def load_policy_archive(path: str, option: str = "model.archive") -> Dict[str, torch.Tensor]:
+    """utils.load_policy_archive (`path`: a policy.pt, a checkpoint or a run directory), after
+    checking the file against its checkpoint's manifest (a lone policy.pt cannot be verified)."""
+    file = Path(utils.resolve_policy_file(path, option))
+    try:
+        verify_files(file.parent, [file.name])
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(f"{option}={path}: {e}") from None
+    return utils.load_policy_archive(str(file), option)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -359,12 +516,38 @@ def sharded_policy_shapes(path: Path) -> Dict[str, torch.Tensor]:
             if key.startswith("policy.") and isinstance(meta, TensorStorageMetadata)}
 
 
-def load_sharded(path: Path, states: Dict[str, object]):
+def load_sharded(path: Path, states: Dict[str, object], ranks):
     """Every rank: fill `states` (shaped as for save_sharded, this rank's shards) in place from
-    path/sharded/ (any number of processes may have written it)."""
+    path/sharded/ (any number of processes may have written it).
+
+    Raises:
+        DamagedCheckpoint: on every rank, when a shard could not be read on any (`states` may
+            then be partly filled: load another checkpoint into them, or none).
+    """
     import torch.distributed.checkpoint as dcp
-    check_sharded_metadata(path)
-    dcp.load(states, checkpoint_id=str(path / SHARDED_DIR))
+    problem = None
+    try:
+        check_sharded_metadata(path)
+        dcp.load(states, checkpoint_id=str(path / SHARDED_DIR))
+    except DamagedCheckpoint as e:
+        problem = str(e)
+    except (Exception, CheckpointException) as e:  # a damaged shard: unpickling, zip, ...
+        problem = f"its shards in {path / SHARDED_DIR} could not be read ({shard_error(e)})"
+    problems = ranks.merge({ranks.rank: problem} if problem else {})  # every rank agrees
+    if problems:
+        raise DamagedCheckpoint(problems[min(problems)])
+
+
+def shard_error(error: BaseException) -> str:
+    """One line for a failed DCP load: the first failing rank's own error, not the tracebacks
+    of every rank that CheckpointException's text holds."""
+    failures = getattr(error, "failures", None)
+    where = ""
+    if failures:
+        rank = min(failures)
+        error, where = failures[rank][0], f"rank {rank}: "
+    text = str(error).strip().splitlines()
+    return f"{where}{type(error).__name__}{': ' + text[0] if text else ''}"
 
 
 def load_policy_state(path: Path) -> Dict[str, torch.Tensor]:
@@ -381,7 +564,13 @@ def load_policy_state(path: Path) -> Dict[str, torch.Tensor]:
             raise DamagedCheckpoint(str(e)) from None
     import torch.distributed.checkpoint as dcp
     state = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in sharded_policy_shapes(path).items()}
-    dcp.load({"policy": state}, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load({"policy": state}, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+    except (Exception, CheckpointException) as e:  # a damaged shard, written without a manifest
+        raise DamagedCheckpoint(f"the shards in {path / SHARDED_DIR} could not be read "
+                                f"({shard_error(e)})") from None
     return state
 
 
@@ -403,13 +592,13 @@ def prune_checkpoints(run_dir: Path, keep: Optional[int]):
     steps = sorted((p for p in run_dir.glob("step-*") if p.is_dir()),
                    key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:max(len(steps) - keep, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
 
 def remove_partial_writes(run_dir: Path):
     """Delete directories a crash during a save left behind."""
     for stale in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove(stale)
 
 
 # ----------------------------------------------------------------------------- a run, every rank
@@ -481,13 +670,14 @@ def restore_training(path: Path, parts: TrainingParts, ranks) -> dict:
     Returns:
         The trainer state it was saved with (counters, loss state, ...).
     Raises:
-        DamagedCheckpoint: on every rank, a file could not be read (nothing was loaded).
+        DamagedCheckpoint: on every rank, a file could not be read or verified (nothing was
+            loaded, or a shard failed to load: the next checkpoint loaded replaces it all).
         ConfigError: on every rank, the weights do not fit the model (nothing was loaded).
     """
     states, state = read_for_restore(path, parts.policy, parts.reference.policy_state_to_load, ranks)
     if is_sharded(path):
         loaded = parallel.sharded_states(parts.policy, parts.optimizer)
-        load_sharded(path, loaded)
+        load_sharded(path, loaded, ranks)
         parallel.load_sharded_states(parts.policy, parts.optimizer, loaded)
     else:
         parts.load_policy(states["policy.pt"])
@@ -553,10 +743,11 @@ def save_on_rank0(run_dir: Path, name: str, states: Dict[str, object], step: int
 
 def read_for_restore(path: Path, policy: torch.nn.Module, policy_state_to_load: Callable,
                      ranks) -> Tuple[dict, dict]:
-    """(states, trainer state) of a checkpoint, "policy.pt" already the full state to load and
-    checked against the model. With several processes only rank 0 reads the full policy and
-    optimizer states (loading sends each rank its shard; the other ranks get {}), and every rank
-    gets rank 0's verdict.
+    """(states, trainer state) of a checkpoint, its files first checked against its manifest
+    (verify_files), "policy.pt" already the full state to load and checked against the model.
+    With several processes only rank 0 verifies and reads the full policy and optimizer states
+    (loading sends each rank its shard; the other ranks get {}), and every rank gets rank 0's
+    verdict.
 
     Args:
         path: the checkpoint directory.
@@ -574,6 +765,8 @@ def read_for_restore(path: Path, policy: torch.nn.Module, policy_state_to_load: 
                   if n != "policy.pt" and n != "optimizer.pt" or n in big and ranks.rank == 0)
     out, error = None, None
     try:
+        if ranks.rank == 0:  # the others wait for its verdict
+            verify_files(path)
         states, state = read_checkpoint(path, names)
         if sharded:
             check_state_dict(policy, sharded_policy_shapes(path), f"checkpoint {path / SHARDED_DIR}")
@@ -619,7 +812,9 @@ def resume(resume_from: Optional[str], run_dir: Path, restore: Callable[[Path], 
             finished = restore(path)
         except DamagedCheckpoint as e:
             if resume_from:
-                raise
+                raise DamagedCheckpoint(f"resume_from={path} is not an intact checkpoint: {e}; "
+                                        "pass a step-N/ or LATEST/ directory written by "
+                                        "train.py") from None
             rank0_print(f"warning: skipping damaged checkpoint {path}: {e}")
             continue
         if not resume_from:

@@ -88,7 +88,7 @@ def _iter_jsonl(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetFormatError(f'{where}: not valid JSON ({e.msg} at column {e.colno}). '
+            raise DatasetFormatError(f'{where}: not valid JSON ({e.msg}: column {e.colno}). '
                                      'Each line must hold one JSON object.') from None
 
 

@@ -13,19 +13,17 @@ own samples, and writes `eval.json` (and the samples, `eval_samples.jsonl`) besi
 Every mean comes with a standard error clustered by prompt (the samples of one prompt are not
 independent of each other): the standard deviation of the per-prompt means over sqrt(#prompts).
 
-The checkpoint is a step-N/ or LATEST/ directory of any trainer (policy.pt holds a full state dict;
-the run's config.yaml says how to build the model, the tokenizer, the data and the reference), or
-a Hugging Face directory (config.json, no policy.pt), for which `reference=PATH` is required.
+The checkpoint is a step-N/ or LATEST/ directory of any trainer (policy.pt holds a full state dict,
+or sharded/ the shards of checkpoint_format=sharded; the run's config.yaml says how to build the
+model, the tokenizer, the data and the reference), its files checked against its manifest first,
+or a Hugging Face directory (config.json, no policy.pt), for which `reference=PATH` is required.
 """
-import os
-
-# The same bitwise-reproducible CPU math as train.py (set before torch loads MKL).
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import cpu_env  # noqa: F401  (bitwise-reproducible MKL, as train.py: before torch loads it)
 
 import copy
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +31,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import hydra
 import torch
-import tqdm
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
 import preference_datasets
+import sampling
 import synthetic_data
-from losses import _is_number  # one definition of "a finite number" for every config check
-from train import _require
 import utils
-from utils import ConfigError
+from utils import ConfigError, is_number, require
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
@@ -303,37 +300,6 @@ def tokenize_completions(tokenizer, prompts: Sequence[str], completions: Sequenc
     return prompt_ids, completion_ids
 
 
-# ----------------------------------------------------------------------------- sampling
-
-def sample_completions(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
-                       generation: dict, batch_size: int, device) -> List[List[int]]:
-    """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
-    each ending at and including the first EOS, or max_new_tokens long if none came)."""
-    from transformers import GenerationConfig
-    # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
-    config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
-    samples = []
-    for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False):
-        batch = rows[start:start + batch_size]
-        width = max(len(r) for r in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(batch):  # left-padded, so every row continues at the same column
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
-        samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id) for seq in out[:, width:])
-    return samples
-
-
-def _until_eos(tokens: List[int], eos_id: int) -> List[int]:
-    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
-
-
 def content_length(completion: Sequence[int], eos_id: int) -> int:
     """Tokens before the EOS."""
     return len(completion) - (1 if completion and completion[-1] == eos_id else 0)
@@ -360,13 +326,18 @@ def build_run_tokenizer(model_cfg: DictConfig, trust_remote_code: bool):
     return utils.build_tokenizer(model_cfg.name_or_path, trust_remote_code, gguf_file=gguf)
 
 
-def load_state(model, path: Path, what: str):
-    """A copy of `model` with the state dict of the policy.pt at `path`."""
-    state = utils.safe_torch_load(str(path), what)
-    state = state.get("state") if isinstance(state, dict) else None
+def read_policy(path: Path, what: str) -> tuple:
+    """(state dict, step_idx) of the policy.pt at `path`."""
+    archive = utils.safe_torch_load(str(path), what)
+    state = archive.get("state") if isinstance(archive, dict) else None
     if not isinstance(state, dict):
         raise ConfigError(f"{what} file {path} is not a policy.pt from this framework "
                           "(expected a dict with a 'state' model state dict)")
+    return state, archive.get("step_idx")
+
+
+def load_state(model, state: Dict[str, torch.Tensor], path: Path, what: str):
+    """A copy of `model` with `state`, the state dict read from `path`."""
     loaded = copy.deepcopy(model)
     try:
         loaded.load_state_dict(state)
@@ -408,14 +379,19 @@ def load_models(cfg: DictConfig):
     if not checkpoint.is_dir():
         raise ConfigError(f"checkpoint={checkpoint} is not a directory; pass a step-N/ or LATEST/ "
                           "directory of a run, or a Hugging Face model directory")
+    weights = "policy.pt" if policy_file(checkpoint) is not None else (
+        checkpoints.SHARDED_DIR if checkpoints.is_sharded(checkpoint) else None)
+    if weights is not None and (checkpoint / "config.yaml").is_file():
+        checkpoints.verify_files(checkpoint, ["config.yaml", weights])
     run_config = None
     if (checkpoint / "config.yaml").is_file():
         run_config = with_current_defaults(OmegaConf.load(checkpoint / "config.yaml"))
-    if policy_file(checkpoint) is not None and run_config is not None:
+    if weights is not None and run_config is not None:
         return _load_framework_checkpoint(cfg, checkpoint, run_config)
     if not (checkpoint / "config.json").is_file():
-        raise ConfigError(f"checkpoint={checkpoint} holds neither policy.pt with config.yaml (a "
-                          "checkpoint of train.py) nor config.json (a Hugging Face model)")
+        raise ConfigError(f"checkpoint={checkpoint} holds neither policy.pt or sharded/ with "
+                          "config.yaml (a checkpoint of train.py, checkpoint_format=full or "
+                          "sharded) nor config.json (a Hugging Face model)")
     if cfg.reference is None:
         raise ConfigError(f"checkpoint={checkpoint} is a Hugging Face directory, which does not say "
                           "what it was trained from; pass reference=PATH (a policy.pt, a checkpoint "
@@ -435,9 +411,16 @@ def _load_framework_checkpoint(cfg, checkpoint: Path, run_config: DictConfig):
     except ConfigError as e:
         raise ConfigError(f"{e} (the reference comes from the run's config; pass reference=PATH "
                           "to give it explicitly)")
-    policy = load_state(initial, checkpoint / "policy.pt", "checkpoint")
+    if checkpoints.is_sharded(checkpoint):  # checkpoint_format=sharded: gathered in this process
+        state = checkpoints.load_policy_state(checkpoint)
+        step = utils.safe_torch_load(str(checkpoint / checkpoints.TRAINER_STATE),
+                                     "checkpoint")["example_counter"]
+        source = checkpoint / checkpoints.SHARDED_DIR
+    else:
+        source = checkpoint / "policy.pt"
+        state, step = read_policy(source, "checkpoint")
+    policy = load_state(initial, state, source, "checkpoint")
     reference = initial if cfg.reference is None else _explicit_reference(cfg, policy)
-    step = utils.safe_torch_load(str(checkpoint / "policy.pt"), "checkpoint").get("step_idx")
     return policy, reference, tokenizer, run_config, step
 
 
@@ -445,7 +428,8 @@ def _explicit_reference(cfg: DictConfig, policy):
     path = Path(cfg.reference)
     found = policy_file(path)
     if found is not None:
-        return load_state(policy, found, "reference")
+        checkpoints.verify_files(found.parent, [found.name])
+        return load_state(policy, read_policy(found, "reference")[0], found, "reference")
     return load_hf_model(str(cfg.reference), cfg.trust_remote_code, "reference")
 
 
@@ -496,7 +480,7 @@ def _response_ids(batch: dict, side: str) -> List[int]:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def validate_config(cfg: DictConfig):
+def validate_eval_config(cfg: DictConfig):
     """Refuse a bad setting with one line naming the key, the value and what is allowed."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -505,18 +489,18 @@ def validate_config(cfg: DictConfig):
     for key in ("n_samples", "max_new_tokens", "batch_size", "score_batch_size", "n_prompts"):
         value = cfg[key]
         if not (value is None and key == "n_prompts"):
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                      f"{key}={value!r} must be a positive integer")
-    _require(_is_number(cfg.temperature) and cfg.temperature > 0,
+    require(is_number(cfg.temperature) and cfg.temperature > 0,
              f"temperature={cfg.temperature!r} must be a number > 0")
-    _require(_is_number(cfg.top_p) and 0 < cfg.top_p <= 1, f"top_p={cfg.top_p!r} must be in (0, 1]")
-    _require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
-    _require(isinstance(cfg.trust_remote_code, bool),
+    require(is_number(cfg.top_p) and 0 < cfg.top_p <= 1, f"top_p={cfg.top_p!r} must be in (0, 1]")
+    require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
+    require(isinstance(cfg.trust_remote_code, bool),
              f"trust_remote_code={cfg.trust_remote_code!r} must be true or false")
     name = cfg.reward.name
-    _require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
+    require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
     keys = set(cfg.reward) - {"name"}
-    _require(keys == REWARDS[name].config_keys,
+    require(keys == REWARDS[name].config_keys,
              f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
              f"{sorted(keys)}; see config/reward/{name}.yaml")
 
@@ -550,14 +534,14 @@ def generate_both(policy, reference, tokenizer, prompts: List[dict], cfg: DictCo
     out = []
     for offset, model in ((0, policy), (1, reference)):
         utils.set_seed(2 * cfg.seed + offset)
-        out.append(sample_completions(model, tokenizer, prompt_ids, cfg.n_samples, generation,
+        out.append(sampling.sample_token_ids(model, tokenizer, prompt_ids, cfg.n_samples, generation,
                                       cfg.batch_size, device))
     return out
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Sample, score and summarise; writes eval.json and eval_samples.jsonl. Returns the results."""
-    validate_config(cfg)
+    validate_eval_config(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy, reference, tokenizer, run_config, step = load_models(cfg)
     policy, reference = policy.to(device).eval(), reference.to(device).eval()

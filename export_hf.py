@@ -6,7 +6,8 @@ CHECKPOINT is a step-N/ or LATEST/ directory, or a run directory (its LATEST/ is
 config.json, model.safetensors and the tokenizer to OUT_DIR (default: the checkpoint directory
 itself), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the policy anywhere. The model's
 architecture and tokenizer come from the config.yaml saved in the checkpoint, and the weights are
-checked against that architecture before anything is written.
+checked against that architecture before anything is written; the files read are first checked
+against the content hashes the checkpoint recorded when it was written (its manifest.json).
 
 A checkpoint never decides whether code shipped with a model runs: its saved trust_remote_code is
 ignored, and remote code runs only with --trust-remote-code on this command line.
@@ -41,6 +42,19 @@ def find_checkpoint(path: str) -> Path:
                             "step-N/ or LATEST/ directory written by train.py, or its run directory")
 
 
+def verify(checkpoint: Path, given: str):
+    """Check the files export reads against the checkpoint's manifest (checkpoints.verify_files);
+    a damaged one is refused in one line naming it."""
+    names = ["config.yaml", checkpoints.SHARDED_DIR if checkpoints.is_sharded(checkpoint)
+             else "policy.pt"]
+    if (checkpoint / "base_weights.pt").is_file():  # a LoRA checkpoint's base weights record
+        names.append("base_weights.pt")
+    try:
+        checkpoints.verify_files(checkpoint, names)
+    except checkpoints.DamagedCheckpoint as e:
+        raise utils.ConfigError(f"{OPTION}={given}: {e}") from None
+
+
 def build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code: bool):
     """The model's architecture on the meta device: no weights are allocated or loaded."""
     from_config = OmegaConf.to_container(model_cfg.from_config) if model_cfg.from_config else None
@@ -57,6 +71,7 @@ def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = F
            adapter_only: bool = False) -> Path:
     """Write the Hugging Face files of a checkpoint; returns the output directory."""
     checkpoint = find_checkpoint(checkpoint_dir)
+    verify(checkpoint, checkpoint_dir)
     saved = OmegaConf.load(checkpoint / "config.yaml")
     if "lora" in saved and saved.lora.r is not None:
         return export_lora(checkpoint, saved, out_dir, adapter_only)
@@ -86,7 +101,7 @@ def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: b
     or the merged model, rebuilding the base weights the saved config names (checked against
     the hash recorded in base_weights.pt)."""
     import lora
-    import references
+    import ref_cache
     import train
     if saved.model.trust_remote_code:
         saved.model.trust_remote_code = False  # a checkpoint never decides that code runs
@@ -101,7 +116,7 @@ def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: b
         lora.write_peft_adapter(out, policy.state_dict(), policy, saved.model.name_or_path)
         return out
     record = utils.safe_torch_load(str(checkpoint / "base_weights.pt"), OPTION)["state"]
-    base = references.weights_hash(policy, lambda n: "lora_" not in n and ".modules_to_save." not in n)
+    base = ref_cache.weights_hash(policy, lambda n: "lora_" not in n and ".modules_to_save." not in n)
     if base != record["hash"]:
         raise utils.ConfigError(f"{OPTION}={checkpoint}: rebuilding the base weights from its "
                                 f"config.yaml ({record['sources']}) gives other weights than it was "

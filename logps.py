@@ -3,8 +3,8 @@
 The output layer is applied only at positions whose label is counted (the completion), a chunk of
 rows at a time, and backward recomputes each chunk's logits instead of keeping them. The results
 equal `get_batch_logps` / `tdpo_get_batch_logps`, the full-logits formulas at the top of this file
-(tests/test_losses.py checks this in float64). The model-facing helpers at the end (`sequence_logps`,
-`token_level_logps`) find a model's backbone and output layer and call these kernels.
+(tests/test_losses.py checks this in float64). The helpers at the end find a model's backbone and
+output layer; packing.model_logps runs a model over a Layout and calls these kernels.
 """
 import contextlib
 import math
@@ -261,7 +261,7 @@ def _logp_grad_(d: torch.Tensor, g: torch.Tensor, targets: torch.Tensor) -> torc
     return d.scatter_add_(1, targets[:, None], g[:, None])
 
 
-class _TokenLogpFunction(torch.autograd.Function):
+class TokenLogpFunction(torch.autograd.Function):
     """Per-row log softmax(rows @ W.T + b)[target], in blocks of rows, and (when wpo) the rows'
     WPO log-weights as a second output without gradient (WPO's weights are constants).
 
@@ -273,9 +273,11 @@ class _TokenLogpFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk_size, wpo=False):
+    def forward(ctx, rows, weight, bias, targets, chunk_size, wpo=False, keep_rows=None):
+        # keep_rows: kept_rows(...), 0 where no backward comes (reference, evaluation)
+        keep = chunk_size if keep_rows is None else keep_rows
         logps, ctx.kept, wpo_rows = _target_logps(rows, weight, bias, targets, chunk_size,
-                                                  keep_rows=chunk_size, wpo=wpo)
+                                                  keep_rows=keep, wpo=wpo)
         ctx.save_for_backward(rows, weight, bias, targets)
         ctx.chunk_size, ctx.cdt = chunk_size, logps.dtype
         ctx.autocast = _autocast_state(rows.device)
@@ -317,10 +319,10 @@ class _TokenLogpFunction(torch.autograd.Function):
         return (grad_rows,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None,
-                None, None, None)
+                None, None, None, None)
 
 
-class _TokenKLFunction(torch.autograd.Function):
+class TokenKLFunction(torch.autograd.Function):
     """Per-row target log-probs of policy and reference and KL(ref || policy), chunked over rows and vocab.
 
     Forward, per row chunk: pass 1 streams vocab chunks to get both logsumexps
@@ -486,21 +488,22 @@ def _check_chunks(chunk_size: int, vocab_chunk_size: int = 1) -> None:
                          f'vocab_chunk_size={vocab_chunk_size}')
 
 
+def kept_rows(chunk_size: int, *tensors: Optional[torch.Tensor]) -> int:
+    """TokenLogpFunction's keep_rows: chunk_size when a backward will come (grad enabled and
+    an input needs it), else 0 (reference, evaluation: nothing saved for a backward)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return int(chunk_size) if needs_grad else 0
+
+
 def _row_logps(hidden, weight, labels, bias, chunk_size: int, wpo: bool = False):
     """(per-row target log-probs (N,), per-row WPO log-weights (N,) or None, seq (N,), counts (B,),
-    B) of the completion rows (labels: (B, T) or a Selection), through the chunked kernel (with
-    autograd when anything needs grad)."""
+    B) of the completion rows (labels: (B, T) or a Selection), through the chunked kernel."""
     _check_chunks(chunk_size)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     rows, seq, targets, counts, b = _select_rows(hidden, labels)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (rows, weight, bias))
-    if needs_grad:
-        per_row, wpo_rows = _TokenLogpFunction.apply(rows, weight, bias, targets, int(chunk_size), wpo)
-    else:  # reference / evaluation: nothing saved for a backward that never comes
-        per_row, _, wpo_rows = _target_logps(rows, weight, bias, targets, int(chunk_size),
-                                             keep_rows=0, wpo=wpo)
+    per_row, wpo_rows = TokenLogpFunction.apply(rows, weight, bias, targets, int(chunk_size), wpo,
+                                                kept_rows(chunk_size, rows, weight, bias))
     return per_row, (wpo_rows if wpo else None), seq, counts, b
 
 
@@ -604,7 +607,7 @@ def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Ten
                          f'policy\'s {tuple(policy_hidden.shape)}')
     rows, seq, targets, counts, b = _select_rows(policy_hidden, labels)
     ref_rows = _select_rows(reference_hidden, labels)[0]
-    logp, ref_logp, kl = _TokenKLFunction.apply(
+    logp, ref_logp, kl = TokenKLFunction.apply(
         rows, ref_rows, policy_weight, reference_weight.detach(), policy_bias,
         None if reference_bias is None else reference_bias.detach(), targets,
         int(chunk_size), int(vocab_chunk_size))
@@ -670,13 +673,47 @@ def full_logits(model, input_ids, attention_mask, position_ids=None) -> torch.Te
     return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
 
 
-def selected_logps(logits: torch.Tensor, selection: Selection,
-                   average_log_prob: bool) -> torch.Tensor:
-    """`get_batch_logps` for a Selection of rows of full (R, L, V) logits: (B,) log-probs."""
+class SideLogps(NamedTuple):
+    """One side's (B,) values from one pass: log-probs (sums, or per-token means), LD-DPO's
+    public part in the same units (or None), WPO's summed log-weights, detached (or None)."""
+    logps: torch.Tensor
+    public: Optional[torch.Tensor] = None
+    wpo_logweight: Optional[torch.Tensor] = None
+
+
+def side_logps(per_row: torch.Tensor, selection: Selection, average_log_prob: bool,
+               public_tokens: Optional[torch.Tensor] = None,
+               wpo_rows: Optional[torch.Tensor] = None) -> SideLogps:
+    """Per-row values of a Selection summed per sequence; with average_log_prob the sums (and the
+    public part) divided by the sequence's counted tokens; public_tokens: (B,) LD-DPO's shared
+    length (min of the pair's completion lengths, Liu et al. 2024, arXiv 2409.06411)."""
+    seq, counts, b = selection.seq, selection.counts, selection.counts.numel()
+    total = _per_sequence(per_row, seq, counts, b, average_log_prob)
+    public = None
+    if public_tokens is not None:
+        first = _rank_in_sequence(seq, counts) < public_tokens.to(seq.device)[seq]
+        public = _per_sequence(torch.where(first, per_row, torch.zeros_like(per_row)), seq, counts,
+                               b, average_log_prob)
+    wpo = None if wpo_rows is None else _per_sequence(wpo_rows, seq, counts, b, False).detach()
+    return SideLogps(total, public, wpo)
+
+
+def selected_rows(logits: torch.Tensor, selection: Selection, wpo: bool = False):
+    """(per-row target log-probs (N,), WPO log-weights (N,) or None) of a Selection of rows of
+    full (R, L, V) logits, as the chunked kernel gives them."""
     log_probs = logits.flatten(0, 1)[selection.index].log_softmax(-1)
     per_row = log_probs.gather(1, selection.targets[:, None]).squeeze(1)
-    return _per_sequence(per_row, selection.seq, selection.counts, selection.counts.numel(),
-                         average_log_prob)
+    return per_row, (per_row - torch.logsumexp(2 * log_probs, -1)) if wpo else None
+
+
+def selected_token_kl(logits: torch.Tensor, reference_logits: torch.Tensor,
+                      selection: Selection) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tdpo_get_batch_logps`'s per-row (policy log-prob, reference log-prob, KL(ref || policy))
+    of a Selection of rows of full (R, L, V) logits."""
+    pol = logits.flatten(0, 1)[selection.index].log_softmax(-1)
+    ref = reference_logits.flatten(0, 1)[selection.index].log_softmax(-1)
+    idx = selection.targets[:, None]
+    return pol.gather(1, idx).squeeze(1), ref.gather(1, idx).squeeze(1), _position_kl(ref, pol)
 
 
 def chunked_logps_error(model, chunked: Callable, input_ids, attention_mask, labels) -> float:
@@ -685,133 +722,3 @@ def chunked_logps_error(model, chunked: Callable, input_ids, attention_mask, lab
     with torch.no_grad():
         own = get_batch_logps(full_logits(model, input_ids, attention_mask), labels, True)
         return (chunked().float().to(own.device) - own).abs().max().item()
-
-
-def sequence_logps(model, input_ids, attention_mask, labels, average_log_prob: bool,
-                   chunk_size: int) -> torch.Tensor:
-    """Per-sequence log-probs (B,) of the label tokens. The output layer is applied only at
-    completion positions, in chunks, so no (B x T x V) logits tensor is ever built.
-
-    Args:
-        model: a transformers causal LM.
-        input_ids, attention_mask, labels: (B, T); labels -100 where not scored.
-        average_log_prob: mean over counted tokens instead of the sum.
-        chunk_size: completion positions per output-layer chunk.
-    """
-    if has_logit_transform(model):
-        logits = full_logits(model, input_ids, attention_mask)
-        return get_batch_logps(logits, labels.to(logits.device), average_log_prob)
-    hidden = hidden_states(model, input_ids, attention_mask)
-    weight, bias = output_layer(model)
-    return completion_logps(hidden.to(weight.device), weight, labels.to(weight.device), bias,
-                            average_log_prob, chunk_size)
-
-
-def token_level_logps(policy, reference, input_ids, attention_mask, labels,
-                      average_log_prob: bool, chunk_size: int):
-    """(logps_margin, position_kl, logps), each (B,), for TDPO, streamed over the vocabulary.
-
-    Args:
-        policy: the causal LM being trained.
-        reference: what the policy is compared with, anything with `hidden_states(input_ids,
-            attention_mask) -> (B, T, H_ref)` and `output_layer() -> (weight, bias)` (a
-            references.Reference that supports token-level KL).
-        input_ids, attention_mask, labels: (B, T).
-    """
-    ref_model = reference.model
-    if has_logit_transform(policy) or (ref_model is not None and has_logit_transform(ref_model)):
-        return _token_level_full_logits(policy, reference, input_ids, attention_mask, labels,
-                                        average_log_prob)
-    hidden = hidden_states(policy, input_ids, attention_mask)
-    with torch.no_grad():
-        ref_hidden = reference.hidden_states(input_ids, attention_mask)
-    weight, bias = output_layer(policy)
-    ref_weight, ref_bias = reference.output_layer()
-    device = weight.device
-    return completion_token_kl(
-        hidden.to(device), ref_hidden.to(device).to(hidden.dtype), weight,
-        ref_weight.to(device).to(weight.dtype), labels.to(device), bias,
-        None if ref_bias is None else ref_bias.to(device), average_log_prob, chunk_size)
-
-
-def _token_level_full_logits(policy, reference, input_ids, attention_mask, labels,
-                             average_log_prob: bool):
-    """token_level_logps from full logits: the models' own forwards (soft-capping and any other
-    transform of their heads included); a reference without a model gives hidden @ weight.T."""
-    logits = full_logits(policy, input_ids, attention_mask)
-    with torch.no_grad():
-        if reference.model is not None:
-            ref_logits = full_logits(reference.model, input_ids, attention_mask)
-        else:
-            ref_weight, ref_bias = reference.output_layer()
-            ref_hidden = reference.hidden_states(input_ids, attention_mask).to(ref_weight.device)
-            ref_logits = F.linear(ref_hidden, ref_weight, ref_bias).float()
-    return tdpo_get_batch_logps(logits, ref_logits.to(logits.device), labels.to(logits.device),
-                                average_log_prob)
-
-
-def completion_token_counts(labels: torch.LongTensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B,) number of counted completion tokens per row, (labels[:, 1:] != -100).sum(-1), as a
-    float tensor of `dtype` without gradient."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(-1).to(dtype)
-
-
-def sequence_parts(model, input_ids, attention_mask, labels, chunk_size: int,
-                   public_tokens: Optional[torch.Tensor] = None, wpo: bool = False) -> dict:
-    """`completion_parts` of a causal LM (summed log-probs, LD-DPO's public sums, WPO's
-    log-weights), chunked; from the model's own logits when it transforms them.
-
-    Args:
-        model: a transformers causal LM.
-        input_ids, attention_mask, labels: (B, T).
-        chunk_size: completion positions per output-layer chunk.
-        public_tokens: (B,) LD-DPO shared lengths, or None.
-        wpo: also return WPO's log-weights.
-    """
-    if has_logit_transform(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return get_batch_parts(logits.float(), labels, public_tokens, wpo)
-    hidden = hidden_states(model, input_ids, attention_mask)
-    weight, bias = output_layer(model)
-    device = weight.device
-    return completion_parts(hidden.to(device), weight, labels.to(device), bias, chunk_size,
-                            None if public_tokens is None else public_tokens.to(device), wpo)
-
-
-def pair_parts(policy, reference, batch, average: bool, chunk_size: int, public: bool,
-               wpo: bool) -> dict:
-    """What LossSpec.compute needs for LD-DPO (public) and/or WPO (wpo) on a paired batch.
-
-    Args:
-        policy: the causal LM being trained.
-        reference: a references.Reference, or None when the loss uses no reference.
-        batch: a micro-batch with chosen_* and rejected_* (input_ids, attention_mask, labels).
-        average: per-token means instead of sums (public parts divided by the same count).
-        chunk_size: completion positions per output-layer chunk.
-        public: LD-DPO: the sums over each pair's first min(len_chosen, len_rejected) tokens.
-        wpo: WPO: the policy's per-sequence log-weights.
-
-    Returns:
-        (B,) tensors: policy_{side}, {side}_tokens, and reference_{side} (with a reference);
-        with public '<those>_public'; with wpo '{side}_wpo_logweight' (sums, detached).
-    """
-    sides = ("chosen", "rejected")
-    counts = {s: (batch[f"{s}_labels"][:, 1:] != IGNORE_INDEX).sum(-1) for s in sides}
-    shared = torch.minimum(counts["chosen"], counts["rejected"]) if public else None
-    out = {}
-    for side in sides:
-        ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-        found = {f"policy_{side}": sequence_parts(policy, ids, mask, labels, chunk_size, shared, wpo)}
-        if reference is not None:
-            found[f"reference_{side}"] = (reference.sequence_parts(batch, side, shared) if public
-                                          else {"sum": reference.sequence_logps(batch, side, False)})
-        n = counts[side].to(found[f"policy_{side}"]["sum"].device)
-        for key, parts in found.items():
-            divide = (lambda x: x / n.clamp(min=1).to(x.dtype)) if average else (lambda x: x)
-            out[key] = divide(parts["sum"])
-            if public:
-                out[f"{key}_public"] = divide(parts["public"])
-        if wpo:
-            out[f"{side}_wpo_logweight"] = found[f"policy_{side}"]["wpo_logweight"]
-        out[f"{side}_tokens"] = n.to(out[f"policy_{side}"].dtype)
-    return out

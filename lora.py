@@ -9,13 +9,12 @@ module only when lora.r is set.
 """
 import contextlib
 import copy
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from utils import ConfigError
+from utils import ConfigError, save_safetensors
 
 # The trained adapter's name inside the model (peft's default) and the frozen reference adapter's.
 POLICY_ADAPTER = "default"
@@ -193,12 +192,10 @@ def write_peft_adapter(directory: Path, state: Dict[str, torch.Tensor], model,
         model: the LoRA model (its peft_config).
         base_model_name_or_path: recorded in the config, as peft does.
     """
-    from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.peft_config[POLICY_ADAPTER])
     config.base_model_name_or_path = base_model_name_or_path
     config.inference_mode = True
     config.save_pretrained(str(directory))  # peft's own adapter_config.json
-    save_file(peft_adapter_state(state), os.path.join(directory, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors(peft_adapter_state(state), directory / "adapter_model.safetensors")

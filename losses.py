@@ -19,14 +19,14 @@ in logps.py, which also holds their full-logits reference formulas; nothing here
 
 import inspect
 import math
-from dataclasses import dataclass
-from numbers import Real
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 # TRL's loss types; preference_loss and f_divergence_score are re-exported for callers of losses.*
+from utils import is_number
 from trl_losses import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_loss, apo_zero_loss,  # noqa: F401
                         bco_pair_loss, chosen_nll, discopop_loss, exo_pair_loss, f_divergence_score,
                         hinge_loss, ipo_loss, ld_logps, nca_pair_loss, preference_loss, robust_loss,
@@ -131,6 +131,15 @@ def _sample_kept_pairs(gaps: torch.Tensor, gap_mean: float, gap_std: float, n_ke
     return kept.to(gaps.device)
 
 
+def _kept_pairs_and_beta(gaps: torch.Tensor, beta: float, a: float, mode_weight: float,
+                         gap_mean: float, gap_std: float, generator: Optional[torch.Generator]):
+    """beta-DPO's (kept mask (N,) of the global batch's gaps, detached beta_used)."""
+    kept = _sample_kept_pairs(gaps, gap_mean, gap_std, _keep_count(gaps.shape[0], mode_weight),
+                              generator)
+    beta_used = beta * (1 + a * (gaps[kept].mean() - gap_mean))
+    return kept, beta_used.clamp(min=1e-3).detach()
+
+
 def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
                   policy_rejected_logps: torch.Tensor,
                   reference_chosen_logps: torch.Tensor,
@@ -143,14 +152,12 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """beta-DPO: batch-level dynamic beta with beta-guided data filtering.
 
-    As junkangwu/beta-DPO `preference_loss` with mode_loss == 'beta_DPO'
-    (Wu et al. 2024): gaps A = (pi_c - ref_c) - (pi_r - ref_r) (always with the
-    reference), Gaussian weights around the running gap mean, keep
-    int(B (1 - mode_weight)) pairs sampled without replacement,
-    beta_used = max(beta (1 + a (mean A_kept - gap_mean)), 1e-3).
-    Differences from the repo, all in cases where it crashes or returns NaN:
-    at least one pair is kept, and the weights fall back as described in
-    `_sample_kept_pairs` (uniform when gap_std is 0).
+    As junkangwu/beta-DPO `preference_loss` with mode_loss == 'beta_DPO' (Wu et al. 2024): gaps
+    A = (pi_c - ref_c) - (pi_r - ref_r) (always with the reference), Gaussian weights around the
+    running gap mean, keep int(B (1 - mode_weight)) pairs sampled without replacement,
+    beta_used = max(beta (1 + a (mean A_kept - gap_mean)), 1e-3). Differences from the repo, all
+    where it crashes or returns NaN: at least one pair is kept, and the weights fall back as
+    `_sample_kept_pairs` says (uniform when gap_std is 0).
     Across data-parallel ranks the selection and beta_used are those of the gathered (global)
     batch, drawn identically on every rank (same generator state); each rank keeps its own rows.
 
@@ -177,23 +184,16 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
     batch_size = policy_chosen_logps.shape[0]
     if batch_size == 0:
         raise ValueError('beta_dpo_loss needs at least one pair')
-    gap_mean, gap_std = float(gap_mean), float(gap_std)
-
     gaps = ((policy_chosen_logps - reference_chosen_logps)
             - (policy_rejected_logps - reference_rejected_logps)).detach()
     everywhere = gaps if gather is None else gather(gaps)
-    kept_all = _sample_kept_pairs(everywhere, gap_mean, gap_std,
-                                  _keep_count(everywhere.shape[0], mode_weight), generator)
+    kept_all, beta_used = _kept_pairs_and_beta(everywhere, beta, a, mode_weight, float(gap_mean),
+                                               float(gap_std), generator)
     mask = kept_all[rank * batch_size:(rank + 1) * batch_size].to(gaps.dtype)
 
-    beta_used = beta * (1 + a * (everywhere[kept_all].mean() - gap_mean))
-    beta_used = beta_used.clamp(min=1e-3).detach()
-
     pi_logratios = policy_chosen_logps - policy_rejected_logps
-    if reference_free:
-        h = pi_logratios
-    else:
-        h = pi_logratios - (reference_chosen_logps - reference_rejected_logps)
+    h = pi_logratios if reference_free else (
+        pi_logratios - (reference_chosen_logps - reference_rejected_logps))
     losses = -F.logsigmoid(beta_used * h)
 
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
@@ -250,34 +250,79 @@ def sft_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps=None, refe
 
 Metrics = Dict[str, torch.Tensor]
 
-# the logps keys fed, in order, to a loss function's four positional parameters
-SEQUENCE_INPUTS = ('policy_chosen', 'policy_rejected', 'reference_chosen', 'reference_rejected')
-TOKEN_LEVEL_INPUTS = ('chosen_margin', 'rejected_margin', 'chosen_position_kl', 'rejected_position_kl')
+
+
+@dataclass
+class BatchLogps:
+    """What a loss reads from one micro-batch (scoring.batch_logps fills it): (B,) tensors,
+    summed over completion tokens or per-token means as `LossSpec.average_log_prob` says.
+
+    chosen, rejected: the policy's log-probs (rejected None for SFT).
+    reference_chosen, reference_rejected: the reference's (None when the loss uses none).
+    chosen_tokens, rejected_tokens: counted completion tokens.
+    chosen_margin, rejected_margin, chosen_kl, rejected_kl: token-level losses (TDPO): summed
+        log pi - log ref, and summed per-position KL(ref || pi).
+    public: LD-DPO (ld_alpha): the same four sequence fields over each pair's first
+        min(len_chosen, len_rejected) completion tokens, in the same units.
+    chosen_wpo, rejected_wpo: WPO (use_weighting): the policy's summed log-weights, detached.
+    label: KTO: (B,) bool, True for a desirable example (the batch's 'label').
+    prompt, prompt_tokens: ORPO (LossSpec.prompt_nll): the policy's summed log-probs of each
+        prompt's tokens after its first, and their count.
+    """
+    chosen: torch.Tensor
+    rejected: Optional[torch.Tensor] = None
+    reference_chosen: Optional[torch.Tensor] = None
+    reference_rejected: Optional[torch.Tensor] = None
+    chosen_tokens: Optional[torch.Tensor] = None
+    rejected_tokens: Optional[torch.Tensor] = None
+    chosen_margin: Optional[torch.Tensor] = None
+    rejected_margin: Optional[torch.Tensor] = None
+    chosen_kl: Optional[torch.Tensor] = None
+    rejected_kl: Optional[torch.Tensor] = None
+    public: Optional['BatchLogps'] = None
+    chosen_wpo: Optional[torch.Tensor] = None
+    rejected_wpo: Optional[torch.Tensor] = None
+    label: Optional[torch.Tensor] = None
+    prompt: Optional[torch.Tensor] = None
+    prompt_tokens: Optional[torch.Tensor] = None
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """{field: tensor} of the fields that are set ('public.<field>' for LD-DPO's)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, BatchLogps):
+                out.update({f'public.{k}': v for k, v in value.tensors().items()})
+            elif value is not None:
+                out[f.name] = value
+        return out
+
+
+# the BatchLogps fields fed, in order, to a loss function's four positional parameters
+SEQUENCE_INPUTS = ('chosen', 'rejected', 'reference_chosen', 'reference_rejected')
+TOKEN_LEVEL_INPUTS = ('chosen_margin', 'rejected_margin', 'chosen_kl', 'rejected_kl')
 # parameters the registry passes itself; never config keys
 _RUNTIME_PARAMETERS = ('generator', 'gather', 'rank')
 # what TRL's DPOTrainer adds to every loss type: RPO's NLL term, WPO's weights, LD-DPO's log-probs
 TRL_OPTIONS = ('rpo_alpha', 'use_weighting', 'ld_alpha')
 
 
-def _length_desensitised(logps: dict, args: dict) -> dict:
+def _length_desensitised(logps: BatchLogps, args: dict) -> BatchLogps:
     """logps with each sequence input replaced by LD-DPO's public + ld_alpha * verbose part
-    (`ld_logps`) when ld_alpha is set; the trainer supplies '<input>_public' beside each."""
+    (`ld_logps`) when ld_alpha is set; the trainer supplies `logps.public` beside them."""
     alpha = args.get('ld_alpha')
     if alpha is None:
         return logps
-    out = dict(logps)
-    for key in SEQUENCE_INPUTS:
-        if key in logps:
-            out[key] = ld_logps(logps[key], logps[f'{key}_public'], alpha)
-    return out
+    return replace(logps, **{key: ld_logps(getattr(logps, key), getattr(logps.public, key), alpha)
+                             for key in SEQUENCE_INPUTS if getattr(logps, key) is not None})
 
 
-def _wpo(logps: dict, args: dict) -> Optional[torch.Tensor]:
+def _wpo(logps: BatchLogps, args: dict) -> Optional[torch.Tensor]:
     """(B,) WPO pair weights when use_weighting, else None."""
     if not args.get('use_weighting'):
         return None
-    return wpo_weights(logps['chosen_wpo_logweight'], logps['rejected_wpo_logweight'],
-                       logps['chosen_tokens'], logps['rejected_tokens'])
+    return wpo_weights(logps.chosen_wpo, logps.rejected_wpo, logps.chosen_tokens,
+                       logps.rejected_tokens)
 
 
 def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor, gather: Callable) -> torch.Tensor:
@@ -302,9 +347,18 @@ def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     }
 
 
+# The parameter names under which loss functions (and update_state) take their per-pair inputs
+# (SEQUENCE_INPUTS / TOKEN_LEVEL_INPUTS) and the running state: the registry passes them itself.
+_INPUT_PARAMETERS = frozenset({
+    'pc', 'pr', 'rc', 'rr', 'policy_chosen_logps', 'policy_rejected_logps',
+    'reference_chosen_logps', 'reference_rejected_logps', 'chosen_logps_margin',
+    'rejected_logps_margin', 'chosen_position_kl', 'rejected_position_kl', 'state',
+    'policy_logps', 'reference_logps', 'labels', 'kl'})  # the last four: kto_loss's
+
+
 def _keyword_parameters(fn: Callable) -> Dict[str, inspect.Parameter]:
-    """A loss function's parameters after its four positional inputs."""
-    return dict(list(inspect.signature(fn).parameters.items())[4:])
+    """A loss function's parameters besides its per-pair inputs (hyper-parameters, runtime)."""
+    return {k: p for k, p in inspect.signature(fn).parameters.items() if k not in _INPUT_PARAMETERS}
 
 
 def update_beta_dpo_state(state: dict, policy_chosen_logps, policy_rejected_logps,
@@ -337,11 +391,13 @@ class LossSpec:
             of the `average_log_prob` key where that is accepted and fixed where not.
         initial_state: running state as ((key, float), ...); kept in checkpoints.
         update_state: fn(state, 4 inputs, gather, **its keys) -> new state, on the global batch.
-        config_only: keys accepted although no function reads them (dpo.yaml carries beta-DPO's).
-        zero_only: keys accepted only with the value 0 (shared with another loss's config file).
+        config_only: keys accepted although `fn` does not take them (read by the registry).
         trl: a TRL loss_type: usable as a mixture term and accepts TRL_OPTIONS.
-        selected_by: (name, key, value): the config that selects this entry instead of `name`.
         aliases: other config names of this entry.
+        needs_label_smoothing: label_smoothing must be > 0 (EXO).
+        plain_in_mixture: as a mixture term TRL ignores label_smoothing (its sigmoid), so it
+            must be 0 there.
+        sorts_pairs: the loss sorts the pairs of a batch (AOT): WPO weights cannot follow them.
     Class attributes of subclasses: `checks` (key -> (check, allowed) overriding _CHECKS for keys
     of the entry's own meaning) and `prompt_nll` (the trainer also supplies the prompts'
     log-probs, scoring.example_inputs); methods `check`, `unpaired_weights` and `sides` say what
@@ -356,10 +412,11 @@ class LossSpec:
     initial_state: Tuple[Tuple[str, float], ...] = ()
     update_state: Optional[Callable] = None
     config_only: frozenset = frozenset()
-    zero_only: frozenset = frozenset()
     trl: bool = False
-    selected_by: Optional[Tuple[str, str, str]] = None
     aliases: Tuple[str, ...] = ()
+    needs_label_smoothing: bool = False
+    plain_in_mixture: bool = False
+    sorts_pairs: bool = False
 
     # key -> (check, allowed) for keys whose meaning is this entry's own (overrides _CHECKS)
     checks = {}
@@ -391,9 +448,7 @@ class LossSpec:
     @property
     def config_keys(self) -> frozenset:
         """Keys accepted in the loss config besides `name`."""
-        keys = set(self.hyper_parameters) | self.config_only | self.zero_only
-        if self.update_state is not None:
-            keys |= set(list(inspect.signature(self.update_state).parameters)[6:])
+        keys = set(self.hyper_parameters) | self.config_only | set(self.state_keys)
         if self.trl:
             keys |= set(TRL_OPTIONS)
         return frozenset(keys)
@@ -401,6 +456,13 @@ class LossSpec:
     @property
     def required_keys(self) -> Tuple[str, ...]:
         return tuple(k for k, p in self.hyper_parameters.items() if p.default is inspect.Parameter.empty)
+
+    @property
+    def state_keys(self) -> Tuple[str, ...]:
+        """The config keys update_state takes (beta-DPO's gamma)."""
+        if self.update_state is None:
+            return ()
+        return tuple(k for k in _keyword_parameters(self.update_state) if k != 'gather')
 
     def needs_reference(self, args: dict) -> bool:
         """Whether the trainer must run a reference model for this config."""
@@ -424,14 +486,14 @@ class LossSpec:
         """Fresh running state (beta-DPO starts its gap mean and std at 0, as its repository)."""
         return dict(self.initial_state)
 
-    def inputs(self, logps: dict, args: dict) -> Tuple[torch.Tensor, ...]:
+    def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
         """The four positional inputs; zero references when reference-free and none were computed."""
         if not self.paired:
-            return (logps['policy_chosen'], None, None, None)
+            return (logps.chosen, None, None, None)
         if self.token_level:
-            return tuple(logps[k] for k in TOKEN_LEVEL_INPUTS)
-        pc, pr = logps['policy_chosen'], logps['policy_rejected']
-        rc, rr = logps.get('reference_chosen'), logps.get('reference_rejected')
+            return tuple(getattr(logps, k) for k in TOKEN_LEVEL_INPUTS)
+        pc, pr = logps.chosen, logps.rejected
+        rc, rr = logps.reference_chosen, logps.reference_rejected
         if rc is None or rr is None:
             if not args.get('reference_free', False):
                 raise ValueError('reference log-probs are missing and reference_free is false')
@@ -450,9 +512,8 @@ class LossSpec:
         kwargs = {k: args[k] for k in self.hyper_parameters if k in args}
         extras = {}
         if self.update_state is not None:
-            keys = list(inspect.signature(self.update_state).parameters)[6:]
             new = self.update_state(dict(self.init_state(), **state), *inputs, gather,
-                                    **{k: args[k] for k in keys if k in args})
+                                    **{k: args[k] for k in self.state_keys if k in args})
             if train:
                 state.update(new)
             kwargs.update(new)
@@ -462,24 +523,23 @@ class LossSpec:
         out = self.fn(*inputs, **kwargs)
         return out[0], out[1], out[2], dict(extras, **(out[3] if len(out) > 3 else {}))
 
-    def chosen_sum(self, logps: dict, args: dict) -> torch.Tensor:
+    def chosen_sum(self, logps: BatchLogps, args: dict) -> torch.Tensor:
         """(B,) summed chosen log-probs (for the NLL term) from what the trainer supplied."""
         if self.average_log_prob(args):
             # the trainer divided by counts.clamp(min=1); undo exactly that
-            return logps['policy_chosen'] * logps['chosen_tokens'].clamp(min=1)
-        return logps['policy_chosen']
+            return logps.chosen * logps.chosen_tokens.clamp(min=1)
+        return logps.chosen
 
-    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """The scalar loss to optimise and detached metrics.
 
         Args:
-            logps: (B,) tensors: 'policy_chosen' (and for paired losses 'policy_rejected',
-                'reference_chosen', 'reference_rejected'; references may be absent when
-                reference-free; token-level losses: TOKEN_LEVEL_INPUTS too), summed over completion
-                tokens or averaged as `average_log_prob(args)`; '{side}_tokens' (completion token
-                counts); with ld_alpha '<input>_public' for each sequence input (same units);
-                with use_weighting '{side}_wpo_logweight' (sums, detached).
+            logps: a BatchLogps: the policy's chosen (and for paired losses rejected) log-probs,
+                the reference's (absent when reference-free), token-level losses' margins and
+                KL, summed over completion tokens or averaged as `average_log_prob(args)`; the
+                token counts; with ld_alpha its `public` part; with use_weighting the WPO
+                log-weights.
             args: the loss config without 'name'.
             state: running state from `init_state` (updated in place when train).
             gather: concatenates a 1-D tensor across data-parallel ranks (identity on one process).
@@ -500,8 +560,8 @@ class LossSpec:
             losses = losses * wpo
         loss = losses.mean() if weights is None else _weighted_mean(losses, weights, gather)
         if not self.paired:
-            return loss, {'logps/chosen': logps['policy_chosen'].detach()}
-        metrics = _reward_metrics(cr, rjr, logps['policy_chosen'], logps['policy_rejected'])
+            return loss, {'logps/chosen': logps.chosen.detach()}
+        metrics = _reward_metrics(cr, rjr, logps.chosen, logps.rejected)
         if self.token_level:
             # kl margin is chosen - rejected, as the TDPO repo logs it
             ckl, rkl = inputs[2].detach(), inputs[3].detach()
@@ -512,7 +572,7 @@ class LossSpec:
             metrics['wpo/weights'] = wpo
         if chosen_sum is not None:
             # RPO (Pang et al. 2024, arXiv 2404.19733): + alpha * chosen NLL, TRL's sft term
-            nll = chosen_nll(chosen_sum, logps['chosen_tokens'], gather, wpo)
+            nll = chosen_nll(chosen_sum, logps.chosen_tokens, gather, wpo)
             loss = loss + args['rpo_alpha'] * nll
             metrics['nll/chosen'] = nll.detach()
         return loss, metrics
@@ -534,6 +594,11 @@ class MixtureSpec(LossSpec):
     """
 
     @property
+    def hyper_parameters(self) -> Dict[str, inspect.Parameter]:
+        """None of its own: its keys (config_only) go to the terms that take them."""
+        return {}
+
+    @property
     def required_keys(self) -> Tuple[str, ...]:
         return ('losses', 'beta')
 
@@ -549,24 +614,24 @@ class MixtureSpec(LossSpec):
     def average_log_prob(self, args: dict) -> bool:
         return False
 
-    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
-        """As LossSpec.compute; logps must also hold 'chosen_tokens' and 'rejected_tokens'.
+        """As LossSpec.compute; logps must also hold chosen_tokens and rejected_tokens.
         With ld_alpha the paired terms see LD-DPO's log-probs and the sft term the plain sums,
         as in TRL; with use_weighting every term's per-pair losses are WPO-weighted."""
-        chosen_sum = logps['policy_chosen']
+        chosen_sum = logps.chosen
         logps = _length_desensitised(logps, args)
-        pc, pr = logps['policy_chosen'], logps['policy_rejected']
+        pc, pr = logps.chosen, logps.rejected
         if self.needs_reference(args):
-            rc, rr = logps['reference_chosen'], logps['reference_rejected']
+            rc, rr = logps.reference_chosen, logps.reference_rejected
         else:  # a mixture of sft alone
             rc, rr = torch.zeros_like(pc).detach(), torch.zeros_like(pr).detach()
-        counts = (logps['chosen_tokens'].clamp(min=1), logps['rejected_tokens'].clamp(min=1))
+        counts = (logps.chosen_tokens.clamp(min=1), logps.rejected_tokens.clamp(min=1))
         wpo = _wpo(logps, args)
         loss, metrics = 0.0, {}
         for term, weight in self.terms(args):
             if not term.paired:
-                term_loss = chosen_nll(chosen_sum, logps['chosen_tokens'], gather, wpo)
+                term_loss = chosen_nll(chosen_sum, logps.chosen_tokens, gather, wpo)
             else:
                 inputs = (pc, pr, rc, rr)
                 if term.averaged:
@@ -581,8 +646,8 @@ class MixtureSpec(LossSpec):
         return loss, metrics
 
 
-def _reference_free_inputs(logps: dict) -> Tuple[torch.Tensor, ...]:
-    return logps['policy_chosen'], logps['policy_rejected'], None, None
+def _reference_free_inputs(logps: BatchLogps) -> Tuple[torch.Tensor, ...]:
+    return logps.chosen, logps.rejected, None, None
 
 
 class CPOSpec(LossSpec):
@@ -591,9 +656,9 @@ class CPOSpec(LossSpec):
     batch's chosen completion tokens (TRL's cross-entropy on the chosen labels). No reference."""
     checks = {'loss_type': (lambda v: v in CPO_LOSS_TYPES, f'one of {", ".join(CPO_LOSS_TYPES)}'),
               # AlphaPO's alpha may take either sign (0: the log-prob reward)
-              'alpha': (lambda v: _is_number(v), 'a finite number'),
-              'simpo_gamma': (lambda v: _is_number(v), 'a finite number'),
-              'cpo_alpha': (lambda v: _is_number(v) and v >= 0, 'a number >= 0')}
+              'alpha': (is_number, 'a finite number'),
+              'simpo_gamma': (is_number, 'a finite number'),
+              'cpo_alpha': (lambda v: is_number(v) and v >= 0, 'a number >= 0')}
 
     def check(self, args: dict) -> None:
         if args.get('loss_type') in ('hinge', 'ipo') and args.get('label_smoothing', 0) != 0:
@@ -604,10 +669,10 @@ class CPOSpec(LossSpec):
     def average_log_prob(self, args: dict) -> bool:
         return args.get('loss_type') in ('ipo', 'simpo')
 
-    def inputs(self, logps: dict, args: dict) -> Tuple[torch.Tensor, ...]:
+    def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
         return _reference_free_inputs(logps)
 
-    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """As LossSpec.compute; the NLL term is RPO's (`chosen_nll`) with weight cpo_alpha (0: none)."""
         nll = {'rpo_alpha': args['cpo_alpha'] if args.get('cpo_alpha') else None}
@@ -618,24 +683,23 @@ class ORPOSpec(LossSpec):
     """TRL's ORPOTrainer: the mean over pairs of `orpo_loss` on per-token averaged log-probs, plus
     the NLL of the chosen sequences over their prompt and completion tokens (TRL: "computed over
     the full prompt and response"), the mean over all those tokens of the batch. The trainer
-    supplies 'policy_prompt' and 'prompt_tokens' (the prompt's log-probs after its first token)
+    supplies `prompt` and `prompt_tokens` (the prompt's log-probs after its first token)
     beside the completion log-probs. No reference, no SFT stage."""
     prompt_nll = True
 
     def average_log_prob(self, args: dict) -> bool:
         return True
 
-    def inputs(self, logps: dict, args: dict) -> Tuple[torch.Tensor, ...]:
+    def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
         return _reference_free_inputs(logps)
 
-    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """As LossSpec.compute; the loss is ORPO's whole loss, odds-ratio term plus NLL."""
-        pc, pr = logps['policy_chosen'], logps['policy_rejected']
+        pc, pr = logps.chosen, logps.rejected
         losses_, cr, rjr = self.fn(pc, pr, beta=args['beta'])
-        chosen_sum = pc * logps['chosen_tokens'].clamp(min=1)  # the trainer's mean, undone
-        nll = chosen_nll(chosen_sum + logps['policy_prompt'], logps['chosen_tokens'] + logps['prompt_tokens'],
-                         gather)
+        chosen_sum = pc * logps.chosen_tokens.clamp(min=1)  # the trainer's mean, undone
+        nll = chosen_nll(chosen_sum + logps.prompt, logps.chosen_tokens + logps.prompt_tokens, gather)
         metrics = _reward_metrics(cr, rjr, pc, pr)
         log_odds = orpo_log_odds(pc, pr).detach()
         metrics.update({'nll/chosen': nll.detach(), 'orpo/log_odds_chosen': log_odds,
@@ -647,13 +711,13 @@ class KTOSpec(LossSpec):
     """TRL's KTOTrainer on unpaired examples. The trainer's batches (preference_datasets with
     `unpaired_weights`) hold one example per row in the chosen columns, its KL sequence (the
     row's prompt with another row's completion) in the rejected columns and a bool 'label'; so
-    'policy_chosen' / 'reference_chosen' are the examples' summed log-probs and
-    'policy_rejected' / 'reference_rejected' the KL sequences'. The KL estimate (`kto_kl`) is
+    BatchLogps.chosen / reference_chosen are the examples' summed log-probs, rejected /
+    reference_rejected the KL sequences' and label the labels. The KL estimate (`kto_kl`) is
     gathered over data-parallel processes; apo_zero_unpaired uses none, and its trainer scores
     only the examples (`sides`)."""
     checks = {'loss_type': (lambda v: v in KTO_LOSS_TYPES, f'one of {", ".join(KTO_LOSS_TYPES)}'),
-              'desirable_weight': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
-              'undesirable_weight': (lambda v: _is_number(v) and v >= 0, 'a number >= 0')}
+              'desirable_weight': (lambda v: is_number(v) and v >= 0, 'a number >= 0'),
+              'undesirable_weight': (lambda v: is_number(v) and v >= 0, 'a number >= 0')}
 
     def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
         return float(args['desirable_weight']), float(args['undesirable_weight'])
@@ -662,14 +726,14 @@ class KTOSpec(LossSpec):
         """The examples, and their KL sequences where the loss type estimates the KL term."""
         return ('chosen', 'rejected') if args.get('loss_type', 'kto') == 'kto' else ('chosen',)
 
-    def compute(self, logps: dict, args: dict, state: dict, gather: Callable, train: bool,
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """The mean of `kto_loss` over the examples, and TRL's metrics: kl, the rewards and
         log-probs of desirable and undesirable examples (per example), their counts, the margin
         between the two mean rewards over the (gathered) batch."""
-        pc, rc, labels = logps['policy_chosen'], logps['reference_chosen'], logps['label'].bool()
+        pc, rc, labels = logps.chosen, logps.reference_chosen, logps.label.bool()
         if args.get('loss_type', 'kto') == 'kto':
-            kl = kto_kl(logps['policy_rejected'], logps['reference_rejected'], gather)
+            kl = kto_kl(logps.rejected, logps.reference_rejected, gather)
         else:
             kl = torch.zeros((), dtype=pc.dtype, device=pc.device)
         kwargs = {k: args[k] for k in self.hyper_parameters if k in args}
@@ -689,24 +753,22 @@ def _trl(name: str, fn: Callable, **facts) -> LossSpec:
 
 LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec('sft', sft_loss, paired=False, reference='never'),
-    # the DPO repository's name for sigmoid; its config file also carries beta-DPO's keys
-    LossSpec('dpo', sigmoid_loss, reference='unless_free',
-             config_only=frozenset({'mode_loss', 'mode_weight', 'a', 'gamma'})),
+    # the DPO repository's name for sigmoid
+    LossSpec('dpo', sigmoid_loss, reference='unless_free'),
     LossSpec('ipo', ipo_loss, reference='unless_free', averaged=True, config_only=frozenset({'average_log_prob'}),
              trl=True),
     LossSpec('tdpo', tdpo_loss, token_level=True),
     LossSpec('beta_dpo', beta_dpo_loss, initial_state=(('gap_mean', 0.0), ('gap_std', 0.0)),
-             update_state=update_beta_dpo_state, config_only=frozenset({'mode_loss'}),
-             zero_only=frozenset({'label_smoothing'}), selected_by=('dpo', 'mode_loss', 'beta_DPO')),
-    _trl('sigmoid', sigmoid_loss, reference='unless_free'),
+             update_state=update_beta_dpo_state),
+    _trl('sigmoid', sigmoid_loss, reference='unless_free', plain_in_mixture=True),
     _trl('hinge', hinge_loss),
-    _trl('exo_pair', exo_pair_loss),
+    _trl('exo_pair', exo_pair_loss, needs_label_smoothing=True),
     _trl('nca_pair', nca_pair_loss),
     _trl('robust', robust_loss),
     _trl('bco_pair', bco_pair_loss),
     _trl('sppo_hard', sppo_hard_loss),
-    _trl('aot', aot_loss),
-    _trl('aot_unpaired', aot_unpaired_loss, aliases=('aot_pair',)),
+    _trl('aot', aot_loss, sorts_pairs=True),
+    _trl('aot_unpaired', aot_unpaired_loss, aliases=('aot_pair',), sorts_pairs=True),
     _trl('apo_zero', apo_zero_loss),
     _trl('apo_down', apo_down_loss),
     _trl('discopop', discopop_loss),
@@ -721,10 +783,8 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
 # TRL's ipo is ours with averaged log-probs (its default); as a mixture term it is TRL's
 _TRL_TERMS = tuple(n for n, s in LOSSES.items() if s.trl) + ('sft',)
 _ALIASES = {alias: name for name, spec in LOSSES.items() for alias in spec.aliases}
-# config `name` values: entries reached through another name's key (beta-DPO) are not among them
-_CONFIG_NAMES = tuple(n for n, s in LOSSES.items() if s.selected_by is None) + tuple(_ALIASES)
-# 'mean' is the beta-DPO repo's default mode_loss, meaning plain DPO
-_MODE_LOSSES = ('dpo', 'mean', 'beta_DPO')
+# config `name` values
+_CONFIG_NAMES = tuple(LOSSES) + tuple(_ALIASES)
 
 
 def get_loss(loss_args: dict) -> LossSpec:
@@ -734,48 +794,37 @@ def get_loss(loss_args: dict) -> LossSpec:
         loss_args: the loss config as a plain dict, including `name`.
 
     Returns:
-        The LossSpec; name=dpo with mode_loss=beta_DPO resolves to 'beta_dpo'; aliases to their entry.
+        The LossSpec; aliases resolve to their entry.
 
     Raises:
         ValueError: unknown or missing name.
     """
     name = loss_args.get('name')
     if name not in _CONFIG_NAMES:
-        raise ValueError(f'unknown loss name {name!r}; known: {", ".join(_CONFIG_NAMES)} '
-                         f'(beta-DPO is name=dpo with mode_loss=beta_DPO)')
-    for spec in LOSSES.values():
-        if spec.selected_by is not None:
-            base, key, value = spec.selected_by
-            if name == base and loss_args.get(key) == value:
-                return spec
+        raise ValueError(f'unknown loss name {name!r}; known: {", ".join(_CONFIG_NAMES)}')
     return LOSSES[_ALIASES.get(name, name)]
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 _CHECKS = {
-    'beta': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
-    'label_smoothing': (lambda v: _is_number(v) and 0 <= v < 0.5, 'a number in [0, 0.5)'),
-    'mode_weight': (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    'alpha': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
-    'a': (_is_number, 'a finite number'),
-    'gamma': (lambda v: _is_number(v) and 0 < v <= 1, 'a number in (0, 1]'),
-    'mode_loss': (lambda v: v in _MODE_LOSSES, f'one of {", ".join(_MODE_LOSSES)}'),
+    'beta': (lambda v: is_number(v) and v > 0, 'a number > 0'),
+    'label_smoothing': (lambda v: is_number(v) and 0 <= v < 0.5, 'a number in [0, 0.5)'),
+    'mode_weight': (lambda v: is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    'alpha': (lambda v: is_number(v) and v >= 0, 'a number >= 0'),
+    'a': (is_number, 'a finite number'),
+    'gamma': (lambda v: is_number(v) and 0 < v <= 1, 'a number in (0, 1]'),
     'reference_free': (lambda v: isinstance(v, bool), 'true or false'),
     'if_tdpo2': (lambda v: isinstance(v, bool), 'true or false'),
     'average_log_prob': (lambda v: isinstance(v, bool), 'true or false'),
     'f_divergence_type': (lambda v: v in F_DIVERGENCES, f'one of {", ".join(F_DIVERGENCES)}'),
-    'f_alpha_divergence_coef': (_is_number, 'a finite number'),
-    'discopop_tau': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
-    'rpo_alpha': (lambda v: v is None or (_is_number(v) and v >= 0), 'null or a number >= 0'),
+    'f_alpha_divergence_coef': (is_number, 'a finite number'),
+    'discopop_tau': (lambda v: is_number(v) and v > 0, 'a number > 0'),
+    'rpo_alpha': (lambda v: v is None or (is_number(v) and v >= 0), 'null or a number >= 0'),
     'use_weighting': (lambda v: isinstance(v, bool), 'true or false'),
-    'ld_alpha': (lambda v: v is None or (_is_number(v) and 0 <= v <= 1), 'null or a number in [0, 1]'),
+    'ld_alpha': (lambda v: v is None or (is_number(v) and 0 <= v <= 1), 'null or a number in [0, 1]'),
     'losses': (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and len(set(v)) == len(v)
                and all(n in _TRL_TERMS or _ALIASES.get(n) in _TRL_TERMS for n in v),
                f'a non-empty list of distinct TRL loss types from {", ".join(_TRL_TERMS)}'),
-    'weights': (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_number(w) for w in v)),
+    'weights': (lambda v: v is None or (isinstance(v, (list, tuple)) and all(is_number(w) for w in v)),
                 'null (all 1.0) or a list of numbers, one per loss'),
 }
 
@@ -787,9 +836,10 @@ def _check_mixture(loss_args: dict, spec: 'MixtureSpec') -> None:
         raise ValueError(f'loss.weights={weights!r}: needs one weight per entry of loss.losses '
                          f'({len(loss_args["losses"])})')
     for term, _ in spec.terms(loss_args):
-        if term.name == 'exo_pair' and loss_args.get('label_smoothing', 0) == 0:
-            raise ValueError('loss.label_smoothing=0: exo_pair needs a value > 0 (the EXO paper uses 1e-3)')
-        if term.name == 'sigmoid' and loss_args.get('label_smoothing', 0) != 0:
+        if term.needs_label_smoothing and loss_args.get('label_smoothing', 0) == 0:
+            raise ValueError(f'loss.label_smoothing=0: {term.name} needs a value > 0 (the EXO paper '
+                             'uses 1e-3)')
+        if term.plain_in_mixture and loss_args.get('label_smoothing', 0) != 0:
             raise ValueError(f'loss.label_smoothing={loss_args["label_smoothing"]!r}: TRL\'s sigmoid term '
                              'ignores it, ours would be cDPO; use 0 with sigmoid in a mixture')
         if loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl' and term.paired \
@@ -820,14 +870,9 @@ def validate_loss_args(loss_args: dict) -> None:
     for key, (ok, allowed) in dict(_CHECKS, **spec.checks).items():
         if key in loss_args and not ok(loss_args[key]):
             raise ValueError(f'loss.{key}={loss_args[key]!r}: must be {allowed}')
-    for key in spec.zero_only:
-        if loss_args.get(key, 0) != 0:
-            # e.g. the beta-DPO repo never applies label smoothing; refuse rather than ignore it
-            raise ValueError(f'loss.{key}={loss_args[key]!r}: must be 0 with loss {spec.name} '
-                             f'(selected by {"=".join(spec.selected_by[1:])})')
-    if spec.name == 'exo_pair' and loss_args.get('label_smoothing') == 0:
-        raise ValueError('loss.label_smoothing=0: exo_pair needs a value > 0 (the EXO paper uses 1e-3; '
-                         'TRL 1.16 refuses 0 too)')
+    if spec.needs_label_smoothing and loss_args.get('label_smoothing') == 0:
+        raise ValueError(f'loss.label_smoothing=0: {spec.name} needs a value > 0 (the EXO paper uses '
+                         '1e-3; TRL 1.16 refuses 0 too)')
     if loss_args.get('reference_free') and loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl':
         raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: needs the reference; '
                          'use reverse_kl with reference_free=true')
@@ -835,7 +880,7 @@ def validate_loss_args(loss_args: dict) -> None:
     if isinstance(spec, MixtureSpec):
         _check_mixture(loss_args, spec)
     terms = [term for term, _ in spec.terms(loss_args)] if isinstance(spec, MixtureSpec) else [spec]
-    sorting = [term.name for term in terms if term.name in ('aot', 'aot_unpaired')]
+    sorting = [term.name for term in terms if term.sorts_pairs]
     if loss_args.get('use_weighting') and sorting:
         # TRL refuses it too: sorting moves the pairs away from their weights
         raise ValueError(f'loss.use_weighting=true: WPO weights cannot be applied to {sorting[0]}, '

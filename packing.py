@@ -9,9 +9,11 @@ a per-row token budget allows, attention block-diagonal between segments (packin
 log-probs are those of the usual layout (tests/test_packing.py checks it per model family); only
 the work on repeated prompts and on padding is gone.
 
-    build_layout(batch, sides, ...) -> Layout    where every token goes
-    Layout.forward_kwargs(model)                input_ids, position_ids and a 4D attention mask
-    model_logps / model_hidden                  a model's per-sequence log-probs on a layout
+    lay_out(batch, sides, ...) -> [Layout]      where every token goes: one packed Layout, or the
+                                                usual layout (plain_layout: one per side, each
+                                                sequence in its own right-padded row, 2D mask)
+    Layout.forward_kwargs(model)                input_ids (position_ids, a 4D mask) for a forward
+    model_logps / token_kl                      a model's per-sequence log-probs on a layout
 
 A Layout gives each scored side a logps.Selection (which hidden rows predict which tokens), which
 the chunked output-layer kernels in logps.py take in place of (B, T) labels.
@@ -77,6 +79,8 @@ class Layout:
     tokens: int
     # attention masks made so far, by dtype ("flex": the BlockMask)
     masks: dict = dataclasses.field(default_factory=dict)
+    # the usual layout (plain_layout): the batch's own (B, T) mask, no position ids
+    plain_mask: Optional[torch.Tensor] = None
 
     @property
     def padding_fraction(self) -> float:
@@ -126,7 +130,10 @@ class Layout:
         return create_block_mask(mask_mod, rows, None, length, length, device=seg.device)
 
     def forward_kwargs(self, model) -> dict:
-        """The backbone's inputs: the rows, their position ids and attention_mask(model)."""
+        """The backbone's inputs: the rows, their position ids and attention_mask(model); the
+        rows and their (B, T) mask for the usual layout."""
+        if self.plain_mask is not None:
+            return {"input_ids": self.input_ids, "attention_mask": self.plain_mask}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask(model),
                 "position_ids": self.position_ids}
 
@@ -233,57 +240,107 @@ def build_layout(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bo
                   n_pairs, sum(s.length for s in segments))
 
 
+def shared_tokens(batch: Dict) -> torch.Tensor:
+    """(B,) LD-DPO's public length of each pair: min(chosen, rejected) completion tokens."""
+    counts = [(batch[f"{side}_labels"][:, 1:] != logps.IGNORE_INDEX).sum(-1)
+              for side in ("chosen", "rejected")]
+    return torch.minimum(*counts)
+
+
 def padding_fraction(batch: Dict, sides: Sequence[str]) -> float:
     """The fraction of padding tokens when each side is run as its own right-padded batch."""
     masks = [batch[f"{side}_attention_mask"] for side in sides]
     return 1.0 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
+def plain_layout(batch: Dict, side: str) -> Layout:
+    """The usual layout of one side (the DPO repository's): each sequence in its own row, right
+    padded, with the batch's own (B, T) attention mask."""
+    ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+    labels = batch[f"{side}_labels"].to(ids.device)
+    seq, pos = (labels[:, 1:] != logps.IGNORE_INDEX).nonzero(as_tuple=True)
+    # position t of row b predicts labels[b, t + 1]: the order _completion_rows gives
+    selection = logps.Selection(seq * ids.shape[1] + pos, labels[:, 1:][seq, pos], seq,
+                                (labels[:, 1:] != logps.IGNORE_INDEX).sum(-1))
+    rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)
+    return Layout(ids, None, torch.where(mask.bool(), rows, -1), torch.zeros_like(ids),
+                  {side: selection}, len(ids), int(mask.sum()), plain_mask=mask)
+
+
+def lay_out(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bool,
+            row_tokens: Optional[int]) -> List[Layout]:
+    """The forwards that score a micro-batch: one build_layout with share_prompt or pack, else
+    one plain_layout per side."""
+    if share_prompt or pack:
+        return [build_layout(batch, sides, share_prompt, pack, row_tokens)]
+    return [plain_layout(batch, side) for side in sides]
+
+
 # ----------------------------------------------------------------------------- scoring
 
-def _forward(fn, model, layout: Layout) -> torch.Tensor:
-    """fn(model, **the layout's inputs) (logps.hidden_states or logps.full_logits); an MoE router's
-    loss counts the real tokens (moe.token_mask), each once."""
+def model_states(model, layout: Layout, full: bool = False) -> torch.Tensor:
+    """(R, L, H) final hidden states of `model` on the layout's rows, or (full) its (R, L, V)
+    float32 logits; an MoE router's loss counts the real tokens (moe.token_mask), each once."""
+    fn = logps.full_logits if full else logps.hidden_states
     with moe.token_mask((layout.segment >= 0).long()):
         return fn(model, **layout.forward_kwargs(model))
 
 
-def model_hidden(model, layout: Layout) -> torch.Tensor:
-    """(R, L, H) final hidden states of `model` on the layout's rows."""
-    return _forward(logps.hidden_states, model, layout)
-
-
 def model_logps(model, layout: Layout, average: bool, chunk_size: int,
-                hidden: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    """{side: (B,) log-probs of its label tokens}, from one forward over the layout; from the
+                public_tokens: Optional[torch.Tensor] = None, wpo: bool = False,
+                states: Optional[torch.Tensor] = None) -> Dict[str, logps.SideLogps]:
+    """{side: logps.SideLogps} from one forward of `model` over the layout (or its `states`,
+    model_states): (B,) log-probs of the label tokens, LD-DPO's public part (public_tokens) and
+    WPO's log-weights (wpo). The output layer runs chunked (logps.TokenLogpFunction), or on the
     model's full logits when its head transforms them (logps.has_logit_transform)."""
-    if logps.has_logit_transform(model):
-        logits = _forward(logps.full_logits, model, layout)
-        return {side: logps.selected_logps(logits, selection, average)
-                for side, selection in layout.selections.items()}
-    if hidden is None:
-        hidden = model_hidden(model, layout)
+    full = logps.has_logit_transform(model)
+    if states is None:
+        states = model_states(model, layout, full)
     weight, bias = logps.output_layer(model)
-    hidden = hidden.to(weight.device)
-    return {side: logps.completion_logps(hidden, weight, selection, bias, average, chunk_size)
-            for side, selection in layout.selections.items()}
+    states = states if full else states.to(weight.device, weight.dtype)
+    out = {}
+    for side, sel in layout.selections.items():
+        if full:
+            per_row, wpo_rows = logps.selected_rows(states, sel, wpo)
+        else:
+            rows = states.flatten(0, 1)[sel.index]
+            per_row, wpo_rows = logps.TokenLogpFunction.apply(
+                rows, weight, bias, sel.targets, int(chunk_size), wpo,
+                logps.kept_rows(chunk_size, rows, weight, bias))
+        out[side] = logps.side_logps(per_row, sel, average, public_tokens,
+                                     wpo_rows if wpo else None)
+    return out
 
 
-def token_level_logps(policy, reference, layout: Layout, average: bool, chunk_size: int):
-    """{side: (logps_margin, position_kl, logps)} for TDPO (logps.token_level_logps) from one
-    forward of the policy and one of the reference over the layout."""
-    hidden = model_hidden(policy, layout)
+def token_kl(policy, reference, layout: Layout, average: bool, chunk_size: int,
+             vocab_chunk_size: int = 8192) -> Dict[str, Tuple[torch.Tensor, ...]]:
+    """{side: (logps_margin, position_kl, logps)}, each (B,), for TDPO (logps.tdpo_get_batch_logps)
+    from one forward of the policy and one of the reference over the layout, streamed over the
+    vocabulary (logps.TokenKLFunction); from full logits when a head transforms them."""
+    ref_model = reference.model
+    full = logps.has_logit_transform(policy) or (ref_model is not None
+                                                 and logps.has_logit_transform(ref_model))
+    states = model_states(policy, layout, full)
     with torch.no_grad():
-        ref_hidden = reference.layout_hidden(layout)
+        ref_states = reference.layout_states(layout, full)
     weight, bias = logps.output_layer(policy)
-    ref_weight, ref_bias = reference.output_layer()
-    device = weight.device
-    hidden, ref_hidden = hidden.to(device), ref_hidden.to(device).to(hidden.dtype)
-    ref_weight = ref_weight.to(device).to(weight.dtype)
-    ref_bias = None if ref_bias is None else ref_bias.to(device)
-    return {side: logps.completion_token_kl(hidden, ref_hidden, weight, ref_weight, selection, bias,
-                                            ref_bias, average, chunk_size)
-            for side, selection in layout.selections.items()}
+    ref_weight, ref_bias = (w if w is None else w.detach().to(weight.device)
+                            for w in reference.output_layer())
+    states, ref_states = states.to(weight.device), ref_states.to(weight.device)
+    if not full:
+        states, ref_states = states.to(weight.dtype), ref_states.to(states.dtype).to(weight.dtype)
+        ref_weight = ref_weight.to(weight.dtype)
+    out = {}
+    for side, sel in layout.selections.items():
+        if full:
+            logp, ref_logp, kl = logps.selected_token_kl(states, ref_states.to(states), sel)
+        else:
+            logp, ref_logp, kl = logps.TokenKLFunction.apply(
+                states.flatten(0, 1)[sel.index], ref_states.flatten(0, 1)[sel.index], weight,
+                ref_weight, bias, ref_bias, sel.targets, int(chunk_size), int(vocab_chunk_size))
+        out[side] = tuple(logps.side_logps(x, sel, average).logps
+                          for x in (logp - ref_logp, kl, logp))
+    return out
 
 
 def unsupported_reason(model, max_position: int, token_level: bool) -> Optional[str]:

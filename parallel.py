@@ -277,16 +277,32 @@ FULL_STATE_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_STATE_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
+def is_sharded(model) -> bool:
+    """Whether any parameter is a DTensor (FSDP or tensor parallelism)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (collective for a DTensor: every rank must call)."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
 def full_model_state(model) -> Dict[str, torch.Tensor]:
-    """The whole state dict of a sharded (FSDP or tensor-parallel) model on rank 0's CPU, in the
-    plain model's layout (fused tensor-parallel columns put back in order); {} on other ranks."""
+    """The whole state dict of a model on the CPU; of a sharded (FSDP or tensor-parallel) one on
+    rank 0, in the plain model's layout (fused tensor-parallel columns put back in order), and
+    {} on other ranks."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state = get_model_state_dict(model, options=FULL_STATE_SAVE)
     return {k: unfuse_columns(model, k, v) for k, v in state.items()}
 
 
 def load_full_model_state(model, state: Dict[str, torch.Tensor]):
-    """Load a plain model's full state dict, given on rank 0 (other ranks may pass {}), into a
-    sharded model (each rank keeps its shard)."""
+    """Load a plain model's full state dict into `model`; into a sharded model from rank 0
+    (other ranks may pass {}), each rank keeping its shard."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
     state = {k: fuse_columns(model, k, v) for k, v in state.items()}
     set_model_state_dict(model, state, options=FULL_STATE_LOAD)
 

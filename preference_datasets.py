@@ -14,7 +14,8 @@ one entry there.
 
 Data sources:
 
-* ``path=None``: the Hugging Face hub copy (``datasets.load_dataset``).
+* ``path=None``: the Hugging Face hub copy (``datasets.load_dataset``; its cached copy when the
+  hub is unreachable, else one ``utils.ConfigError`` line naming ``dataset_paths.NAME``).
 * ``path=<directory>``: a local copy laid out like the hub repository; files whose name
   contains the split as a word (``test.jsonl.gz``, ``helpful-base-test.jsonl``) are read.
 * ``path=<file>``: one ``.jsonl``/``.json``/``.parquet``/``.csv`` file (optionally ``.gz``)
@@ -41,6 +42,7 @@ from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 
 import data_files
+import utils
 # re-exported: callers and tests import these from here
 from data_files import (ASSISTANT_MARKER, HUMAN_MARKER, SUPPORTED_FORMATS, DatasetFormatError,  # noqa: F401
                         _field, data_suffix, is_unpaired_row, preference_row_to_text, read_rows,
@@ -53,7 +55,7 @@ SHP_MIN_SCORE_RATIO = 2.0      # the DPO paper's SHP filter: keep pairs whose sc
 SE_SPLIT_SEED = 42             # seed the DPO code uses to carve a test split out of SE 'train'
 SE_TEST_FRACTION = 0.01
 GROUP_BY_LENGTH_CHUNK = 50     # batches per length-sorted mega-chunk
-_TOKENIZED_FORMAT_VERSION = 1  # bump when the tokenised columns change, to invalidate caches
+_TOKENIZED_FORMAT_VERSION = 2  # bump when the tokenised columns change, to invalidate caches
 
 PromptData = Dict[str, Dict]
 
@@ -62,13 +64,47 @@ PromptData = Dict[str, Dict]
 # Rows of one split: the hub or local files (read by data_files)
 # ---------------------------------------------------------------------------
 
-def _load_hub(hub_name: str, split: str, cache_dir: Optional[str]):
-    """Load one split from the hub, turning network/config failures into one clear error."""
+# the hub copies of the named datasets
+HUB_NAMES = {'hh': 'Anthropic/hh-rlhf', 'shp': 'stanfordnlp/SHP', 'se': 'HuggingFaceH4/stack-exchange-preferences'}
+
+
+@contextlib.contextmanager
+def _hub_access(hub_name: str):
+    """datasets offline at once when the hub is unreachable (it would retry each file for ~25 s;
+    a cached copy still loads), as utils._from_pretrained does for models; every failure becomes
+    one ConfigError line naming the dataset_paths key that gives a local copy instead."""
+    name = next((short for short, hub in HUB_NAMES.items() if hub == hub_name), hub_name)
+    offline = not utils.hub_reachable()
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = was_offline or offline
+    fix = (f'pass dataset_paths.{name}=FILE (a local copy: a {SUPPORTED_FORMATS} file, or a folder '
+           'laid out like the hub repository)')
     try:
-        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+        yield
     except Exception as e:  # many failure types (offline, bad split, auth); all need the same advice
-        raise RuntimeError(f"could not load '{hub_name}' split '{split}' from the Hugging Face hub "
-                           f'({type(e).__name__}: {e}). Offline? Pass a local copy with path=.') from e
+        if offline:
+            raise utils.ConfigError(f'datasets=[{name}]: the Hugging Face hub is unreachable (offline) and '
+                                    f'no cached copy of {hub_name} exists; {fix}') from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise utils.ConfigError(f'datasets=[{name}]: could not load {hub_name} from the Hugging Face hub '
+                                f'({type(e).__name__}: {first}); {fix}') from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
+
+
+def _load_hub(hub_name: str, split: str, cache_dir: Optional[str]):
+    """Load one split from the hub (or its cached copy)."""
+    with _hub_access(hub_name):
+        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+
+
+def check_hub_datasets(names: Sequence[str], paths: Optional[Dict[str, str]]) -> None:
+    """Refuse, before anything is built, a hub dataset without a local path that cannot be had:
+    the hub unreachable and no cached copy (utils.ConfigError naming dataset_paths.NAME)."""
+    for name in names:
+        if name in HUB_NAMES and (paths or {}).get(name) is None and not utils.hub_reachable():
+            with _hub_access(HUB_NAMES[name]):
+                datasets.load_dataset_builder(HUB_NAMES[name])
 
 
 def _rows(hub_name: str, split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
@@ -195,7 +231,7 @@ def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
     prompt and chosen reply for SFT.
     """
     table = _PromptTable()
-    for where, row in _rows('Anthropic/hh-rlhf', split, cache_dir, path, silent):
+    for where, row in _rows(HUB_NAMES['hh'], split, cache_dir, path, silent):
         chosen = _field(row, 'chosen', str, where, _HH_SCHEMA)
         rejected = _field(row, 'rejected', str, where, _HH_SCHEMA)
         table.add_row(*split_hh_transcripts(chosen, rejected, where))
@@ -225,7 +261,7 @@ def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, p
     the highest-scored response kept for the prompt.
     """
     table = _PromptTable()
-    for where, row in _rows('stanfordnlp/SHP', split, cache_dir, path, silent):
+    for where, row in _rows(HUB_NAMES['shp'], split, cache_dir, path, silent):
         history = _field(row, 'history', str, where, _SHP_SCHEMA)
         ref_a = _field(row, 'human_ref_A', str, where, _SHP_SCHEMA)
         ref_b = _field(row, 'human_ref_B', str, where, _SHP_SCHEMA)
@@ -270,7 +306,7 @@ _SE_SCHEMA = ("StackExchange rows need 'question' (HTML str) and 'answers' (a li
 
 def _se_rows(split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
     """SE rows of the derived split (hub 'train' shuffled with seed 42, 1% test)."""
-    hub_name = 'HuggingFaceH4/stack-exchange-preferences'
+    hub_name = HUB_NAMES['se']
     if path is not None and '{split}' in str(path):
         yield from _rows(hub_name, split, cache_dir, path, silent)  # the files are already split
         return
@@ -396,12 +432,15 @@ DATASETS: Dict[str, Callable[..., PromptData]] = {
     'synthetic': get_synthetic,
 }
 
-# how to shorten an over-long prompt; HH conversations keep their latest turns
-TRUNCATION_MODES = {'hh': 'keep_end'}
+# how to shorten an over-long prompt.  HH conversations and the user's own files keep the prompt's
+# end: the latest turn, the question and a chat template's assistant header are there (TRL's
+# DPOTrainer also keeps the last max_prompt_length tokens).  SHP and SE keep their start, as in
+# the DPO repository (a post's title and question come first).
+TRUNCATION_MODES = {'hh': 'keep_end', 'shp': 'keep_start', 'se': 'keep_start', 'synthetic': 'keep_start'}
 
 
 def truncation_mode_for(name: str) -> str:
-    return TRUNCATION_MODES.get(name, 'keep_start')
+    return TRUNCATION_MODES.get(name, 'keep_end')
 
 
 def _is_data_file_name(name: str, split: str) -> bool:
@@ -477,6 +516,7 @@ def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], ch
     chosen_ids = chosen_ids if chosen_ids[-1:] == [eos_token_id] else chosen_ids + [eos_token_id]
     rejected_ids = rejected_ids if rejected_ids[-1:] == [eos_token_id] else rejected_ids + [eos_token_id]
     longer = max(len(chosen_ids), len(rejected_ids))
+    n_prompt, n_responses = len(prompt_ids), len(chosen_ids) + len(rejected_ids)
     if len(prompt_ids) + longer > max_length:
         prompt_ids = (prompt_ids[:max_prompt_length] if truncation_mode == 'keep_start'
                       else prompt_ids[-max_prompt_length:])
@@ -484,7 +524,10 @@ def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], ch
         chosen_ids = chosen_ids[:max_length - max_prompt_length]
         rejected_ids = rejected_ids[:max_length - max_prompt_length]
     element = {'prompt': prompt, 'chosen': prompt + chosen, 'rejected': prompt + rejected,
-               'chosen_response_only': chosen, 'rejected_response_only': rejected}
+               'chosen_response_only': chosen, 'rejected_response_only': rejected,
+               # 1 when cut, 0 when whole: counted in the metrics (data/truncated_*) and at start-up
+               'prompt_truncated': int(len(prompt_ids) < n_prompt),
+               'response_truncated': int(len(chosen_ids) + len(rejected_ids) < n_responses)}
     for side, response_ids in (('chosen', chosen_ids), ('rejected', rejected_ids)):
         ids = prompt_ids + response_ids
         element[f'{side}_input_ids'] = ids
@@ -508,8 +551,9 @@ def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_m
     Returns:
         dict with ``{chosen,rejected}_{input_ids,attention_mask,labels}`` (prompt + response;
         labels are the ids with prompt positions set to -100), ``prompt_input_ids``,
-        ``prompt_attention_mask`` (lists of ints) and the texts ``prompt``, ``chosen``,
-        ``rejected`` (prompt + response), ``chosen_response_only``, ``rejected_response_only``.
+        ``prompt_attention_mask`` (lists of ints), the texts ``prompt``, ``chosen``,
+        ``rejected`` (prompt + response), ``chosen_response_only``, ``rejected_response_only``,
+        and ``prompt_truncated``, ``response_truncated`` (1 when that part was cut, else 0).
     """
     _check_truncation_mode(truncation_mode)
     _check_lengths(max_length, max_prompt_length)
@@ -803,9 +847,26 @@ def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_le
             print(data.kept_summary(f'{name} [{split}]'))
         parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
                                       max_prompt_length, cache_dir=cache_dir, silent=silent))
+        if not silent:
+            note = truncation_note(parts[-1], truncation_mode_for(name), max_length, max_prompt_length)
+            if note:
+                print(f'{name} [{split}]: {note}')
         group_sizes.extend(sizes)
     tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return tokenized, np.asarray(group_sizes, dtype=np.int64)
+
+
+def truncation_note(tokenized: datasets.Dataset, truncation_mode: str, max_length: int,
+                    max_prompt_length: int) -> str:
+    """'3 of 400 prompts cut to their last 128 tokens; ...', or '' when nothing was cut."""
+    counts = [int(np.asarray(tokenized.data.column(f'{part}_truncated')).sum())
+              for part in ('prompt', 'response')]
+    kept = 'last' if truncation_mode == 'keep_end' else 'first'
+    notes = [f'{counts[0]:,} of {len(tokenized):,} prompts cut to their {kept} {max_prompt_length} tokens '
+             f'(max_prompt_length)' if counts[0] else '',
+             f'{counts[1]:,} of {len(tokenized):,} examples with responses cut to '
+             f'{max_length - max_prompt_length} tokens (max_length - max_prompt_length)' if counts[1] else '']
+    return '; '.join(n for n in notes if n)
 
 
 def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,

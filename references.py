@@ -6,14 +6,12 @@ The trainer holds one `Reference` and asks it for log-probs; it never checks whi
   * CachedReference - a ModelReference's per-sequence log-probs computed once before training and
                       kept on disk (precompute_ref_log_probs=true), after which the model is freed.
 A new kind (the policy with its adapter disabled, a copy synced with the policy) is one more small
-subclass: it answers `sequence_logps` and, if it can, `hidden_states`/`output_layer` (token-level
-KL) and `generate`; `after_step` and `checkpoint_states` let it follow the policy and be saved.
-sample_records and sample_completions fill samples.jsonl from the policy and the reference.
+subclass: it yields its model from `_scope` (the scoring bodies are the base class's) and, if it
+can, `generate`s; `after_step` and `checkpoint_states` let it follow the policy and be saved.
+The cache file's format is ref_cache.py's; sampling.py fills samples.jsonl.
 """
 import contextlib
 import gc
-import hashlib
-import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -24,17 +22,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import logps
 import packing
 import parallel
+import ref_cache
 from moe import router_loss_paused
 from parallel import Ranks
-from utils import ConfigError, default_cache_dir, rank0_print
+from utils import ConfigError, rank0_print
 
 
 class Reference:
-    """The interface. Subclasses override what they can do and set the two capability flags."""
-    # Per-position reference distributions (hidden_states + output_layer) are available: TDPO.
-    supports_token_kl = False
-    # It can sample completions (for samples.jsonl).
-    can_generate = False
+    """The interface. Subclasses override what they can do."""
     # The frozen model it runs, if any (the trainer places, shards and frees it through this).
     model = None
 
@@ -49,32 +44,35 @@ class Reference:
             sides: ('chosen', 'rejected') or ('chosen',).
         """
 
+    chunk_size = None  # logps_chunk_size, for the kinds that run a model
+
+    @contextlib.contextmanager
+    def _scope(self):
+        """Yields the model that scores as the reference, ready to run (kinds that run one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
+        yield
+
+    def layout_logps(self, batch: Dict, layout, average: bool,
+                     public_tokens: Optional[torch.Tensor] = None) -> Dict[str, logps.SideLogps]:
+        """{side: logps.SideLogps} of the sides of a packing.Layout of `batch`, no gradient:
+        (B,) log-probs (sums, or per-token means) and LD-DPO's public part (public_tokens)."""
+        with torch.no_grad(), self._scope() as model:
+            return packing.model_logps(model, layout, average, self.chunk_size, public_tokens)
+
     def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
-        """(B,) log-probs of `side`'s label tokens (summed, or per-token means), no gradient."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
+        """(B,) log-probs of `side`'s label tokens in the usual layout, no gradient."""
+        return self.layout_logps(batch, packing.plain_layout(batch, side), average)[side].logps
 
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        """LD-DPO's parts, no gradient: {'sum': (B,) summed log-probs, 'public': (B,) summed over
-        each row's first public_tokens[b] completion tokens (the pair's shared length)}."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference log-probs")
-
-    def pair_logps(self, batch: Dict, sides: Tuple[str, ...], average: bool,
-                   layout=None) -> Dict[str, torch.Tensor]:
-        """{side: sequence_logps(batch, side, average)}; a kind that runs a model scores a
-        packing.Layout of the batch instead, when given, in one forward."""
-        return {side: self.sequence_logps(batch, side, average) for side in sides}
-
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
-        """(B, T, H) final hidden states, for token-level KL (when supports_token_kl)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
-
-    def layout_hidden(self, layout) -> torch.Tensor:
-        """(R, L, H) final hidden states on a packing.Layout's rows (when supports_token_kl)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
+    def layout_states(self, layout, full: bool) -> torch.Tensor:
+        """(R, L, H) final hidden states on a packing.Layout's rows, or (full) its logits, for
+        token-level KL (TDPO)."""
+        with self._scope() as model:
+            return packing.model_states(model, layout, full)
 
     def output_layer(self):
-        """(weight (V, H), bias (V,) or None), for token-level KL (when supports_token_kl)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-position distributions")
+        """(weight (V, H), bias (V,) or None), for token-level KL."""
+        with self._scope() as model:
+            return logps.output_layer(model)
 
     def generate(self, sample: Callable, batch: Dict) -> Optional[List[str]]:
         """`sample(model, batch)` with the reference's model, or None when it cannot generate."""
@@ -87,9 +85,6 @@ class Reference:
         """{file name: state} to save with each checkpoint (none for a fixed reference). Called on
         every rank (gathering a sharded state is collective); rank 0 writes the result."""
         return {}
-
-    def load_checkpoint_states(self, states: Dict[str, object]):
-        """Restore what `checkpoint_states` saved ({file name: state}), on every rank."""
 
     # -- how the policy is saved: all of it, except when the reference is the policy's base
     # (LoRA: only the adapter trains, so only the adapter is saved).
@@ -128,49 +123,17 @@ class ModelReference(Reference):
         before_use: called before each use (FSDP gathers the root unit here, since the backbone
             and output layer are called directly rather than through the model's forward).
     """
-    supports_token_kl = True
-    can_generate = True
-
     def __init__(self, model, chunk_size: int, before_use: Optional[Callable[[], None]] = None):
         self.model, self.chunk_size, self.before_use = model, chunk_size, before_use
 
-    def _use(self):
+    @contextlib.contextmanager
+    def _scope(self):
         if self.before_use is not None:
             self.before_use()
-        return self.model
+        yield self.model
 
     def prepare(self, batches, rank_slice, sides):
         self.model.eval()
-
-    def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
-        model = self._use()
-        with torch.no_grad():
-            return logps.sequence_logps(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        average, self.chunk_size)
-
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        model = self._use()
-        with torch.no_grad():
-            return logps.sequence_parts(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        self.chunk_size, public_tokens)
-
-    def pair_logps(self, batch, sides, average, layout=None):
-        if layout is None:
-            return super().pair_logps(batch, sides, average)
-        model = self._use()
-        with torch.no_grad():
-            return packing.model_logps(model, layout, average, self.chunk_size)
-
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
-        return logps.hidden_states(self._use(), input_ids, attention_mask)
-
-    def layout_hidden(self, layout) -> torch.Tensor:
-        return packing.model_hidden(self._use(), layout)
-
-    def output_layer(self):
-        return logps.output_layer(self._use())
 
     def generate(self, sample: Callable, batch: Dict) -> Optional[List[str]]:
         return sample(self.model, batch)
@@ -181,8 +144,6 @@ class ModelReference(Reference):
 # on disk (reused by any run with the same reference weights and the same tokenised sequences) and
 # looked up by a hash of each sequence, so no reference model stays in memory during training.
 
-# 2: with LD-DPO's public sums per pair
-REFERENCE_CACHE_VERSION = 2
 
 
 class ReferenceCacheMiss(RuntimeError):
@@ -195,7 +156,7 @@ class CachedReference(Reference):
     Args:
         live: the model reference that scores the sequences the cache lacks; dropped once the
             cache is ready.
-        fingerprint: model_fingerprint of the reference weights, taken before they were placed.
+        fingerprint: ref_cache.weights_hash of the reference weights, taken before they were placed.
         ranks: this process among the ranks (each scores its share; rank 0 writes the file).
     """
 
@@ -216,10 +177,10 @@ class CachedReference(Reference):
         for batch, _ in batches():
             n_batches += 1
             for side in sides:
-                needed.update(sequence_keys(batch, side))
-            pairs.update(pair_keys(batch, sides))
-        self.path = reference_cache_path(self.fingerprint, needed)
-        loaded = load_reference_cache(self.path)
+                needed.update(ref_cache.sequence_keys(batch, side))
+            pairs.update(ref_cache.pair_keys(batch, sides))
+        self.path = ref_cache.reference_cache_path(self.fingerprint, needed)
+        loaded = ref_cache.load_reference_cache(self.path)
         if loaded is not None and needed.issubset(loaded[0]) and pairs.issubset(loaded[1]):
             rank0_print(f"precompute_ref_log_probs: loaded the reference log-probs of "
                         f"{len(needed)} sequences from {self.path}")
@@ -228,7 +189,7 @@ class CachedReference(Reference):
                         "reference model once")
             loaded = self.compute(batches(), n_batches, rank_slice, sides)
             if self.ranks.rank == 0:
-                save_reference_cache(self.path, *loaded)
+                ref_cache.save_reference_cache(self.path, *loaded)
                 rank0_print(f"precompute_ref_log_probs: saved them to {self.path}")
             self.ranks.barrier()
         self.entries, self.publics, self.dtype = loaded
@@ -249,18 +210,19 @@ class CachedReference(Reference):
                                         disable=self.ranks.rank != 0):
             for part in range(n_parts):
                 micro = rank_slice(batch, part, n_parts)
-                pairs = pair_keys(micro, sides)
+                pairs = ref_cache.pair_keys(micro, sides)
                 need_pairs = self.ranks.any_rank(any(p not in publics for p in pairs))
-                shared = shared_tokens(micro) if pairs else None
+                shared = packing.shared_tokens(micro) if pairs else None
                 found = {}
                 for side in sides:
-                    keys = sequence_keys(micro, side)
+                    keys = ref_cache.sequence_keys(micro, side)
                     need = self.ranks.any_rank(any(k not in entries for k in keys))
                     if not (need or need_pairs):
                         continue
-                    parts = self.live.sequence_parts(micro, side, shared)
-                    sums, found[side] = parts["sum"], parts.get("public")
-                    counts = logps.completion_token_counts(micro[f"{side}_labels"], sums.dtype)
+                    layout = packing.plain_layout(micro, side)
+                    parts = self.live.layout_logps(micro, layout, False, shared)[side]
+                    sums, found[side] = parts.logps, parts.public
+                    counts = layout.selections[side].counts.to(sums.dtype)
                     # the same division the average=True path does, so the means are identical
                     means = sums / counts.clamp(min=1)
                     if need:
@@ -295,7 +257,7 @@ class CachedReference(Reference):
 
     def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
         try:
-            values = [self.entries[key][1 if average else 0] for key in sequence_keys(batch, side)]
+            values = [self.entries[key][1 if average else 0] for key in ref_cache.sequence_keys(batch, side)]
         except KeyError:
             raise ReferenceCacheMiss(
                 f"precompute_ref_log_probs: a {side} sequence of this batch has no precomputed "
@@ -304,111 +266,29 @@ class CachedReference(Reference):
                 "(precompute_ref_log_probs=false) or rebuild the trainer") from None
         return torch.tensor(values, dtype=self.dtype, device=self.ranks.device)
 
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        """The cached sums and the pair's cached public sums (scored with the same shared
-        lengths: `shared_tokens` of the pair)."""
+    def layout_logps(self, batch, layout, average, public_tokens=None):
+        """The cached log-probs of the layout's sides, and with public_tokens the pair's cached
+        public sums (scored with the same shared lengths: `packing.shared_tokens` of the pair)."""
+        out = {}
+        for side, selection in layout.selections.items():
+            total, public = self.sequence_logps(batch, side, average), None
+            if public_tokens is not None:
+                public = self._public(batch, side)
+                if average:
+                    public = public / selection.counts.clamp(min=1).to(public)
+            out[side] = logps.SideLogps(total, public)
+        return out
+
+    def _public(self, batch: Dict, side: str) -> torch.Tensor:
         index = ("chosen", "rejected").index(side)
         try:
-            public = [self.publics[key][index] for key in pair_keys(batch, ("chosen", "rejected"))]
+            public = [self.publics[key][index] for key in ref_cache.pair_keys(batch, ("chosen", "rejected"))]
         except KeyError:
             raise ReferenceCacheMiss(
                 f"precompute_ref_log_probs: a pair of this batch has no precomputed LD-DPO public "
                 f"reference log-prob in {self.path}; rebuild the trainer or use "
                 "precompute_ref_log_probs=false") from None
-        return {"sum": self.sequence_logps(batch, side, False),
-                "public": torch.tensor(public, dtype=self.dtype, device=self.ranks.device)}
-
-
-def shared_tokens(batch: Dict) -> torch.Tensor:
-    """(B,) LD-DPO's public length of each pair: min(chosen, rejected) completion tokens."""
-    counts = [(batch[f"{side}_labels"][:, 1:] != logps.IGNORE_INDEX).sum(-1)
-              for side in ("chosen", "rejected")]
-    return torch.minimum(*counts)
-
-
-def pair_keys(batch: Dict, sides) -> List[bytes]:
-    """16-byte hash per (chosen, rejected) row pair; none for a batch of one side (SFT)."""
-    if tuple(sides) != ("chosen", "rejected"):
-        return []
-    return [hashlib.blake2b(c + r, digest_size=16).digest()
-            for c, r in zip(sequence_keys(batch, "chosen"), sequence_keys(batch, "rejected"))]
-
-
-def reference_cache_dir() -> Path:
-    return default_cache_dir() / "ref-logps"
-
-
-def model_fingerprint(model) -> str:
-    """Hash of a model's config and every weight's name, dtype, shape and bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(model.config.to_json_string(use_diff=False).encode())
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def sequence_keys(batch: Dict, side: str) -> List[bytes]:
-    """16-byte hash per row of a side's token ids and labels, padding excluded (a sequence gets
-    the same key however its batch was padded)."""
-    ids, mask, labels = (batch[f"{side}_{k}"].detach().cpu()
-                         for k in ("input_ids", "attention_mask", "labels"))
-    keys = []
-    for row_ids, row_mask, row_labels in zip(ids, mask.bool(), labels):
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(row_ids[row_mask].to(torch.int32).numpy().tobytes())
-        digest.update(row_labels[row_mask].to(torch.int32).numpy().tobytes())
-        keys.append(digest.digest())
-    return keys
-
-
-def reference_cache_path(fingerprint: str, keys) -> Path:
-    """The cache file for these reference weights and exactly this set of sequences."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"v{REFERENCE_CACHE_VERSION}|{fingerprint}|".encode())
-    for key in sorted(keys):
-        digest.update(key)
-    return reference_cache_dir() / f"ref-logps-{digest.hexdigest()}.pt"
-
-
-def _key_tensor(keys: List[bytes]) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(-1, 16) \
-        if keys else torch.zeros(0, 16, dtype=torch.uint8)
-
-
-def save_reference_cache(path: Path, entries: Dict[bytes, tuple], publics: Dict[bytes, tuple],
-                         dtype: torch.dtype):
-    keys, pairs = sorted(entries), sorted(publics)
-    data = {"version": REFERENCE_CACHE_VERSION, "keys": _key_tensor(keys),
-            "sum": torch.tensor([entries[k][0] for k in keys], dtype=dtype),
-            "mean": torch.tensor([entries[k][1] for k in keys], dtype=dtype),
-            "pairs": _key_tensor(pairs),
-            "public": torch.tensor([publics[k] for k in pairs], dtype=dtype).reshape(-1, 2)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
-def load_reference_cache(path: Path):
-    """({sequence key: (sum, mean)}, {pair key: (public, public)}, dtype), or None when the file
-    is missing or unreadable."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data.get("version") != REFERENCE_CACHE_VERSION:
-            return None
-        keys = [bytes(row) for row in data["keys"].numpy()]
-        entries = dict(zip(keys, zip(data["sum"].tolist(), data["mean"].tolist())))
-        pairs = [bytes(row) for row in data["pairs"].numpy()]
-        publics = dict(zip(pairs, map(tuple, data["public"].tolist())))
-        return entries, publics, data["sum"].dtype
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # damaged: computed again and rewritten
-        rank0_print(f"precompute_ref_log_probs: ignoring unreadable cache {path} "
-                    f"({type(e).__name__}: {e})")
-        return None
+        return torch.tensor(public, dtype=self.dtype, device=self.ranks.device)
 
 
 # ----------------------------------------------------------------------------- weights of sharded models
@@ -417,11 +297,6 @@ def load_reference_cache(path: Path):
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU (collective for a DTensor: every rank must call)."""
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
 
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor):
@@ -436,24 +311,6 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor):
             param.copy_(full)
 
 
-def _is_sharded(model) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def full_model_state(model) -> Dict[str, torch.Tensor]:
-    """A model's whole state dict (on rank 0 for a sharded model, {} on the others)."""
-    if _is_sharded(model):
-        return parallel.full_model_state(model)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def load_full_model_state(model, state: Dict[str, torch.Tensor]):
-    if _is_sharded(model):
-        parallel.load_full_model_state(model, state)
-    else:
-        model.load_state_dict(state)
-
-
 def mix_into(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], alpha: float):
     """target <- alpha * source + (1 - alpha) * target, pairwise, in place, shard by shard (TRL's
     SyncRefModelCallback._sync_target_model; TR-DPO, Gorbatovski et al. 2024, arXiv 2404.09656,
@@ -462,19 +319,6 @@ def mix_into(target: Iterable[torch.Tensor], source: Iterable[torch.Tensor], alp
         for t, s in zip(target, source):
             t_local = _local(t)
             t_local.mul_(1.0 - alpha).add_(_local(s).to(t_local.dtype), alpha=alpha)
-
-
-def weights_hash(model, keep: Callable[[str], bool]) -> str:
-    """Hash of the model config and every kept parameter's name, dtype, shape and bytes (every
-    rank must call: sharded parameters are gathered one at a time)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(model.config.to_json_string(use_diff=False).encode())
-    for name, param in model.named_parameters():
-        if keep(name):
-            tensor = _full(param).contiguous().reshape(-1)
-            digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- TR-DPO
@@ -507,11 +351,11 @@ class SyncedReference(ModelReference):
                  self.alpha)
 
     def checkpoint_states(self) -> Dict[str, object]:
-        return {"reference.pt": full_model_state(self.model),
+        return {"reference.pt": parallel.full_model_state(self.model),
                 "reference_sync.pt": {"optimizer_steps": self.steps}}
 
     def load_checkpoint_states(self, states: Dict[str, object]):
-        load_full_model_state(self.model, states["reference.pt"])
+        parallel.load_full_model_state(self.model, states["reference.pt"])
         self.steps = states["reference_sync.pt"]["optimizer_steps"]
 
 
@@ -529,19 +373,16 @@ class AdapterReference(Reference):
         chunk_size: logps_chunk_size.
         adapter: None (base model) or lora.REFERENCE_ADAPTER.
         base_sources: where the base weights came from (model, archive, merged adapter).
-        scored: whether the loss uses a reference (else samples have no reference column).
         sync: (alpha, sync_steps) to sync the reference adapter with the policy's (TR-DPO).
     """
-    supports_token_kl = True
-
     def __init__(self, policy, chunk_size: int, adapter: Optional[str], base_sources: dict,
-                 scored: bool, sync: Optional[Tuple[float, int]] = None):
+                 sync: Optional[Tuple[float, int]] = None):
         import lora
         self.lora, self.policy, self.chunk_size, self.adapter = lora, policy, chunk_size, adapter
-        self.can_generate, self.sync, self.steps = scored, sync, 0
+        self.sync, self.steps = sync, 0
         self.layout = lora.lora_layout(policy)
         self.base_record = {"sources": base_sources,
-                            "hash": weights_hash(policy, lambda n: not self._any_adapter(n))}
+                            "hash": ref_cache.weights_hash(policy, lambda n: not self._any_adapter(n))}
 
     @staticmethod
     def _any_adapter(name: str) -> bool:
@@ -558,32 +399,6 @@ class AdapterReference(Reference):
                 yield self.policy
         finally:
             self.policy.train(training)
-
-    def sequence_logps(self, batch: Dict, side: str, average: bool) -> torch.Tensor:
-        with torch.no_grad(), self._scope() as model:
-            return logps.sequence_logps(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        average, self.chunk_size)
-
-    def sequence_parts(self, batch: Dict, side: str, public_tokens: torch.Tensor) -> Dict:
-        with torch.no_grad(), self._scope() as model:
-            return logps.sequence_parts(model, batch[f"{side}_input_ids"],
-                                        batch[f"{side}_attention_mask"], batch[f"{side}_labels"],
-                                        self.chunk_size, public_tokens)
-
-    def pair_logps(self, batch, sides, average, layout=None):
-        if layout is None:
-            return super().pair_logps(batch, sides, average)
-        with torch.no_grad(), self._scope() as model:
-            return packing.model_logps(model, layout, average, self.chunk_size)
-
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
-        with self._scope() as model:
-            return logps.hidden_states(model, input_ids, attention_mask)
-
-    def layout_hidden(self, layout) -> torch.Tensor:
-        with self._scope() as model:
-            return packing.model_hidden(model, layout)
 
     def output_layer(self):
         return logps.output_layer(self.policy)  # never adapted (train.py refuses lm_head)
@@ -609,7 +424,7 @@ class AdapterReference(Reference):
     def checkpoint_states(self) -> Dict[str, object]:
         states = {"base_weights.pt": self.base_record}
         if self.sync is not None:
-            states["reference.pt"] = {n: _full(p) for n, p in self._reference_params()}
+            states["reference.pt"] = {n: parallel.full_tensor(p) for n, p in self._reference_params()}
             states["reference_sync.pt"] = {"optimizer_steps": self.steps}
         return states
 
@@ -631,7 +446,7 @@ class AdapterReference(Reference):
         return {k: v for k, v in state.items() if self.lora.is_policy_adapter_key(k)}
 
     def policy_state_to_load(self, saved, policy):
-        full = {k: _full(v) for k, v in policy.state_dict().items()}
+        full = {k: parallel.full_tensor(v) for k, v in policy.state_dict().items()}
         full.update(saved)
         return full
 
@@ -643,61 +458,9 @@ class AdapterReference(Reference):
                                      self.base_record["sources"].get("model"))
 
 
-# ----------------------------------------------------------------------------- samples
-
-def sample_records(policy, reference: Reference, batches: Iterable[Dict], n: int,
-                   take: Callable[[Dict, int], Dict], sample: Callable, step: int) -> List[dict]:
-    """samples.jsonl's records for the first `n` prompts of `batches`: {"step", "prompt", "policy",
-    "reference"} (reference None when the reference cannot generate).
-
-    Args:
-        policy: the policy.
-        reference: the run's reference (it generates with its own model, if it has one).
-        batches: collated batches, each with a "prompt" list.
-        n: how many prompts to sample for.
-        take: (batch, k) -> its first k rows, on the device.
-        sample: (model, batch) -> one decoded completion per prompt (sample_completions).
-        step: examples seen, recorded with every sample.
-    """
-    records, n_left = [], n
-    for batch in batches:
-        if n_left <= 0:
-            break
-        part = take(batch, min(n_left, len(batch["chosen_input_ids"])))
-        policy_text = sample(policy, part)
-        reference_text = reference.generate(sample, part) or [None] * len(policy_text)
-        for prompt, p, r in zip(part["prompt"], policy_text, reference_text):
-            records.append({"step": step, "prompt": prompt, "policy": p, "reference": r})
-        n_left -= len(policy_text)
-    return records
-
-
-def sample_completions(model, batch: Dict, tokenizer, max_length: int, device, context) -> List[str]:
-    """Sampled completions for a batch's prompts (left-padded for generation), decoded; sampled
-    inside `context()` (the tensor-parallel trainer seeds it)."""
-    ids, mask = left_padded_prompts(batch, tokenizer.pad_token_id)
-    with context(), torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_length=max_length, do_sample=True,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-
-
-def left_padded_prompts(batch: Dict, pad_token_id: int):
-    """(input_ids, attention_mask), each (B, W): a batch's prompts left-padded for generation."""
-    rows = [ids[mask.bool()] for ids, mask in zip(batch["prompt_input_ids"],
-                                                  batch["prompt_attention_mask"])]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-    return ids, mask
-
-
 # ----------------------------------------------------------------------------- the factory
 
-def build_reference(policy, model, place: Callable, needs_reference: bool, chunk_size: int,
+def build_reference(policy, model, place: Callable, chunk_size: int,
                     precompute: bool, fingerprint: Optional[str], ranks: Ranks,
                     sync: Optional[Tuple[float, int]], base_sources: dict) -> Reference:
     """The reference kind for this run; the trainer never asks which one it got.
@@ -706,10 +469,9 @@ def build_reference(policy, model, place: Callable, needs_reference: bool, chunk
         policy: the placed policy.
         model: the frozen reference model (unplaced), or None (reference-free loss, or LoRA).
         place: model -> (placed model, hook run before each use) (the trainer's placement).
-        needs_reference: whether the loss scores a reference.
         chunk_size: logps_chunk_size.
         precompute: precompute_ref_log_probs.
-        fingerprint: model_fingerprint of `model` before placing (precompute only).
+        fingerprint: ref_cache.weights_hash of `model` before placing (precompute only).
         ranks: this process among the ranks.
         sync: (ref_model_mixup_alpha, ref_model_sync_steps) when sync_ref_model, else None.
         base_sources: where the policy's base weights came from (recorded with a LoRA adapter).
@@ -719,10 +481,10 @@ def build_reference(policy, model, place: Callable, needs_reference: bool, chunk
         has_second = any(lora.is_adapter_key(n, lora.REFERENCE_ADAPTER)
                          for n, _ in policy.named_parameters())
         live = AdapterReference(policy, chunk_size, lora.REFERENCE_ADAPTER if has_second else None,
-                                base_sources, needs_reference, sync)
+                                base_sources, sync)
         if precompute:
             keep = lambda n: not lora.is_policy_adapter_key(n)  # base + reference adapter
-            return CachedReference(live, weights_hash(policy, keep), ranks)
+            return CachedReference(live, ref_cache.weights_hash(policy, keep), ranks)
         return live
     if model is None:
         return NoReference()

@@ -12,83 +12,62 @@ from typing import Callable, Dict, Sequence
 import torch
 
 import logps
+import losses
 import packing
 from utils import rank0_print
 
 
-def batch_logps(policy, reference, batch: Dict, spec, args: dict, chunk_size: int,
-                sides: Sequence[str], layout=None) -> Dict[str, torch.Tensor]:
-    """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects: (B,) tensors
-    policy_{side}, reference_{side} (when the loss needs a reference), {side}_margin and
-    {side}_position_kl (token-level losses) and {side}_tokens (counted completion tokens).
+def batch_logps(policy, reference, batch: Dict, layouts, spec, args: dict,
+                chunk_size: int) -> losses.BatchLogps:
+    """The log-probs the loss asks for (losses.BatchLogps), one forward per model and Layout.
 
     Args:
         policy: the placed policy.
         reference: the run's references.Reference.
         batch: this rank's micro-batch, on the device.
+        layouts: the batch's packing.lay_out.
         spec: the loss's losses.LossSpec; args: its arguments.
         chunk_size: logps_chunk_size.
-        sides: the responses scored: ("chosen", "rejected"), or ("chosen",) for SFT.
-        layout: the batch laid out by packing.build_layout (shared prompts, packed rows), or
-            None for one right-padded row per sequence.
     """
     average = spec.average_log_prob(args)
     public, wpo = spec.sequence_parts(args)
-    if public or wpo:  # LD-DPO / WPO: their parts come from the same chunked pass
-        scored = reference if spec.needs_reference(args) else None
-        return logps.pair_parts(policy, scored, batch, average, chunk_size, public, wpo)
-    if layout is not None:
-        return _layout_logps(policy, reference, batch, layout, spec, args, chunk_size, average)
-    out = {}
-    for side in sides:
-        ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    shared = packing.shared_tokens(batch) if public else None
+    out, parts = {}, {}  # BatchLogps fields, and those of its LD-DPO public part
+    for layout in layouts:
         if spec.token_level:
-            margin, kl, policy_logps = logps.token_level_logps(policy, reference, ids, mask, labels,
-                                                               average, chunk_size)
-            out.update({f"{side}_margin": margin, f"{side}_position_kl": kl})
+            for side, (margin, kl, policy_logps) in packing.token_kl(
+                    policy, reference, layout, average, chunk_size).items():
+                out.update({side: policy_logps, f"{side}_margin": margin, f"{side}_kl": kl})
         else:
-            policy_logps = logps.sequence_logps(policy, ids, mask, labels, average, chunk_size)
+            found = {"": packing.model_logps(policy, layout, average, chunk_size, shared, wpo)}
             if spec.needs_reference(args):
-                out[f"reference_{side}"] = reference.sequence_logps(batch, side, average)
-        out[f"policy_{side}"] = policy_logps
-        out[f"{side}_tokens"] = logps.completion_token_counts(
-            labels, policy_logps.dtype).to(policy_logps.device)
-    return out
+                found["reference_"] = reference.layout_logps(batch, layout, average, shared)
+            for model, sides in found.items():
+                for side, values in sides.items():
+                    out[model + side], parts[model + side] = values.logps, values.public
+                    if wpo and not model:
+                        out[f"{side}_wpo"] = values.wpo_logweight
+        for side, selection in layout.selections.items():
+            out[f"{side}_tokens"] = selection.counts.to(out[side])
+    out.update(example_inputs(policy, batch, spec, chunk_size))
+    return losses.BatchLogps(**out, public=losses.BatchLogps(**parts) if public else None)
 
 
 def example_inputs(policy, batch: Dict, spec, chunk_size: int) -> Dict[str, torch.Tensor]:
-    """What some entries read beside the completions' log-probs: KTO's 'label' (bool, (B,)),
+    """The BatchLogps fields some entries read beside the completions' log-probs: KTO's `label`,
     and for ORPO (spec.prompt_nll) the policy's summed log-probs of each prompt's tokens after its
-    first, 'policy_prompt', with their count 'prompt_tokens' (its NLL covers prompt and completion)."""
+    first, `prompt`, with their count `prompt_tokens` (its NLL covers prompt and completion): one
+    more forward, of the prompts alone, in their own padded rows."""
     out = {}
-    if 'label' in batch:
-        out['label'] = batch['label']
+    if "label" in batch:
+        out["label"] = batch["label"]
     if spec.prompt_nll:
-        ids, mask = batch['prompt_input_ids'], batch['prompt_attention_mask']
-        labels = ids.masked_fill(mask == 0, -100)
-        out['policy_prompt'] = logps.sequence_logps(policy, ids, mask, labels, False, chunk_size)
-        out['prompt_tokens'] = logps.completion_token_counts(labels, out['policy_prompt'].dtype).to(
-            out['policy_prompt'].device)
-    return out
-
-
-def _layout_logps(policy, reference, batch: Dict, layout, spec, args: dict, chunk_size: int,
-                  average: bool) -> Dict[str, torch.Tensor]:
-    """batch_logps on a packing.Layout: one forward per model for all of the batch's sequences."""
-    out = {}
-    if spec.token_level:
-        found = packing.token_level_logps(policy, reference, layout, average, chunk_size)
-        for side, (margin, kl, policy_logps) in found.items():
-            out.update({f"{side}_margin": margin, f"{side}_position_kl": kl,
-                        f"policy_{side}": policy_logps})
-    else:
-        for side, policy_logps in packing.model_logps(policy, layout, average, chunk_size).items():
-            out[f"policy_{side}"] = policy_logps
-        if spec.needs_reference(args):
-            found = reference.pair_logps(batch, tuple(layout.selections), average, layout)
-            out.update({f"reference_{side}": value for side, value in found.items()})
-    for side, selection in layout.selections.items():
-        out[f"{side}_tokens"] = selection.counts.to(out[f"policy_{side}"])
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        rows = {"prompt_input_ids": ids, "prompt_attention_mask": mask,
+                "prompt_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX)}
+        layout = packing.plain_layout(rows, "prompt")
+        out["prompt"] = packing.model_logps(policy, layout, False, chunk_size)["prompt"].logps
+        out["prompt_tokens"] = layout.selections["prompt"].counts.to(out["prompt"])
     return out
 
 
@@ -140,9 +119,8 @@ def _layout_error(model, batch: Dict, layout, sides: Sequence[str], chunk_size: 
     """Largest difference of per-token mean log-probs between a layout and the usual rows."""
     with torch.no_grad():
         packed = packing.model_logps(model, layout, True, chunk_size)
-        return max((packed[side] - logps.sequence_logps(
-            model, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")),
-            True, chunk_size)).abs().max().item() for side in sides)
+        return max((packed[side].logps - _usual_logps(model, batch, chunk_size, side)
+                    ).abs().max().item() for side in sides)
 
 
 def check_output_layers(policy, reference_model, policy_logps: Callable, batch: Dict,
@@ -160,7 +138,8 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
         chunk_size: logps_chunk_size.
         any_rank: parallel.Ranks.any_rank (every rank must take the same path).
     """
-    ids, mask, labels = _check_tokens(batch)
+    rows = _check_tokens(batch)
+    ids, mask, labels = (rows[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))
     differ, error = {}, None
     for role, model in {"policy": policy, "reference model": reference_model}.items():
         if model is None or logps.has_logit_transform(model):
@@ -171,8 +150,7 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
             bad = "policy" in differ
         else:
             chunked = functools.partial(policy_logps if model is policy else _call,
-                                        logps.sequence_logps, model, ids, mask, labels, True,
-                                        chunk_size)
+                                        _usual_logps, model, rows, chunk_size)
             error = logps.chunked_logps_error(model, chunked, ids, mask, labels)
             # every rank must take the same path (NaN counts as a difference)
             bad = any_rank(not error <= chunked_logps_tolerance(model))
@@ -193,11 +171,18 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
 CHECK_TOKENS = 64
 
 
-def _check_tokens(batch: Dict):
-    """(input_ids, attention_mask, labels) of the first CHECK_TOKENS tokens of the chosen rows,
-    every real token scored: any tokens show whether the chunked head is the model's."""
+def _check_tokens(batch: Dict) -> Dict:
+    """chosen_input_ids / _attention_mask / _labels of the first CHECK_TOKENS tokens of the chosen
+    rows, every real token scored: any tokens show whether the chunked head is the model's."""
     ids, mask = (batch[f"chosen_{k}"][:, :CHECK_TOKENS] for k in ("input_ids", "attention_mask"))
-    return ids, mask, ids.masked_fill(mask == 0, logps.IGNORE_INDEX)
+    return {"chosen_input_ids": ids, "chosen_attention_mask": mask,
+            "chosen_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX)}
+
+
+def _usual_logps(model, batch: Dict, chunk_size: int, side: str = "chosen") -> torch.Tensor:
+    """(B,) per-token mean log-probs of `side` in the usual layout (packing.plain_layout)."""
+    return packing.model_logps(model, packing.plain_layout(batch, side), True,
+                               chunk_size)[side].logps
 
 
 def _short_pairs(batch: Dict, sides: Sequence[str], n: int) -> Dict:

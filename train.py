@@ -4,15 +4,10 @@ Validates the whole config before any model is built, writes the resolved config
 directory, builds the tokenizer, the policy and (when the loss needs one) the reference model, and
 hands them to the trainer named by `trainer`. Multi-process trainers run under torchrun.
 """
-import os
-
-# Bitwise-reproducible CPU math, so a resumed run ends with the same weights as an uninterrupted
-# one: MKL otherwise varies its thread count with machine load and picks code paths by memory
-# alignment, which changes summation order from run to run. Set before torch loads MKL.
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import cpu_env  # noqa: F401  (bitwise-reproducible MKL: before torch loads it)
 
 import copy
+import os
 import difflib
 import math
 import shutil
@@ -34,6 +29,9 @@ import utils
 from utils import ConfigError
 
 OmegaConf.register_new_resolver("get_local_run_dir", utils.get_local_run_dir, replace=True)
+OmegaConf.register_new_resolver("get_local_dir", utils.get_local_dir, replace=True)
+# --help lists the config groups a program accepts (config/hydra/help/*.yaml)
+OmegaConf.register_new_resolver("config_groups", utils.config_group_options, replace=True)
 # Training frees and re-allocates the same memory every step: keep it in the process instead of
 # page-faulting it back each time (utils.keep_freed_memory; MALLOC_* or GLIBC_TUNABLES opts out).
 utils.keep_freed_memory()
@@ -45,9 +43,7 @@ MIXED_PRECISION = (None, "bfloat16", "float16")
 
 # ----------------------------------------------------------------------------- validation
 
-def _require(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
+_require = utils.require  # every check below
 
 
 def _positive_int(config, key: str, allow_none: bool = False):
@@ -113,15 +109,7 @@ def validate_config(config: DictConfig, world_size: int):
              f"max_length={config.max_length}")
     _require(config.trainer in TRAINERS,
              f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
-    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
-    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
-    per_update = config.gradient_accumulation_steps * data_procs
-    _require(config.batch_size % per_update == 0,
-             f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
-             f"({config.gradient_accumulation_steps}) x processes ({data_procs}) = {per_update}")
-    _require(config.eval_batch_size % data_procs == 0,
-             f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
-             f"processes ({data_procs})")
+    validate_batch_split(config, world_size)
     optimizer = getattr(torch.optim, str(config.optimizer), None)
     _require(isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer),
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "
@@ -144,6 +132,19 @@ def validate_config(config: DictConfig, world_size: int):
                  f"resume_from={config.resume_from} is not a directory")
 
 
+def validate_batch_split(config: DictConfig, world_size: int):
+    """The batches split evenly into micro-batches and processes."""
+    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
+    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
+    per_update = config.gradient_accumulation_steps * data_procs
+    _require(config.batch_size % per_update == 0,
+             f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
+             f"({config.gradient_accumulation_steps}) x processes ({data_procs}) = {per_update}")
+    _require(config.eval_batch_size % data_procs == 0,
+             f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
+             f"processes ({data_procs})")
+
+
 def validate_model_config(model: DictConfig):
     utils.get_dtype("model.policy_dtype", model.policy_dtype)
     utils.get_dtype("model.reference_dtype", model.reference_dtype)
@@ -163,8 +164,8 @@ def validate_model_config(model: DictConfig):
                      f"model.gguf_file={model.gguf_file} is not a file in "
                      f"model.name_or_path={model.name_or_path}")
     if model.offline_gguf is not None:
-        _require(set(model.offline_gguf) == {"package", "file", "install"},
-                 f"model.offline_gguf needs exactly package, file and install, got "
+        _require(set(model.offline_gguf) == {"package", "file", "install", "hub_name"},
+                 f"model.offline_gguf needs exactly package, file, install and hub_name, got "
                  f"{sorted(model.offline_gguf)}")
     if model.archive is not None:
         utils.resolve_policy_file(model.archive, "model.archive")
@@ -394,7 +395,7 @@ def build_whole_models(config: DictConfig, tokenizer):
         utils.disable_dropout(reference)
         reference.requires_grad_(False)
     if m.archive is not None:
-        state = utils.load_policy_archive(m.archive, "model.archive")
+        state = checkpoints.load_policy_archive(m.archive, "model.archive")
         source = f"model.archive={m.archive}"
         for model in (policy, reference):
             if model is not None:
@@ -599,6 +600,8 @@ def run(config: DictConfig):
         return spawn_local_workers(config, torch.cuda.device_count())
     validate_config(config, world_size)
     resolve_model_source(config.model)
+    # a hub dataset that cannot be had (no network, no cached copy) is refused before any model loads
+    preference_datasets.check_hub_datasets(list(config.datasets), dict(config.dataset_paths))
     if world_size > 1:
         utils.init_distributed(rank, world_size, local_rank)
         # Each rank stamped its own run directory name; all must use rank 0's.
@@ -678,6 +681,29 @@ def build_and_train(config: DictConfig, rank: int, world_size: int):
 OPEN_MAPPINGS = ("model.from_config", "dataset_paths")
 # Keys the DPO repository's command lines use under another name here.
 KEY_ALIASES = {"model.block": "model.block_name"}
+# The beta-DPO repository's switch: `loss=dpo loss.mode_loss=beta_DPO` is loss=beta_dpo here
+# (config/loss/beta_dpo.yaml); its default 'mean', and 'dpo', are plain DPO.
+MODE_LOSSES = {"dpo": "dpo", "mean": "dpo", "beta_DPO": "beta_dpo"}
+
+
+def rewrite_aliases(args: List[str]) -> List[str]:
+    """The overrides with KEY_ALIASES and the beta-DPO repository's `loss.mode_loss`
+    (MODE_LOSSES) rewritten to this repository's names.
+
+    Raises:
+        ConfigError: a mode_loss that repository does not have, or with a loss other than dpo.
+    """
+    args = [_rewrite_alias(a) for a in args]
+    modes = [a.partition("=")[2] for a in args if a.partition("=")[0] == "loss.mode_loss"]
+    if not modes:
+        return args
+    chosen = [a.partition("=")[2] for a in args if a.partition("=")[0] == "loss"]
+    if modes[-1] not in MODE_LOSSES or chosen[-1:] not in ([], ["dpo"]):
+        raise ConfigError(f"loss.mode_loss={modes[-1]}: the beta-DPO repository's switch takes "
+                          f"{', '.join(MODE_LOSSES)} with loss=dpo; here beta-DPO is "
+                          "loss=beta_dpo (config/loss/beta_dpo.yaml)")
+    rest = [a for a in args if a.partition("=")[0] not in ("loss", "loss.mode_loss")]
+    return [f"loss={MODE_LOSSES[modes[-1]]}", *rest]
 
 
 def check_command_line(args: List[str]) -> Tuple[List[str], List[str]]:
@@ -690,7 +716,10 @@ def check_command_line(args: List[str]) -> Tuple[List[str], List[str]]:
         (the overrides with aliases rewritten, one problem line per unknown key). Anything this
         does not understand (Hydra flags, a syntax error, an unknown preset) is left to Hydra.
     """
-    args = [_rewrite_alias(a) for a in args]
+    try:
+        args = rewrite_aliases(args)
+    except ConfigError as e:
+        return args, [str(e)]
     if any(a.startswith("-") for a in args):
         return args, []
     from hydra import compose, initialize_config_dir

@@ -31,7 +31,9 @@ import optim
 import packing
 import parallel
 import preference_datasets
+import ref_cache
 import references
+import sampling
 import scoring
 from utils import rank0_print, save_hf_format, start_wandb
 
@@ -108,6 +110,17 @@ def gathered_metrics(loss: torch.Tensor, metrics: Dict[str, torch.Tensor],
         out[split_metric_name(name, split)] = values.cpu().tolist()
     out[f"loss/{split}"] = gather(loss.detach().float().reshape(1)).cpu().tolist()
     return out
+
+
+def base_model_source(m: DictConfig) -> Dict[str, str]:
+    """{"model": the model's name} as a LoRA adapter records it (base_model_name_or_path): the hub
+    name, also when the weights came from the packaged GGUF copy that stands for it
+    (model.offline_gguf; the copy's file is then under "gguf"), so that
+    AutoPeftModelForCausalLM.from_pretrained(adapter) finds the base as for a hub-loaded run."""
+    copy = m.offline_gguf
+    if copy is not None and m.gguf_file == copy.file and m.name_or_path is not None:
+        return {"model": copy.hub_name, "gguf": os.path.join(m.name_or_path, m.gguf_file)}
+    return {"model": m.name_or_path or f"from_config ({m.from_config.model_type})"}
 
 
 def eval_summary(metrics: Dict[str, float]) -> str:
@@ -205,7 +218,7 @@ class BasicTrainer(SingleProcessPlacement):
         self.loss_generator = torch.Generator().manual_seed(seed)
         # Hashed before placing moves or shards it: the reference cache is keyed by it. Rank 0's
         # hash for every rank (under FSDP the other ranks' models are on the meta device, no data).
-        fingerprint = (parallel.rank0_value(references.model_fingerprint, reference_model)
+        fingerprint = (parallel.rank0_value(ref_cache.weights_hash, reference_model)
                        if config.precompute_ref_log_probs and reference_model is not None else None)
         # Hooks on the backbone that collect an MoE router's load-balancing loss (else inert).
         self.router_loss = moe.RouterLoss(policy, config.router_aux_loss_coef)
@@ -243,15 +256,22 @@ class BasicTrainer(SingleProcessPlacement):
         return packing.build_layout(batch, self.sides, c.share_prompt, c.packing,
                                     c.packing_row_tokens)
 
+    def lay_out(self, batch: Dict):
+        """The forwards that score a micro-batch (packing.lay_out): the config's layout where
+        check_models kept it, else the usual one."""
+        c, kept = self.config, self.uses_layout
+        return packing.lay_out(batch, self.sides, c.share_prompt and kept, c.packing and kept,
+                               c.packing_row_tokens)
+
     def build_reference(self, model, fingerprint) -> references.Reference:
         """The reference kind the config asks for (references.build_reference decides)."""
         c = self.config
         return references.build_reference(
-            self.policy, model, self.place_reference, self.loss.needs_reference(self.loss_args),
-            c.logps_chunk_size, c.precompute_ref_log_probs, fingerprint, self.ranks,
+            self.policy, model, self.place_reference, c.logps_chunk_size,
+            c.precompute_ref_log_probs, fingerprint, self.ranks,
             (c.ref_model_mixup_alpha, c.ref_model_sync_steps) if c.sync_ref_model else None,
-            {"model": c.model.name_or_path or f"from_config ({c.model.from_config.model_type})",
-             "archive": c.model.archive, "merge_archive": c.lora.merge_archive})
+            {**base_model_source(c.model), "archive": c.model.archive,
+             "merge_archive": c.lora.merge_archive})
 
     # -- data --------------------------------------------------------------------------------------
 
@@ -301,19 +321,13 @@ class BasicTrainer(SingleProcessPlacement):
         """The responses a step scores: chosen and rejected, or only the SFT target (the entry says)."""
         return self.loss.sides(self.loss_args)
 
-    def batch_logps(self, batch: Dict, layout=None) -> Dict[str, torch.Tensor]:
-        """The log-probs the loss asks for, keyed as losses.LossSpec.compute expects
-        (scoring.batch_logps)."""
-        out = scoring.batch_logps(self.policy, self.reference, batch, self.loss, self.loss_args,
-                                  self.config.logps_chunk_size, self.sides, layout)
-        out.update(scoring.example_inputs(self.policy, batch, self.loss, self.config.logps_chunk_size))
-        return out
-
     def batch_loss(self, batch: Dict, train: bool):
         """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank."""
-        layout = self.build_layout(batch) if self.uses_layout else None
+        layouts = self.lay_out(batch)
         with self.autocast(), self.router_loss.collecting():
-            logps_ = self.policy_logps(self.batch_logps, batch, layout)
+            logps_ = self.policy_logps(scoring.batch_logps, self.policy, self.reference, batch,
+                                       layouts, self.loss, self.loss_args,
+                                       self.config.logps_chunk_size)
         loss, metrics = self.loss.compute(logps_, self.loss_args, self.loss_state,
                                           gather=self.gather, train=train,
                                           generator=self.loss_generator, rank=self.ranks.data_rank)
@@ -321,18 +335,26 @@ class BasicTrainer(SingleProcessPlacement):
         out = gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
                                self.gather, self.device)
         if train:  # token positions the policy's forward computed, and the padding among them
-            if layout is not None:
-                padding, computed = layout.padding_fraction, layout.input_ids.numel()
-            else:
-                padding = packing.padding_fraction(batch, self.sides)
-                computed = sum(batch[f"{side}_input_ids"].numel() for side in self.sides)
+            computed = sum(layout.input_ids.numel() for layout in layouts)
+            padding = 1.0 - sum(layout.tokens for layout in layouts) / computed
             for name, value in (("padding_fraction", padding), ("computed", computed)):
                 out[f"tokens/{name}"] = self.gather(
                     torch.tensor([float(value)], device=self.device)).cpu().tolist()
         return loss, out
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
-        """One optimizer update over a global batch, with gradient accumulation."""
+        """One optimizer update over a global batch, with gradient accumulation.
+
+        The path of one micro-batch, data to loss:
+            batch_loss: packing.lay_out(batch) -> [Layout] (the usual layout: one per side,
+                each sequence in its own right-padded row; or shared prompts / packed rows)
+            policy_logps(scoring.batch_logps, ...): under FSDP, inside the policy's forward
+            scoring.batch_logps: per Layout, packing.model_logps(policy) (or packing.token_kl
+                for TDPO) and reference.layout_logps -> the loss's log-probs
+            packing.model_logps: the backbone's hidden states, then the chunked output layer
+                (logps.TokenLogpFunction) at the scored positions only
+            self.loss.compute(log-probs) -> loss and metrics (losses.py)
+        """
         start = time.time()
         self.policy.train()
         n_micro = self.config.gradient_accumulation_steps
@@ -357,7 +379,10 @@ class BasicTrainer(SingleProcessPlacement):
         out.update({"grad_norm": grad_norm,
                     "examples_per_second": batch_size_of(batch) / (time.time() - start),
                     "counters/examples": self.example_counter,
-                    "counters/updates": self.batch_counter})
+                    "counters/updates": self.batch_counter,
+                    # examples of this batch whose prompt / responses tokenisation cut short
+                    "data/truncated_prompts": sum(batch["prompt_truncated"]),
+                    "data/truncated_responses": sum(batch["response_truncated"])})
         return out
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -389,10 +414,10 @@ class BasicTrainer(SingleProcessPlacement):
     def write_samples(self):
         """Sample from the policy (and reference) for the first n_eval_model_samples eval prompts;
         appended to samples.jsonl in the run directory."""
-        sample = functools.partial(references.sample_completions, tokenizer=self.tokenizer,
+        sample = functools.partial(sampling.sample_texts, tokenizer=self.tokenizer,
                                    max_length=self.config.max_length, device=self.device,
                                    context=self.generation_context)
-        records = references.sample_records(
+        records = sampling.sample_records(
             self.policy, self.reference, self.eval_batches, self.config.n_eval_model_samples,
             lambda batch, n: slice_batch(batch, 0, n, self.device), sample, self.example_counter)
         self.run_log.samples(records, self.example_counter)

@@ -292,7 +292,7 @@ def wpo_weights(chosen_wpo_logweight: torch.Tensor, rejected_wpo_logweight: torc
 
     w = exp(mean_t [log p(y_t) - logsumexp_v 2 log p(v)]) per side, chosen times rejected.
     The trainer supplies the per-sequence sums from the chunked output layer
-    (logps.completion_parts).
+    (losses.BatchLogps.chosen_wpo / rejected_wpo).
 
     Args:
         chosen_wpo_logweight, rejected_wpo_logweight: (B,) sum over completion tokens of
@@ -312,7 +312,7 @@ def ld_logps(total_logps: torch.Tensor, public_logps: torch.Tensor, ld_alpha: fl
 
     public + ld_alpha * verbose, where `public` sums the first min(len_chosen, len_rejected)
     completion tokens of the pair and verbose = total - public; the trainer supplies
-    '<policy|reference>_<chosen|rejected>_public' (logps.completion_parts).
+    them as losses.BatchLogps.public.
 
     Args:
         total_logps: (B,) log-probs summed over all completion tokens.

@@ -7,6 +7,7 @@ import fcntl
 import functools
 import getpass
 import hashlib
+import math
 import importlib.util
 import netrc
 import os
@@ -14,6 +15,8 @@ import pickle
 import platform
 import random
 import tempfile
+import warnings
+from numbers import Real
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
@@ -25,6 +28,17 @@ import torch.distributed as dist
 
 class ConfigError(ValueError):
     """A bad setting or input: train.py prints its message as one line and exits non-zero."""
+
+
+def require(ok: bool, message: str):
+    """Raise ConfigError(message) unless ok: a config check's one line."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def is_number(x) -> bool:
+    """A finite int or float, not a bool: what every numeric config check accepts."""
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 # ----------------------------------------------------------------------------- process memory
@@ -71,6 +85,15 @@ def get_local_dir(prefixes: List[str]) -> str:
         if os.path.isdir(prefix) and os.access(prefix, os.W_OK | os.X_OK):
             return str(Path(prefix) / getpass.getuser())
     return str(Path(".cache") / getpass.getuser())
+
+
+def config_group_options(*groups: str) -> str:
+    """One line per config group, 'model: blank_model, gpt2-large, ...' (the YAML files in
+    config/GROUP/), for a program's --help; Hydra's own $APP_CONFIG_GROUPS would list every group
+    of the shared config folder, also those the program refuses."""
+    root = Path(__file__).resolve().parent / "config"
+    return "\n".join(f"{group}: " + ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml")))
+                     for group in groups)
 
 
 def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
@@ -158,9 +181,9 @@ def build_embedded_tokenizer(cache_dir: Optional[str] = None):
     """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
-    import preference_datasets
+    import synthetic_data
 
-    corpus = preference_datasets.synthetic_corpus()
+    corpus = synthetic_data.synthetic_corpus()
     key = hashlib.sha256(("\n".join(corpus) + f"|{EMBEDDED_VOCAB_SIZE}|v1").encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / f"embedded-tokenizer-{key}"
     if not (path / "tokenizer.json").exists():
@@ -382,13 +405,24 @@ def safe_torch_load(path: str, what: str = "checkpoint"):
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. a raw pickle's protocol: the refusal is one line
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConfigError(f"{what} file {path} needs arbitrary code to unpickle and was refused "
-                          f"(only tensors and plain containers load): {str(e).splitlines()[0]}")
+                          f"(only tensors and plain containers load): {unpickling_reason(e)}")
     except Exception as e:  # truncated or not a torch file at all
         raise ConfigError(f"{what} file {path} could not be read as a torch checkpoint: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def unpickling_reason(error: Exception) -> str:
+    """torch's reason for refusing a pickle under weights_only, without its first line's advice
+    to retry with weights_only=False and its closing pointers."""
+    lines = str(error).replace("WeightsUnpickler error:", "\n").splitlines()
+    reason = [line.strip() for line in lines[1:] if line.strip() and not line.startswith(
+        ("Please file an issue", "Check the documentation"))]
+    return reason[0] if reason else (lines[0] if lines else type(error).__name__)
 
 
 def resolve_policy_file(path: str, option: str = "model.archive") -> str:
@@ -489,18 +523,40 @@ def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)])
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status);
+    elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path) -> None:
+    """safetensors' save_file, with the mode any file the framework writes has (0666 & ~umask):
+    safetensors writes a temporary file (mode 0600) and renames it into place, keeping that mode,
+    so a group or another user the umask lets read the run could not read the weights."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 def save_hf_format(model, state_dict: Dict[str, torch.Tensor], tokenizer, out_dir):
     """config.json + safetensors weights + tokenizer, loadable with from_pretrained anywhere."""
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
-    from safetensors.torch import save_file
     # Tied weights share storage; safetensors refuses shared tensors, so store distinct copies of
     # what the model does not tie on load.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tensors = {k: v.contiguous().clone() for k, v in state_dict.items()
                if not (k in tied and model.config.tie_word_embeddings)}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

@@ -26,7 +26,7 @@ steps (when the trainer logs it). Every batch is checked pair by pair against th
 
 The last stdout line is one JSON object.
 
-    python benchmarks/dpo_throughput.py                      # the README configuration
+    python benchmarks/dpo_throughput.py                      # the configuration of docs/performance.md
     python benchmarks/dpo_throughput.py --precompute-ref     # with cached reference log-probs
     python benchmarks/dpo_throughput.py --lengths-file benchmarks/hh_lengths.json  # HH lengths
 """

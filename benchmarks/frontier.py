@@ -46,14 +46,28 @@ OPTIONAL_METHODS = [
 QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
 
 
-def train(run_dir: Path, overrides, log):
-    """`python -u train.py OVERRIDES local_run_dir=RUN_DIR`; stops the benchmark if it fails."""
+def train(run_dir: Path, overrides, log) -> str:
+    """`python -u train.py OVERRIDES local_run_dir=RUN_DIR`; stops the benchmark if it fails.
+    Returns the command line as a user would type it."""
     cmd = [sys.executable, "-u", "train.py", *overrides, f"local_run_dir={run_dir}",
            "wandb.enabled=false", "sample_during_eval=false"]
-    log(" ".join(["python", *cmd[1:]]))
+    shown = " ".join(["python", *cmd[1:]])
+    log(shown)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"training failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
+    return shown
+
+
+def commands_markdown(script_line: str, train_commands, eval_overrides, work: Path) -> str:
+    """The exact commands behind the table, with the work directory written WORK."""
+    evaluate = ("python evaluate.py checkpoint=WORK/RUN/CHECKPOINT reference=WORK/sft/LATEST reward=synthetic "
+                + " ".join(eval_overrides))
+    lines = [line.replace(str(work), "WORK") for line in train_commands]
+    return (f"Made by `{script_line}`, which ran these commands (WORK is `--work-dir`; each evaluation "
+            "runs `evaluate.py`'s code in-process, once for every `step-N/` and `LATEST/` of every run, "
+            "and for the SFT model itself):\n\n"
+            + "".join(f"    {line}\n" for line in [*lines, evaluate]))
 
 
 def checkpoints(run_dir: Path):
@@ -145,6 +159,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    script_line = " ".join(["python benchmarks/frontier.py", *(sys.argv[1:] if argv is None else argv)])
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="frontier-"))
@@ -156,13 +171,13 @@ def main(argv=None):
                       f"seed={args.seed}", "batch_size=128"]
     seed = [f"seed={args.seed}"]
     sft = work / "sft"
-    train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log)
+    commands = [train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log)]
     reference = sft / "LATEST"
     points = [point("SFT", "SFT", reference, evaluate_checkpoint(reference, reference, eval_overrides))]
     log(f"SFT: reward {points[0]['reward']:.3f}")
     for label, family, overrides in methods(args.quick):
         run_dir = work / label.replace(" ", "_").replace("=", "")
-        train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log)
+        commands.append(train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log))
         for checkpoint in checkpoints(run_dir):
             points.append(point(label, family, checkpoint, evaluate_checkpoint(checkpoint, reference, eval_overrides)))
             log(f"{label} {checkpoint.name}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}")
@@ -170,7 +185,8 @@ def main(argv=None):
     title = (f"embedded default (synthetic tasks){' --quick' if args.quick else ''}: {n_prompts} held-out "
              f"prompts x {args.n_samples} samples,\nseed {args.seed}, {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
     draw(points, out_dir / "frontier.png", title)
-    (out_dir / "frontier.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{table(points)}\n")
+    commands_md = commands_markdown(script_line, commands, eval_overrides, work)
+    (out_dir / "frontier.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")
     (out_dir / "frontier.json").write_text(json.dumps({"points": points, "seconds": elapsed,
                                                        "quick": args.quick, "title": title}, indent=1))
     if args.work_dir is None:

@@ -1,6 +1,6 @@
 """Peak host memory (RSS) of an FSDP run on CPU: one process against two, for each checkpoint
-format, training and then resuming a ~85M-parameter Llama built from its config (README
-"Resuming, checkpoints and safety" quotes the numbers).
+format, training and then resuming a ~85M-parameter Llama built from its config (docs/performance.md,
+"FSDP host memory", quotes the numbers).
 
     python benchmarks/fsdp_host_memory.py [--out-dir DIR]
 

@@ -187,33 +187,9 @@ def make_timer_callback():
     return StepTimer()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-
-    import datasets
-    import transformers
-    import trl
-    from trl import DPOConfig, DPOTrainer
-
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-
-    t0 = time.perf_counter()
-    tokenizer, _ = word_tokenizer(args.vocab)
-    train_ds = build_dataset(args.rows)
-    policy = build_model(args, tokenizer)
-    reference = copy.deepcopy(policy)  # explicit, separate reference model (not ref_model=None)
-    reference.eval()
-    for prm in reference.parameters():
-        prm.requires_grad_(False)
-    n_params = sum(p.numel() for p in policy.parameters())
-
-    out_dir = tempfile.mkdtemp(prefix="trl_dpo_baseline_")
-    seq_len, max_prompt_len = sequence_limits(pair_lengths(args))  # the longest pair, untruncated
+def dpo_config(args, out_dir: str, seq_len: int, max_prompt_len: int):
+    """TRL's DPOConfig for this benchmark: CPU, float32, no logging, saving or evaluation."""
+    from trl import DPOConfig
     config = DPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=args.batch,
@@ -238,20 +214,12 @@ def main(argv=None):
     for name, value in (("max_prompt_length", max_prompt_len), ("max_completion_length", max_completion_len)):
         if hasattr(config, name):
             setattr(config, name, value)
+    return config
 
-    timer = make_timer_callback()
-    trainer = DPOTrainer(
-        model=policy,
-        ref_model=reference,
-        args=config,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        callbacks=[timer],
-    )
-    token_check = check_token_counts(trainer, tokenizer, args)
 
-    # Keep the (detached) loss tensor of every step, converted to float only after training, and
-    # the real tokens and padded positions of the batch it trained on.
+def record_steps(trainer):
+    """Lists filled as the trainer runs: (the detached loss tensor of every step, converted to
+    float only after training; the real tokens and the padded positions of its batch)."""
     step_losses, step_tokens, step_positions = [], [], []
     inner_training_step = trainer.training_step
 
@@ -263,27 +231,85 @@ def main(argv=None):
         return loss
 
     trainer.training_step = recording_training_step
-    setup_s = time.perf_counter() - t0
+    return step_losses, step_tokens, step_positions
 
-    load_start = os.getloadavg()[0]
-    train_out = trainer.train()
-    load_end = os.getloadavg()[0]
 
+def build_trainer(args):
+    """(TRL's DPOTrainer with a separate reference copy, its timer callback, the policy's
+    parameter count, the sequence length, the token check)."""
+    from trl import DPOTrainer
+    tokenizer, _ = word_tokenizer(args.vocab)
+    train_ds = build_dataset(args.rows)
+    policy = build_model(args, tokenizer)
+    reference = copy.deepcopy(policy)  # explicit, separate reference model (not ref_model=None)
+    reference.eval()
+    for prm in reference.parameters():
+        prm.requires_grad_(False)
+    n_params = sum(p.numel() for p in policy.parameters())
+    out_dir = tempfile.mkdtemp(prefix="trl_dpo_baseline_")
+    seq_len, max_prompt_len = sequence_limits(pair_lengths(args))  # the longest pair, untruncated
+    config = dpo_config(args, out_dir, seq_len, max_prompt_len)
+    timer = make_timer_callback()
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train_ds,
+                         processing_class=tokenizer, callbacks=[timer])
+    return trainer, timer, n_params, seq_len, check_token_counts(trainer, tokenizer, args)
+
+
+def timing(args, timer, steps, train_out) -> dict:
+    """The timed steps' rates, times, CPU use and padding (the warm-up steps left out)."""
+    step_losses, step_tokens, step_positions = steps
     if len(timer.begins) != args.steps or len(timer.ends) != args.steps:
         raise RuntimeError(f"expected {args.steps} steps, timed {len(timer.begins)} begins / {len(timer.ends)} ends")
+    w = args.warmup_steps
     step_times = [e - b for b, e in zip(timer.begins, timer.ends)]
-    timed = step_times[args.warmup_steps:]
-    n_timed = len(timed)
+    timed = step_times[w:]
     total = sum(timed)
-    wall = timer.ends[-1] - timer.ends[args.warmup_steps - 1] if args.warmup_steps > 0 else timer.ends[-1] - timer.begins[0]
-    pairs = n_timed * args.batch
+    wall = timer.ends[-1] - timer.ends[w - 1] if w > 0 else timer.ends[-1] - timer.begins[0]
+    pairs = len(timed) * args.batch
     # CPU time this process used inside the timed steps; cpu_util ~= threads means it had the cores to itself,
     # clearly less means other processes competed for them.
-    user_s = sum(e[0] - b[0] for b, e in zip(timer.cpu_begins[args.warmup_steps:], timer.cpu_ends[args.warmup_steps:]))
-    sys_s = sum(e[1] - b[1] for b, e in zip(timer.cpu_begins[args.warmup_steps:], timer.cpu_ends[args.warmup_steps:]))
-    tokens = sum(step_tokens[args.warmup_steps:])
-    padding = [1 - t / n for t, n in zip(step_tokens[args.warmup_steps:], step_positions[args.warmup_steps:])]
+    cpu = list(zip(timer.cpu_begins[w:], timer.cpu_ends[w:]))
+    user_s, sys_s = (sum(e[k] - b[k] for b, e in cpu) for k in (0, 1))
+    padding = [1 - t / n for t, n in zip(step_tokens[w:], step_positions[w:])]
+    return {
+        "examples_per_s": round(pairs / total, 4),
+        "tokens_per_s": round(sum(step_tokens[w:]) / total, 1),
+        "wall_examples_per_s": round(pairs / wall, 4),
+        "step_time_s_mean": round(total / len(timed), 4),
+        "step_time_s_median": round(statistics.median(timed), 4),
+        "step_time_s_min": round(min(timed), 4),
+        "step_time_s_max": round(max(timed), 4),
+        "warmup_step_times_s": [round(t, 4) for t in step_times[:w]],
+        "cpu_util_timed": round((user_s + sys_s) / total, 2),
+        "cpu_sys_fraction_timed": round(sys_s / max(user_s + sys_s, 1e-9), 2),
+        "final_loss": round(float(step_losses[-1]), 6) if step_losses else None,
+        "mean_train_loss": round(float(train_out.training_loss), 6),
+        "padding_fraction": round(statistics.mean(padding), 4),
+    }
 
+
+def settings(args, config, timer, n_params: int, seq_len: int, token_check) -> dict:
+    """What was measured: the model, the data, TRL's settings."""
+    return {
+        "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+        "intermediate": args.intermediate, "vocab": args.vocab, "tie_word_embeddings": False,
+        "n_params": n_params, "dtype": "float32",
+        "prompt_len": args.prompt_len if args.lengths is None else None,
+        "response_len": args.response_len if args.lengths is None else None,
+        "seq_len": seq_len, "lengths_file": args.lengths_file, "batch": args.batch,
+        "steps": args.steps, "warmup_steps": args.warmup_steps,
+        "timed_steps": args.steps - args.warmup_steps, "threads": args.threads,
+        "torch_threads_in_training": timer.threads_seen,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "precompute_ref_log_probs": config.precompute_ref_log_probs,
+        "padding_free": config.padding_free, "max_length": config.max_length,
+        "loss_type": list(config.loss_type), "beta": config.beta,
+        "learning_rate": config.learning_rate, "optim": str(config.optim),
+        "ref_model": "deepcopy", "token_check": token_check, "seed": args.seed,
+    }
+
+
+def memory() -> dict:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     try:
         import psutil
@@ -291,72 +317,44 @@ def main(argv=None):
         rss_end_mb = psutil.Process().memory_info().rss / 2**20
     except ImportError:  # psutil is optional
         rss_end_mb = None
+    return {"peak_rss_mb": round(peak_rss_mb, 1),
+            "rss_end_mb": None if rss_end_mb is None else round(rss_end_mb, 1)}
 
-    result = {
-        "benchmark": "trl_dpo_baseline",
-        "examples_per_s": round(pairs / total, 4),
-        "tokens_per_s": round(tokens / total, 1),
-        "wall_examples_per_s": round(pairs / wall, 4),
-        "step_time_s_mean": round(total / n_timed, 4),
-        "step_time_s_median": round(statistics.median(timed), 4),
-        "step_time_s_min": round(min(timed), 4),
-        "step_time_s_max": round(max(timed), 4),
-        "warmup_step_times_s": [round(t, 4) for t in step_times[: args.warmup_steps]],
-        "cpu_util_timed": round((user_s + sys_s) / total, 2),
-        "cpu_sys_fraction_timed": round(sys_s / max(user_s + sys_s, 1e-9), 2),
-        "load_avg_1m_start": round(load_start, 2),
-        "load_avg_1m_end": round(load_end, 2),
-        "peak_rss_mb": round(peak_rss_mb, 1),
-        "rss_end_mb": None if rss_end_mb is None else round(rss_end_mb, 1),
-        "final_loss": round(float(step_losses[-1]), 6) if step_losses else None,
-        "mean_train_loss": round(float(train_out.training_loss), 6),
-        "padding_fraction": round(statistics.mean(padding), 4),
-        "setup_s": round(setup_s, 2),
-        "settings": {
-            "arch": args.arch,
-            "hidden": args.hidden,
-            "layers": args.layers,
-            "heads": args.heads,
-            "intermediate": args.intermediate,
-            "vocab": args.vocab,
-            "tie_word_embeddings": False,
-            "n_params": n_params,
-            "dtype": "float32",
-            "prompt_len": args.prompt_len if args.lengths is None else None,
-            "response_len": args.response_len if args.lengths is None else None,
-            "seq_len": seq_len,
-            "lengths_file": args.lengths_file,
-            "batch": args.batch,
-            "steps": args.steps,
-            "warmup_steps": args.warmup_steps,
-            "timed_steps": n_timed,
-            "threads": args.threads,
-            "torch_threads_in_training": timer.threads_seen,
-            "gradient_checkpointing": config.gradient_checkpointing,
-            "precompute_ref_log_probs": config.precompute_ref_log_probs,
-            "padding_free": config.padding_free,
-            "max_length": config.max_length,
-            "loss_type": list(config.loss_type),
-            "beta": config.beta,
-            "learning_rate": config.learning_rate,
-            "optim": str(config.optim),
-            "ref_model": "deepcopy",
-            "token_check": token_check,
-            "seed": args.seed,
-        },
-        "versions": {
-            "trl": trl.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "datasets": datasets.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-    }
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    import datasets
+    import transformers
+    import trl
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+    t0 = time.perf_counter()
+    trainer, timer, n_params, seq_len, token_check = build_trainer(args)
+    steps = record_steps(trainer)
+    setup_s = time.perf_counter() - t0
+
+    load_start = os.getloadavg()[0]
+    train_out = trainer.train()
+    load_end = os.getloadavg()[0]
+
+    result = {"benchmark": "trl_dpo_baseline", **timing(args, timer, steps, train_out),
+              "load_avg_1m_start": round(load_start, 2), "load_avg_1m_end": round(load_end, 2),
+              **memory(), "setup_s": round(setup_s, 2),
+              "settings": settings(args, trainer.args, timer, n_params, seq_len, token_check),
+              "versions": {"trl": trl.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__,
+                           "datasets": datasets.__version__, "python": platform.python_version()},
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
     sys.stdout.flush()
     print(json.dumps(result, sort_keys=False))
     return result
-
 
 if __name__ == "__main__":
     main()

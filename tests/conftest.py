@@ -25,8 +25,9 @@ def compose(overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
     import train  # registers the resolver
+    overrides = train.rewrite_aliases(list(overrides))  # as train.py's command line
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=overrides)
 
 
 def run_in_process(overrides):
@@ -107,3 +108,23 @@ def smollm2_dir():
     if importlib.util.find_spec("gguf") is None:
         return None
     return utils.packaged_model_dir(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
+
+
+def rows_batch(input_ids, attention_mask, labels, side="chosen"):
+    """(B, T) tensors as a collated batch of one side."""
+    return {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
+            f"{side}_labels": labels}
+
+
+def usual_logps(model, input_ids, attention_mask, labels, average, chunk_size):
+    """(B,) log-probs of `model` on right-padded rows: the usual layout (packing.plain_layout)."""
+    import packing
+    layout = packing.plain_layout(rows_batch(input_ids, attention_mask, labels), "chosen")
+    return packing.model_logps(model, layout, average, chunk_size)["chosen"].logps
+
+
+def usual_token_kl(policy, reference, input_ids, attention_mask, labels, average, chunk_size):
+    """TDPO's (logps_margin, position_kl, logps) on the usual layout (packing.token_kl)."""
+    import packing
+    layout = packing.plain_layout(rows_batch(input_ids, attention_mask, labels), "chosen")
+    return packing.token_kl(policy, reference, layout, average, chunk_size)["chosen"]

@@ -14,8 +14,10 @@ from conftest import FAST, ROOT, read_metrics, run_in_process
 
 BASELINE = ROOT / "tests" / "fixtures" / "bitwise_baseline.json"
 # Wall-clock measurements differ from run to run by nature; every other logged value must not.
-# tokens/* were added after the baseline (issue 18); they count tokens, not training values.
-TIMING_KEYS = ("examples_per_second", "tokens/padding_fraction", "tokens/computed")
+# tokens/* (issue 18) and data/truncated_* (issue 28) were added after the baseline; they count
+# tokens and truncated examples, not training values.
+TIMING_KEYS = ("examples_per_second", "tokens/padding_fraction", "tokens/computed",
+               "data/truncated_prompts", "data/truncated_responses")
 # The baseline's layout: one padded row per sequence. share_prompt and packing change the float
 # rounding of attention (tests/test_packing.py checks them against this layout to 1e-5).
 USUAL_LAYOUT = ["share_prompt=false", "packing=false"]

@@ -209,6 +209,11 @@ def test_a_checkpoint_damaged_inside_is_skipped_when_loaded(finished_run, tmp_pa
     shutil.rmtree(run_dir / "LATEST")  # as if killed before the end
     policy = run_dir / "step-24" / "policy.pt"
     policy.write_bytes(b"\0" * policy.stat().st_size)  # the right size, but not a torch file
+    # written before content hashes (no manifest): found only when loaded
+    (run_dir / "step-24" / "manifest.json").unlink()
+    state = torch.load(run_dir / "step-24" / "trainer_state.pt", weights_only=True)
+    del state["manifest"]
+    torch.save(state, run_dir / "step-24" / "trainer_state.pt")
     train.run(compose([*FINISHED, f"local_run_dir={run_dir}"]))
     out = capsys.readouterr().out
     assert out.count("warning:") == 1
@@ -250,6 +255,7 @@ def test_resume_checks_the_weights_against_the_model(tmp_path):
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     state["files"]["policy.pt"] = (path / "policy.pt").stat().st_size
     torch.save(state, path / "trainer_state.pt")
+    checkpoints.write_manifest(path, {})  # as if written so
     assert checkpoints.inspect_checkpoint(path)[1] is None
     with pytest.raises(utils.ConfigError, match=f"checkpoint {path / 'policy.pt'} does not fit "
                        f"the model \\(missing keys: {dropped}\\); nothing was loaded"):
@@ -411,3 +417,26 @@ def test_resume_from_into_a_new_directory_trains_at_the_configured_lr(tmp_path):
     assert [g["lr"] for g in groups] == [1e-5] * len(groups)
     assert torch.load(first / "LATEST" / "optimizer.pt",
                       weights_only=True)["state"]["param_groups"][0]["lr"] == 1e-3
+
+
+# ----------------------------------------------------------------------------- file modes
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_written_weights_have_the_mode_the_umask_gives(tmp_path, tokenizer, umask):
+    """model.safetensors and adapter_model.safetensors are 0666 & ~umask like every other file
+    written (safetensors' own temporary file is 0600, and a rename keeps that mode)."""
+    import lora
+    import utils
+    config = compose([])
+    model = utils.build_model(None, dict(config.model.from_config), tokenizer, torch.float32)
+    previous = os.umask(umask)
+    try:
+        utils.save_hf_format(model, model.state_dict(), tokenizer, tmp_path / "hf")
+        lora.apply_lora(model, 4, 8, 0.0, None, None, None, False)
+        lora.write_peft_adapter(tmp_path / "adapter", model.state_dict(), model, "org/model")
+    finally:
+        os.umask(previous)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "adapter_model.safetensors", "config.json"} <= {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: oct(0o666 & ~umask) for p in files}

@@ -181,3 +181,29 @@ def test_wandb_disabled_never_imports_wandb(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "wandb imported: False"
+
+
+# ----------------------------------------------------------------------------- --help
+
+def group_lines(text: str) -> dict:
+    """{group: [options]} from the '== Configuration groups ==' block of a --help text."""
+    block = text.split("== Configuration groups")[1].split("==")[1]
+    return {line.split(":")[0]: line.split(": ")[1].split(", ") for line in block.splitlines()
+            if ": " in line}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program, groups", [("train.py", {"model", "loss"}), ("evaluate.py", {"reward"})])
+def test_help_says_what_the_program_does_and_lists_only_its_groups(program, groups):
+    result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"{program}: ") and "powered by Hydra" not in out
+    listed = group_lines(out)
+    assert set(listed) == groups  # train.py refuses reward=, evaluate.py model= and loss=
+    for group, options in listed.items():
+        assert options == sorted(p.stem for p in (ROOT / "config" / group).glob("*.yaml"))
+    assert "README.md and docs/*.md" in out and "--hydra-help" in out
+    assert ("datasets=[hh]" in out) == (program == "train.py")
+    assert ("checkpoint=RUN/LATEST" in out) == (program == "evaluate.py")

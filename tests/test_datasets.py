@@ -35,7 +35,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TOKEN_KEYS = {f'{side}_{kind}' for side in ('chosen', 'rejected')
               for kind in ('input_ids', 'attention_mask', 'labels')} | {'prompt_input_ids', 'prompt_attention_mask'}
-TEXT_KEYS = {'prompt', 'chosen', 'rejected', 'chosen_response_only', 'rejected_response_only'}
+TEXT_KEYS = {'prompt', 'chosen', 'rejected', 'chosen_response_only', 'rejected_response_only',
+             'prompt_truncated', 'response_truncated'}  # the two flags are 0/1 lists, not padded
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +289,7 @@ def test_se_parquet_hub_layout(tmp_path):
 def test_hub_code_path(monkeypatch, name, hub_name, fixture, split, hub_split):
     """Without a path the loaders call datasets.load_dataset; feed it the fixture rows."""
     calls = []
+    monkeypatch.setattr(pdx.utils, 'hub_reachable', lambda: True)
 
     def fake_load_dataset(path, split=None, cache_dir=None):
         calls.append((path, split, cache_dir))
@@ -301,10 +303,47 @@ def test_hub_code_path(monkeypatch, name, hub_name, fixture, split, hub_split):
 
 def test_hub_failure_is_explained(monkeypatch):
     def offline(*args, **kwargs):
-        raise ConnectionError('no network')
+        raise ConnectionError('no network\nmore detail')
     monkeypatch.setattr(pdx.datasets, 'load_dataset', offline)
-    with pytest.raises(RuntimeError, match='Offline. Pass a local copy with path='):
+    monkeypatch.setattr(pdx.utils, 'hub_reachable', lambda: True)
+    with pytest.raises(pdx.utils.ConfigError, match=r'^datasets=\[hh\]: could not load Anthropic/hh-rlhf from the '
+                       r'Hugging Face hub \(ConnectionError: no network\); pass dataset_paths.hh=FILE \(a local copy'):
         pdx.get_dataset('hh', 'train', silent=True)
+
+
+def closed_port_endpoint() -> str:
+    """http://127.0.0.1:PORT where nothing listens: connections are refused at once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{s.getsockname()[1]}'
+
+
+@pytest.mark.parametrize('name', ['hh', 'shp', 'se'])
+@pytest.mark.parametrize('unreachable', ['HF_HUB_OFFLINE', 'closed port'])
+def test_unreachable_hub_fails_at_once_naming_dataset_paths(monkeypatch, tmp_path, name, unreachable):
+    """No hub and no cached copy: one line within seconds (datasets alone retries ~25 s)."""
+    import time
+    from huggingface_hub import constants
+    if unreachable == 'HF_HUB_OFFLINE':
+        monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    else:
+        endpoint = closed_port_endpoint()
+        monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+        monkeypatch.setattr(pdx.datasets.config, 'HF_ENDPOINT', endpoint)
+    pdx.utils.hub_reachable.cache_clear()
+    start = time.monotonic()
+    try:
+        with pytest.raises(pdx.utils.ConfigError, match=rf'^datasets=\[{name}\]: the Hugging Face hub is '
+                           rf'unreachable \(offline\) and no cached copy .* pass dataset_paths.{name}=FILE'):
+            pdx.get_dataset(name, 'test', silent=True, cache_dir=str(tmp_path))
+        with pytest.raises(pdx.utils.ConfigError, match=f'dataset_paths.{name}=FILE'):
+            pdx.check_hub_datasets(['synthetic', name], {name: None})
+    finally:
+        pdx.utils.hub_reachable.cache_clear()
+    assert time.monotonic() - start < 10  # the probe gives up after 3 s; the rest is local
+    assert not pdx.datasets.config.HF_HUB_OFFLINE  # datasets' own setting restored
+    pdx.check_hub_datasets([name], {name: 'local.jsonl'})  # a local copy needs no hub
 
 
 # ---------------------------------------------------------------------------
@@ -678,7 +717,34 @@ def test_several_datasets_and_truncation_modes(tok, cache):
                                       n_epochs=1, silent=True, cache_dir=cache))
     assert len(out) == 400 + 4
     assert [b['prompt'][0] for b in out[-4:]] == ['Q: capital of France?\nA:'] * 2 + ['The sky is', H + 'Hi' + A]
-    assert pdx.truncation_mode_for('hh') == 'keep_end' and pdx.truncation_mode_for(user_file) == 'keep_start'
+    assert pdx.truncation_mode_for('hh') == 'keep_end' and pdx.truncation_mode_for(user_file) == 'keep_end'
+    assert pdx.truncation_mode_for('shp') == 'keep_start'  # as in the DPO repository
+
+
+def test_long_prompts_of_user_files_keep_their_end_and_are_counted(tmp_path, tok, capsys):
+    """A user's long prompt keeps its last max_prompt_length tokens (the question, and for chat rows
+    the template's assistant header), and start-up says how many prompts and responses were cut."""
+    filler = ' '.join(['sort c a b'] * 60)
+    text_rows = [{'prompt': filler + ' QUESTION: what is 2+2?', 'chosen': ' 4', 'rejected': ' 5'},
+                 {'prompt': 'Short?', 'chosen': ' yes', 'rejected': ' no'}]
+    chat_rows = [{'prompt': [{'role': 'user', 'content': filler + ' Which is larger?'}],
+                  'chosen': [{'role': 'assistant', 'content': 'a'}],
+                  'rejected': [{'role': 'assistant', 'content': ' '.join(['b'] * 80)}]}]
+    settings = dict(split='train', batch_size=1, shuffle=False, n_epochs=1, max_length=64,
+                    max_prompt_length=24, cache_dir=str(tmp_path / 'cache'))
+    text = write_jsonl(tmp_path / 'text.jsonl', text_rows)
+    long, short = pdx.get_batch_iterator([str(text)], tok, **settings)
+    question = ids(tok, ' QUESTION: what is 2+2?')
+    assert long['prompt_input_ids'][0].tolist()[-len(question):] == question
+    assert (long['prompt_truncated'], short['prompt_truncated']) == ([1], [0])
+    assert capsys.readouterr().out.count('1 of 2 prompts cut to their last 24 tokens') == 1
+    chat = write_jsonl(tmp_path / 'chat.jsonl', chat_rows)
+    (element,) = pdx.get_batch_iterator([str(chat)], tok, **settings)
+    end = ids(tok, ' larger?<|end|><|assistant|>')  # the question, then the assistant header whole
+    assert element['prompt_input_ids'][0].tolist()[-len(end):] == end and end[-1] == tok.convert_tokens_to_ids('<|assistant|>')
+    assert element['prompt_truncated'] == [1] and element['response_truncated'] == [1]
+    out = capsys.readouterr().out
+    assert '1 of 1 prompts cut' in out and '1 of 1 examples with responses cut to 40 tokens' in out
 
 
 def test_tokenisation_is_cached(tmp_path, tok, monkeypatch):

@@ -220,7 +220,7 @@ sys.path.insert(0, ROOT)
 import torch, torch.distributed as dist, transformers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-import logps, parallel
+import logps, packing, parallel
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 rank = dist.get_rank()
@@ -233,11 +233,15 @@ ARCHS = {
     "gpt2": (dict(n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0), "GPT2Block"),
 }
 # The output layer weight must reach the log-prob kernel whole, never as a DTensor shard.
-kernel = logps.completion_logps
-def checked_kernel(hidden, weight, *args, **kwargs):
+kernel = logps.TokenLogpFunction.forward
+def checked_kernel(ctx, rows, weight, *args, **kwargs):
     assert not isinstance(weight, DTensor) and weight.shape[0] == 128, type(weight)
-    return kernel(hidden, weight, *args, **kwargs)
-logps.completion_logps = checked_kernel
+    return kernel(ctx, rows, weight, *args, **kwargs)
+logps.TokenLogpFunction.forward = staticmethod(checked_kernel)
+def sequence_logps(model, ids, mask, labels, average, chunk_size):
+    layout = packing.plain_layout({"chosen_input_ids": ids, "chosen_attention_mask": mask,
+                                   "chosen_labels": labels}, "chosen")
+    return packing.model_logps(model, layout, average, chunk_size)["chosen"].logps
 
 def grads(model, ref):
     worst = 0.0
@@ -257,12 +261,12 @@ for arch, (settings, block) in ARCHS.items():
     ids = torch.randint(1, 128, (4, 12))
     mask, labels = torch.ones_like(ids), ids.clone()
     labels[:, :4] = -100
-    full = logps.sequence_logps(ref, ids, mask, labels, False, 1024)
+    full = sequence_logps(ref, ids, mask, labels, False, 1024)
     full.mean().backward()
     out = {}
 
     tp = parallel.tensor_parallelize(copy.deepcopy(ref), mesh, block)
-    got = logps.sequence_logps(tp, ids, mask, labels, False, 1024)
+    got = sequence_logps(tp, ids, mask, labels, False, 1024)
     got.mean().backward()
     out["tp_logps"] = (got - full).abs().max().item()
     out["tp_grads"] = grads(tp, ref)
@@ -289,11 +293,11 @@ for arch, (settings, block) in ARCHS.items():
 
     for p in ref.parameters():
         p.grad = None
-    full = logps.sequence_logps(ref, ids, mask, labels, False, 1024)
+    full = sequence_logps(ref, ids, mask, labels, False, 1024)
     full.mean().backward()
     fsdp = parallel.fsdp_shard(copy.deepcopy(ref), mesh, block, {})
     rows = slice(2 * rank, 2 * rank + 2)
-    got = fsdp.run_in_forward(logps.sequence_logps, fsdp, ids[rows], mask[rows], labels[rows],
+    got = fsdp.run_in_forward(sequence_logps, fsdp, ids[rows], mask[rows], labels[rows],
                               False, 1024)
     got.mean().backward()
     out["fsdp_logps"] = (got - full[rows]).abs().max().item()
@@ -454,7 +458,7 @@ import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from omegaconf import OmegaConf
 from conftest import compose
-import parallel, references, train, utils
+import parallel, ref_cache, references, train, utils
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 rank = dist.get_rank()
@@ -462,7 +466,7 @@ config = compose(OVERRIDES)
 OmegaConf.resolve(config)
 policy, reference = train.build_models(config, utils.build_tokenizer("embedded"))
 out = {"meta": [all(p.is_meta for p in m.parameters()) for m in (policy, reference)],
-       "fingerprint": parallel.rank0_value(references.model_fingerprint, reference),
+       "fingerprint": parallel.rank0_value(ref_cache.weights_hash, reference),
        "rng": torch.rand(3).tolist()}
 built = {k: v.clone() for k, v in policy.state_dict().items()} if rank == 0 else {}
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))

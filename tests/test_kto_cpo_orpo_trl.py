@@ -94,8 +94,8 @@ def registry_loss(name, config, logits, ids, labels, attention):
     logps = sums / tokens if spec.average_log_prob(args) else sums
     prompt = (attention.bool() & (labels == -100)).long()
     prompt_sums, prompt_tokens = _sums(logits, ids, prompt)
-    inputs = {'policy_chosen': logps[:B], 'policy_rejected': logps[B:], 'chosen_tokens': tokens[:B],
-              'rejected_tokens': tokens[B:], 'policy_prompt': prompt_sums[:B], 'prompt_tokens': prompt_tokens[:B]}
+    inputs = losses.BatchLogps(chosen=logps[:B], rejected=logps[B:], chosen_tokens=tokens[:B],
+                               rejected_tokens=tokens[B:], prompt=prompt_sums[:B], prompt_tokens=prompt_tokens[:B])
     loss, _ = spec.compute(inputs, args, spec.init_state(), gather=lambda x: x, train=True)
     return loss
 
@@ -236,8 +236,8 @@ def ours_kto(case, gather=lambda x: x, **config):
                   **config)
     losses.validate_loss_args(config)
     spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != 'name'}
-    logps = {'policy_chosen': per_token.sum(1), 'reference_chosen': ref, 'policy_rejected': kl_per_token.sum(1),
-             'reference_rejected': ref_kl, 'label': labels}
+    logps = losses.BatchLogps(chosen=per_token.sum(1), reference_chosen=ref, rejected=kl_per_token.sum(1),
+                              reference_rejected=ref_kl, label=labels)
     loss, metrics = spec.compute(logps, args, spec.init_state(), gather=gather, train=True)
     return loss, metrics['kto/kl'].item()
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import logps
+import packing
 import trainers
-from conftest import FAST, compose
+from conftest import FAST, compose, usual_logps, usual_token_kl
 
 TOL = 1e-5
 
@@ -50,8 +51,8 @@ class LiveReference:
     def __init__(self, model):
         self.model = model
 
-    def hidden_states(self, ids, mask):
-        return logps.hidden_states(self.model, ids, mask)
+    def layout_states(self, layout, full):
+        return packing.model_states(self.model, layout, full)
 
     def output_layer(self):
         return logps.output_layer(self.model)
@@ -64,7 +65,7 @@ def test_gemma2_softcap_changes_logps_and_dpo_logps_equal_the_models_own():
     plain_head = logps.completion_logps(model.model(input_ids=ids, attention_mask=mask)
                                         .last_hidden_state, model.lm_head.weight, labels)
     assert (plain_head - own).abs().max() > 0.1  # the cap matters in this test
-    got = logps.sequence_logps(model, ids, mask, labels, False, chunk_size=4)
+    got = usual_logps(model, ids, mask, labels, False, 4)
     torch.testing.assert_close(got, own, rtol=0, atol=TOL)
 
 
@@ -76,13 +77,13 @@ def test_gemma2_softcap_tdpo_equals_the_models_own_logits():
         want = logps.tdpo_get_batch_logps(policy(input_ids=ids, attention_mask=mask).logits.float(),
                                           reference(input_ids=ids, attention_mask=mask).logits.float(),
                                           labels, average)
-        got = logps.token_level_logps(policy, LiveReference(reference), ids, mask, labels,
-                                      average, chunk_size=4)
+        got = usual_token_kl(policy, LiveReference(reference), ids, mask, labels,
+                                      average, 4)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=TOL)
     # and the policy's gradient flows through its own forward
-    margin, kl, _ = logps.token_level_logps(policy, LiveReference(reference), ids, mask, labels,
-                                            False, chunk_size=4)
+    margin, kl, _ = usual_token_kl(policy, LiveReference(reference), ids, mask, labels,
+                                            False, 4)
     (margin.sum() - kl.sum()).backward()
     assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.abs().sum() > 0
 
@@ -97,11 +98,11 @@ def test_cohere_logit_scale_is_applied_in_the_chunked_path():
     assert not logps.has_logit_transform(policy)  # chunked, with the scale folded in
     ids, mask, labels = tiny_batch(64, seed=3)
     own = policy(input_ids=ids, attention_mask=mask).logits.float()
-    torch.testing.assert_close(logps.sequence_logps(policy, ids, mask, labels, True, 4),
+    torch.testing.assert_close(usual_logps(policy, ids, mask, labels, True, 4),
                                logps.get_batch_logps(own, labels, True), rtol=0, atol=TOL)
     ref_own = reference(input_ids=ids, attention_mask=mask).logits.float()
     want = logps.tdpo_get_batch_logps(own, ref_own, labels)
-    got = logps.token_level_logps(policy, LiveReference(reference), ids, mask, labels, False, 4)
+    got = usual_token_kl(policy, LiveReference(reference), ids, mask, labels, False, 4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=TOL)
 
@@ -133,7 +134,7 @@ def test_a_custom_head_falls_back_to_full_logits_with_one_warning(tmp_path, toke
     batch = trainer.rank_slice(trainer.eval_batches[0], 0, 1)
     ids, mask, labels = (batch[f"rejected_{k}"] for k in ("input_ids", "attention_mask", "labels"))
     own = logps.get_batch_logps(policy(input_ids=ids, attention_mask=mask).logits.float(), labels)
-    torch.testing.assert_close(logps.sequence_logps(policy, ids, mask, labels, False, 8), own,
+    torch.testing.assert_close(usual_logps(policy, ids, mask, labels, False, 8), own,
                                rtol=0, atol=TOL)
     ref_want = logps.get_batch_logps(reference(input_ids=ids, attention_mask=mask).logits.float(),
                                      labels)

@@ -4,7 +4,8 @@ with its adapter off, small checkpoints, PEFT-loadable exports, exact resume."""
 import pytest
 import torch
 
-from conftest import FAST, kill_when_saved, compose, read_metrics, run_in_process, run_subprocess
+from conftest import (FAST, kill_when_saved, compose, read_metrics, run_in_process, run_subprocess,
+                      usual_logps)
 from test_train import make_trainer
 
 LORA = ["loss=dpo", "loss.beta=0.1", "lora.r=4", "lora.alpha=8", "lr=1e-2"]
@@ -36,11 +37,11 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tmp_path):
     batch = trainer.rank_slice(trainer.eval_batches[0], 0, 1)
     ref = trainer.reference.sequence_logps(batch, "chosen", average=False)
     import logps
-    want = logps.sequence_logps(plain, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+    want = usual_logps(plain, batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                 batch["chosen_labels"], False, 1024)
     torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
     with torch.no_grad():
-        pol = logps.sequence_logps(trainer.policy, batch["chosen_input_ids"],
+        pol = usual_logps(trainer.policy, batch["chosen_input_ids"],
                                    batch["chosen_attention_mask"], batch["chosen_labels"], False, 1024)
     assert (pol - want).abs().max() > 1e-3
 
@@ -131,7 +132,7 @@ def test_reference_adapter_and_merge_archive(lora_run, tmp_path):
     import peft
     import logps
     want_model = peft.PeftModel.from_pretrained(initial_plain_model(LORA), adapter).merge_and_unload()
-    want = logps.sequence_logps(want_model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+    want = usual_logps(want_model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                 batch["chosen_labels"], False, 1024)
     got = trainer.reference.sequence_logps(batch, "chosen", average=False)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

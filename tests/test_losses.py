@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+import losses
 from losses import (
     LOSSES,
     TRL_OPTIONS,
@@ -30,6 +31,14 @@ from logps import completion_logps, completion_token_kl, get_batch_logps, tdpo_g
 D = torch.float64
 LN2 = math.log(2.0)
 
+
+
+def compute(spec, fields, *args, **kwargs):
+    """spec.compute on a losses.BatchLogps made from {field: tensor} ('public.<field>': LD-DPO's)."""
+    public = {k[len('public.'):]: v for k, v in fields.items() if k.startswith('public.')}
+    logps = losses.BatchLogps(**{k: v for k, v in fields.items() if not k.startswith('public.')},
+                              public=losses.BatchLogps(**public) if public else None)
+    return spec.compute(logps, *args, **kwargs)
 
 def t(*xs, dtype=D, **kw):
     return torch.tensor(xs, dtype=dtype, **kw)
@@ -656,12 +665,12 @@ def test_chunk_size_must_be_positive():
 
 CONFIGS = {
     'sft': {'name': 'sft'},
-    'dpo': {'name': 'dpo', 'beta': 0.1, 'label_smoothing': 0.0, 'reference_free': False, 'mode_loss': 'dpo',
-            'mode_weight': 0.2, 'a': 0.6, 'gamma': 0.9},
+    'dpo': {'name': 'dpo', 'beta': 0.1, 'label_smoothing': 0.0, 'reference_free': False},
     'ipo': {'name': 'ipo', 'beta': 0.1, 'average_log_prob': True, 'reference_free': False},
     'tdpo': {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': True},
 }
-BETA_DPO = dict(CONFIGS['dpo'], mode_loss='beta_DPO')
+BETA_DPO = {'name': 'beta_dpo', 'beta': 0.1, 'reference_free': False, 'mode_weight': 0.2, 'a': 0.6,
+            'gamma': 0.9}
 TRL_LOSS_TYPES = ('sigmoid', 'hinge', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot',
                   'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm')
 
@@ -678,7 +687,10 @@ def test_get_loss_resolution():
     assert get_loss(CONFIGS['sft']) is LOSSES['sft']
     assert get_loss(CONFIGS['dpo']) is LOSSES['dpo']
     assert get_loss(dict(CONFIGS['dpo'], label_smoothing=0.2)) is LOSSES['dpo']  # cDPO
-    assert get_loss(dict(CONFIGS['dpo'], mode_loss='mean')) is LOSSES['dpo']    # beta-DPO repo default
+    import train  # the beta-DPO repository's command line: an alias of train.py's
+    assert train.rewrite_aliases(['loss=dpo', 'loss.mode_loss=mean']) == ['loss=dpo']  # its default
+    assert train.rewrite_aliases(['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.a=0.5']) == \
+        ['loss=beta_dpo', 'loss.a=0.5']
     assert get_loss(BETA_DPO) is LOSSES['beta_dpo']
     assert get_loss(CONFIGS['ipo']) is LOSSES['ipo']
     assert get_loss(CONFIGS['tdpo']) is LOSSES['tdpo']
@@ -806,16 +818,17 @@ def test_validate_refuses_missing_beta_and_unknown_name():
 
 def test_config_keys_are_function_parameters_or_config_only():
     # the keys that parametrise a loss are its function's own parameters (or its running-state
-    # rule's); the rest are declared in the entry (dpo.yaml carries beta-DPO's keys; beta_dpo
-    # accepts dpo's label_smoothing only as 0; rpo_alpha is added to every TRL loss)
+    # rule's); the rest are declared in the entry (rpo_alpha is added to every TRL loss)
     for spec in LOSSES.values():
         own = set(inspect.signature(spec.fn).parameters)
         if spec.update_state is not None:
             own |= set(inspect.signature(spec.update_state).parameters)
-        declared = spec.config_only | spec.zero_only | (set(TRL_OPTIONS) if spec.trl else set())
+        declared = spec.config_only | (set(TRL_OPTIONS) if spec.trl else set())
         assert spec.config_keys - declared <= own, spec.name
         assert 'beta' in spec.config_keys or not spec.paired, spec.name
-    assert LOSSES['dpo'].config_keys - LOSSES['sigmoid'].config_keys == {'mode_loss', 'mode_weight', 'a', 'gamma'}
+    # dpo.yaml holds DPO's keys only; beta-DPO's are in beta_dpo.yaml
+    assert LOSSES['dpo'].config_keys <= LOSSES['sigmoid'].config_keys
+    assert LOSSES['beta_dpo'].config_keys == {'beta', 'reference_free', 'mode_weight', 'a', 'gamma'}
 
 
 # --- compute() --------------------------------------------------------------
@@ -840,13 +853,13 @@ def _seq_logps(batch=4, same=False, seed=0):
     else:
         rc = -torch.rand(batch, dtype=D, generator=g) * 10
         rr = -torch.rand(batch, dtype=D, generator=g) * 10
-    return {'policy_chosen': pc, 'policy_rejected': pr, 'reference_chosen': rc, 'reference_rejected': rr}
+    return {'chosen': pc, 'rejected': pr, 'reference_chosen': rc, 'reference_rejected': rr}
 
 
 def test_compute_sft():
     spec = get_loss(CONFIGS['sft'])
     pc = t(-2.0, -4.0, requires_grad=True)
-    loss, metrics = spec.compute({'policy_chosen': pc}, {}, spec.init_state(), identity, True)
+    loss, metrics = compute(spec, {'chosen': pc}, {}, spec.init_state(), identity, True)
     assert close(loss, 3.0) and loss.requires_grad
     _check_metrics(metrics, {'logps/chosen'}, 2)
 
@@ -854,19 +867,19 @@ def test_compute_sft():
 def test_compute_dpo_policy_equals_reference_is_ln2():
     spec = get_loss(CONFIGS['dpo'])
     logps = _seq_logps(same=True)
-    loss, metrics = spec.compute(logps, args_of(CONFIGS['dpo']), spec.init_state(), identity, True)
+    loss, metrics = compute(spec, logps, args_of(CONFIGS['dpo']), spec.init_state(), identity, True)
     assert close(loss, LN2)
     _check_metrics(metrics, PAIR_KEYS, 4)
     assert close(metrics['rewards/chosen'], [0.0] * 4) and close(metrics['rewards/accuracies'], [0.0] * 4)
     loss.backward()
-    assert logps['policy_chosen'].grad is not None
+    assert logps['chosen'].grad is not None
 
 
 def test_compute_dpo_values_and_accuracies():
     spec = get_loss(CONFIGS['dpo'])
     pc, pr, rc, rr = _pref_inputs()
-    logps = {'policy_chosen': pc, 'policy_rejected': pr, 'reference_chosen': rc, 'reference_rejected': rr}
-    loss, metrics = spec.compute(logps, dict(args_of(CONFIGS['dpo']), beta=0.5), {}, identity, True)
+    logps = {'chosen': pc, 'rejected': pr, 'reference_chosen': rc, 'reference_rejected': rr}
+    loss, metrics = compute(spec, logps, dict(args_of(CONFIGS['dpo']), beta=0.5), {}, identity, True)
     assert close(loss, (math.log(4 / 3) + LN2) / 2)
     assert close(metrics['rewards/accuracies'], [1.0, 0.0])     # 0.5 > 0.5 - ln 3; 0 == 0
     assert close(metrics['rewards/margins'], [LN3, 0.0])
@@ -877,18 +890,18 @@ def test_compute_dpo_reference_free_without_reference():
     spec = get_loss(dict(CONFIGS['dpo'], reference_free=True))
     pc, pr = t(-1.0), t(-3.0)
     args = dict(args_of(CONFIGS['dpo']), reference_free=True, beta=0.5)
-    loss, metrics = spec.compute({'policy_chosen': pc, 'policy_rejected': pr,
+    loss, metrics = compute(spec, {'chosen': pc, 'rejected': pr,
                                   'reference_chosen': None, 'reference_rejected': None}, args, {}, identity, True)
     assert close(loss, softplus_neg(1.0))          # beta h = 0.5 * 2
     assert close(metrics['rewards/chosen'], [-0.5])  # beta * policy
     with pytest.raises(ValueError):
-        spec.compute({'policy_chosen': pc, 'policy_rejected': pr}, dict(args, reference_free=False),
+        compute(spec, {'chosen': pc, 'rejected': pr}, dict(args, reference_free=False),
                      {}, identity, True)
 
 
 def test_compute_ipo():
     spec = get_loss(CONFIGS['ipo'])
-    loss, metrics = spec.compute(_seq_logps(same=True), args_of(CONFIGS['ipo']), {}, identity, True)
+    loss, metrics = compute(spec, _seq_logps(same=True), args_of(CONFIGS['ipo']), {}, identity, True)
     assert close(loss, 25.0)  # (0 - 1/(2 * 0.1))^2
     _check_metrics(metrics, PAIR_KEYS, 4)
 
@@ -896,9 +909,9 @@ def test_compute_ipo():
 def test_compute_tdpo():
     spec = get_loss(CONFIGS['tdpo'])
     cm, rm, ckl, rkl = _tdpo_loss_inputs()
-    logps = {'chosen_margin': cm, 'rejected_margin': rm, 'chosen_position_kl': ckl,
-             'rejected_position_kl': rkl, 'policy_chosen': t(-3.0), 'policy_rejected': t(-4.0)}
-    loss, metrics = spec.compute(logps, dict(args_of(CONFIGS['tdpo']), beta=0.5), {}, identity, True)
+    logps = {'chosen_margin': cm, 'rejected_margin': rm, 'chosen_kl': ckl,
+             'rejected_kl': rkl, 'chosen': t(-3.0), 'rejected': t(-4.0)}
+    loss, metrics = compute(spec, logps, dict(args_of(CONFIGS['tdpo']), beta=0.5), {}, identity, True)
     assert close(loss, softplus_neg(0.75))
     _check_metrics(metrics, PAIR_KEYS | {'kl/chosen', 'kl/rejected', 'kl/margin'}, 1)
     assert close(metrics['kl/margin'], [-1.0])  # chosen - rejected, as the TDPO repo logs it
@@ -911,7 +924,7 @@ BETA_KEYS = PAIR_KEYS | {'record/gap_mean', 'record/gap_std', 'record/mask_count
 def test_compute_beta_dpo_first_step_policy_equals_reference():
     spec = get_loss(BETA_DPO)
     state = spec.init_state()
-    loss, metrics = spec.compute(_seq_logps(batch=10, same=True), args_of(BETA_DPO), state, identity, True,
+    loss, metrics = compute(spec, _seq_logps(batch=10, same=True), args_of(BETA_DPO), state, identity, True,
                                  generator=gen())
     assert close(loss, LN2)
     _check_metrics(metrics, BETA_KEYS, 10)
@@ -925,7 +938,7 @@ def test_compute_beta_dpo_first_step_policy_equals_reference():
 def test_compute_beta_dpo_updates_state_with_gathered_gaps_only_in_train():
     spec = get_loss(BETA_DPO)
     # gaps (1, 3) on this rank; the fake gather duplicates them as if two ranks held the same data
-    logps = {'policy_chosen': t(0.0, 2.0, requires_grad=True), 'policy_rejected': t(-1.0, -1.0),
+    logps = {'chosen': t(0.0, 2.0, requires_grad=True), 'rejected': t(-1.0, -1.0),
              'reference_chosen': t(0.0, 0.0), 'reference_rejected': t(0.0, 0.0)}
     seen = []
 
@@ -936,11 +949,11 @@ def test_compute_beta_dpo_updates_state_with_gathered_gaps_only_in_train():
     exp_mean, exp_std = 0.1 * 2.0, 0.1 * math.sqrt(4 / 3)
     state = spec.init_state()
     args = dict(args_of(BETA_DPO), mode_weight=0.0, a=0.5)
-    _, metrics = spec.compute(logps, args, state, gather, False, generator=gen())
+    _, metrics = compute(spec, logps, args, state, gather, False, generator=gen())
     assert state == {'gap_mean': 0.0, 'gap_std': 0.0}           # eval: untouched
     assert close(metrics['record/gap_mean'], exp_mean)           # but this batch used the update
     assert seen and not any(x.requires_grad for x in seen)     # only detached values cross ranks
-    loss, metrics = spec.compute(logps, args, state, gather, True, generator=gen())
+    loss, metrics = compute(spec, logps, args, state, gather, True, generator=gen())
     assert math.isclose(state['gap_mean'], exp_mean) and math.isclose(state['gap_std'], exp_std)
     assert close(metrics['record/gap_std'], exp_std)
     # all kept: mean gap 2; beta_used = 0.1 (1 + 0.5 (2 - 0.2)) = 0.19; loss = mean softplus(-0.19 h)
@@ -953,31 +966,31 @@ def test_compute_beta_dpo_loss_is_mean_over_kept_pairs():
     spec = get_loss(BETA_DPO)
     state = {'gap_mean': 0.0, 'gap_std': 1.0}
     # gaps (0, 0.01, 50, 100) with gamma = 1 (state frozen): weights keep the first two
-    logps = {'policy_chosen': t(0.0, 0.01, 50.0, 100.0, requires_grad=True), 'policy_rejected': t(0., 0., 0., 0.),
+    logps = {'chosen': t(0.0, 0.01, 50.0, 100.0, requires_grad=True), 'rejected': t(0., 0., 0., 0.),
              'reference_chosen': t(0., 0., 0., 0.), 'reference_rejected': t(0., 0., 0., 0.)}
     args = dict(args_of(BETA_DPO), mode_weight=0.5, a=0.0, gamma=1.0)
-    loss, metrics = spec.compute(logps, args, state, identity, True, generator=gen())
+    loss, metrics = compute(spec, logps, args, state, identity, True, generator=gen())
     assert close(loss, (softplus_neg(0.0) + softplus_neg(0.001)) / 2)
     assert metrics['record/mask_count'].item() == 2
     loss.backward()
-    g = logps['policy_chosen'].grad
+    g = logps['chosen'].grad
     assert g[2].item() == 0.0 and g[3].item() == 0.0 and g[0].item() < 0
 
 
 def test_compute_metric_names_for_every_spec():
     cases = {
-        'sft': ({'policy_chosen': t(-1.0, -2.0)}, {}, {'logps/chosen'}),
+        'sft': ({'chosen': t(-1.0, -2.0)}, {}, {'logps/chosen'}),
         'dpo': (_seq_logps(batch=2), args_of(CONFIGS['dpo']), PAIR_KEYS),
         'ipo': (_seq_logps(batch=2), args_of(CONFIGS['ipo']), PAIR_KEYS),
         'tdpo': ({'chosen_margin': t(1.0, 0.0), 'rejected_margin': t(0.0, 0.0),
-                  'chosen_position_kl': t(0.1, 0.2), 'rejected_position_kl': t(0.3, 0.1),
-                  'policy_chosen': t(-1.0, -2.0), 'policy_rejected': t(-2.0, -2.0)},
+                  'chosen_kl': t(0.1, 0.2), 'rejected_kl': t(0.3, 0.1),
+                  'chosen': t(-1.0, -2.0), 'rejected': t(-2.0, -2.0)},
                  args_of(CONFIGS['tdpo']), PAIR_KEYS | {'kl/chosen', 'kl/rejected', 'kl/margin'}),
         'beta_dpo': (_seq_logps(batch=2), args_of(BETA_DPO), BETA_KEYS),
     }
     for name, (logps, args, keys) in cases.items():
         spec = LOSSES[name]
-        loss, metrics = spec.compute(logps, args, spec.init_state(), identity, True, generator=gen())
+        loss, metrics = compute(spec, logps, args, spec.init_state(), identity, True, generator=gen())
         assert loss.dim() == 0 and torch.isfinite(loss), name
         _check_metrics(metrics, keys, 2)
         assert not any(k.startswith('loss') for k in metrics)
@@ -1017,10 +1030,10 @@ def _full_logits_parts(model, batch, side, shared):
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize('average', [False, True])
 def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average):
-    import types
     import transformers
+    import packing
     import references
-    import trainers
+    import scoring
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     policy = transformers.GPT2LMHeadModel(config).to(dtype).eval()
@@ -1028,10 +1041,9 @@ def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average
     batch = _tiny_pair_batch()
     spec = get_loss({'name': 'ipo' if average else 'sigmoid'})
     args = {'beta': 0.1, 'ld_alpha': 0.5, 'use_weighting': True}
-    trainer = types.SimpleNamespace(loss=spec, loss_args=args, config=types.SimpleNamespace(logps_chunk_size=2),
-                                    policy=policy, reference=references.ModelReference(ref_model, 2),
-                                    sides=('chosen', 'rejected'))
-    got = trainers.BasicTrainer.batch_logps(trainer, batch)
+    layouts = [packing.plain_layout(batch, side) for side in ('chosen', 'rejected')]
+    got = scoring.batch_logps(policy, references.ModelReference(ref_model, 2), batch, layouts, spec,
+                              args, 2)
     counts = [(batch[f'{s}_labels'][:, 1:] != -100).sum(-1) for s in ('chosen', 'rejected')]
     shared = torch.minimum(*counts)
     assert shared.tolist() == [2, 1, 6]
@@ -1040,13 +1052,13 @@ def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average
             total, public, wpo, n = _full_logits_parts(policy, batch, side, shared)
             ref_total, ref_public, _, _ = _full_logits_parts(ref_model, batch, side, shared)
             div = n.to(dtype) if average else torch.ones_like(total)
-            expected = {f'policy_{side}': total / div, f'policy_{side}_public': public / div,
-                        f'reference_{side}': ref_total / div, f'reference_{side}_public': ref_public / div,
-                        f'{side}_wpo_logweight': wpo, f'{side}_tokens': n.to(dtype)}
+            expected = {side: total / div, f'public.{side}': public / div,
+                        f'reference_{side}': ref_total / div, f'public.reference_{side}': ref_public / div,
+                        f'{side}_wpo': wpo, f'{side}_tokens': n.to(dtype)}
             for key, value in expected.items():
-                assert torch.allclose(got[key].to(dtype), value, rtol=tol, atol=tol), key
-    assert got['policy_chosen'].requires_grad and got['policy_chosen_public'].requires_grad
-    assert not got['chosen_wpo_logweight'].requires_grad
+                assert torch.allclose(got.tensors()[key].to(dtype), value, rtol=tol, atol=tol), key
+    assert got.chosen.requires_grad and got.public.chosen.requires_grad
+    assert not got.chosen_wpo.requires_grad
 
 
 # --- two data-parallel ranks give one process's loss and gradient --------------
@@ -1084,9 +1096,9 @@ def _on_two_ranks(fn):
 
 def _global_batch(n=8, seed=3):
     g = torch.Generator().manual_seed(seed)
-    keys = ('policy_chosen', 'policy_rejected', 'reference_chosen', 'reference_rejected',
-            'policy_chosen_public', 'policy_rejected_public', 'reference_chosen_public',
-            'reference_rejected_public', 'chosen_wpo_logweight', 'rejected_wpo_logweight')
+    keys = ('chosen', 'rejected', 'reference_chosen', 'reference_rejected',
+            'public.chosen', 'public.rejected', 'public.reference_chosen',
+            'public.reference_rejected', 'chosen_wpo', 'rejected_wpo')
     out = {k: -torch.rand(n, dtype=D, generator=g) * 20 for k in keys}
     out.update({f'{s}_tokens': torch.randint(1, 30, (n,), generator=g).to(D) for s in ('chosen', 'rejected')})
     return out
@@ -1094,15 +1106,15 @@ def _global_batch(n=8, seed=3):
 
 def _loss_and_grads(config, batch, gather, rank, state):
     spec, args = get_loss(config), {k: v for k, v in config.items() if k != 'name'}
-    leaves = {k: v.clone().requires_grad_(k.startswith('policy_')) for k, v in batch.items()}
-    loss, _ = spec.compute(leaves, args, state, gather, True, generator=torch.Generator().manual_seed(5),
+    leaves = {k: v.clone().requires_grad_(k in ('chosen', 'rejected', 'public.chosen', 'public.rejected')) for k, v in batch.items()}
+    loss, _ = compute(spec, leaves, args, state, gather, True, generator=torch.Generator().manual_seed(5),
                            rank=rank)
-    grads = torch.autograd.grad(loss, [leaves['policy_chosen'], leaves['policy_rejected']])
+    grads = torch.autograd.grad(loss, [leaves['chosen'], leaves['rejected']])
     return loss.detach(), torch.cat(grads)
 
 
 @pytest.mark.parametrize('config', [
-    {'name': 'dpo', 'beta': 0.1, 'mode_loss': 'beta_DPO', 'mode_weight': 0.3, 'a': 0.6, 'gamma': 0.9},
+    {'name': 'beta_dpo', 'beta': 0.1, 'mode_weight': 0.3, 'a': 0.6, 'gamma': 0.9},
     {'name': 'aot', 'beta': 0.1, 'label_smoothing': 0.1},
     {'name': 'aot_unpaired', 'beta': 0.1, 'ld_alpha': 0.5},
     {'name': 'sigmoid', 'beta': 0.1, 'rpo_alpha': 0.5, 'use_weighting': True},

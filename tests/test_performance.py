@@ -163,9 +163,9 @@ def _watch_reference(monkeypatch):
 
 def test_precomputed_reference_log_probs_train_identically_and_are_reused(tmp_path, monkeypatch,
                                                                           capsys):
-    import references
+    import ref_cache
     import trainers
-    cache_dir = references.reference_cache_dir()
+    cache_dir = ref_cache.reference_cache_dir()
     before = set(cache_dir.glob("ref-logps-*.pt")) if cache_dir.exists() else set()
 
     live = read_metrics(run_in_process([*SHORT, *DPO, f"local_run_dir={tmp_path}/live"]))

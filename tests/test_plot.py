@@ -9,7 +9,7 @@ from conftest import FAST, ROOT, run_in_process
 
 import plot
 
-ALL_PANELS = ["loss", "reward accuracy", "reward margin", "log-probs (eval)", "KL to the reference",
+ALL_PANELS = ["preference loss", "reward accuracy", "reward margin", "log-probs (eval)", "KL to the reference",
               "reward of samples (evaluate.py)"]
 
 
@@ -75,9 +75,37 @@ def test_panels_without_data_are_left_out_and_svg_works(tmp_path):
     sft = write_run(tmp_path / "sft", [{"loss/train": 9.0, "counters/examples": 8},
                                        {"loss/eval": 9.5, "logps_eval/chosen": -9.5, "counters/examples": 0}])
     fig = plot.build_figure([sft])
-    assert list(axes_data(fig)) == ["loss", "log-probs (eval)"]
+    assert list(axes_data(fig)) == ["SFT loss", "log-probs (eval)"]
     out = plot.plot_runs([sft / "LATEST"], tmp_path / "fig.svg")  # a checkpoint path names its run
     assert out.read_text().lstrip().startswith("<?xml") and "<svg" in out.read_text()
+
+
+def line_styles(fig, title):
+    """{line label: (colour, line style, y values)} of one panel."""
+    ax = next(a for a in fig.axes if a.get_title() == title)
+    return {line.get_label(): (line.get_color(), line.get_linestyle(), list(line.get_ydata()))
+            for line in ax.get_lines()}
+
+
+def test_series_are_told_apart_and_each_loss_kind_has_its_own_axis(tmp_path):
+    """One run: policy and reference sample rewards differ in colour and style; several runs: a
+    colour per run, a style per series. SFT (~10-40) and DPO (~0.7) losses on separate panels."""
+    dpo = dpo_like(tmp_path / "dpo", kl=False)
+    one = line_styles(plot.build_figure([dpo]), "reward of samples (evaluate.py)")
+    (policy_colour, policy_style, _), (reference_colour, reference_style, _) = (
+        one["dpo: policy"], one["dpo: reference"])
+    assert policy_colour != reference_colour and policy_style != reference_style
+    sft = write_run(tmp_path / "sft", [{"loss/train": 30.0 - step, "counters/examples": step} for step in (8, 16)]
+                    + [{"loss/eval": 25.0, "logps_eval/chosen": -25.0, "counters/examples": 16}])
+    (tmp_path / "sft" / "config.yaml").write_text("loss:\n  name: sft\n")
+    fig = plot.build_figure([sft, dpo])
+    sft_loss, dpo_loss = line_styles(fig, "SFT loss"), line_styles(fig, "preference loss")
+    assert set(sft_loss) == {"sft: train", "sft: eval"} and set(dpo_loss) == {"dpo: train", "dpo: eval"}
+    assert max(y for *_, ys in dpo_loss.values() for y in ys) < 1 < min(y for *_, ys in sft_loss.values() for y in ys)
+    (sft_colour, train_style, _), (_, eval_style, _) = sft_loss["sft: train"], sft_loss["sft: eval"]
+    assert train_style != eval_style and {c for c, *_ in sft_loss.values()} == {sft_colour}
+    assert {c for c, *_ in dpo_loss.values()} != {sft_colour}
+    assert plot.loss_kind(sft, {}) == "sft" and plot.loss_kind(dpo, plot.read_run(dpo)) == "preference"
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
@@ -97,7 +125,7 @@ def test_real_sft_and_tdpo_runs(tmp_path):
     tdpo = run_in_process([*FAST, "n_examples=32", "loss=tdpo", "loss.beta=0.1", f"local_run_dir={tmp_path}/tdpo"])
     fig = plot.build_figure([sft, tdpo])
     data = axes_data(fig)
-    assert list(data) == ALL_PANELS[:5]  # no eval.json yet
+    assert list(data) == ["SFT loss", *ALL_PANELS[:5]]  # no eval.json yet
     for title, lines in data.items():
         assert lines and all(n > 0 for _, n in lines), title
     assert any(label.startswith("tdpo: TDPO") for label, _ in data["KL to the reference"])

@@ -225,3 +225,23 @@ def test_sft_then_dpo_on_real_hh_rows(tmp_path):
     assert len(transformers.AutoTokenizer.from_pretrained(latest)) == VOCAB
     saved = torch.load(latest / "policy.pt", weights_only=True)["state"]
     assert torch.equal(model.model.norm.weight, saved["model.norm.weight"])
+
+
+@pytest.mark.slow
+def test_lora_adapter_of_the_gguf_copy_records_the_hub_name(tmp_path):
+    """A LoRA run on the packaged GGUF copy records the hub model it stands for as the adapter's
+    base (not the pip package's folder), as a hub-loaded run does, so that
+    AutoPeftModelForCausalLM.from_pretrained(RUN/LATEST/adapter) finds the base on the hub."""
+    import peft
+    run_dir = tmp_path / "lora"
+    result = run_subprocess(["model=smollm2", "loss=sft", "lora.r=2", "n_examples=2", "batch_size=2",
+                             "gradient_accumulation_steps=1", "eval_batch_size=2", "n_eval_examples=2",
+                             "eval_every=2", "max_length=32", "max_prompt_length=16", "do_first_eval=false",
+                             "sample_during_eval=false", "save_hf_format=false", "wandb.enabled=false",
+                             f"local_run_dir={run_dir}"], env={"HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loads from the GGUF copy" in result.stdout
+    config = peft.PeftConfig.from_pretrained(str(run_dir / "LATEST" / "adapter"))
+    assert config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    base = torch.load(run_dir / "LATEST" / "base_weights.pt", weights_only=True)["state"]["sources"]
+    assert base["model"] == config.base_model_name_or_path and base["gguf"].endswith(GGUF)

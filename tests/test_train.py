@@ -42,6 +42,23 @@ def test_default_run_dir_is_named_after_the_experiment(tmp_path):
     assert Path(config.local_run_dir).name.startswith("sft_tiny_")
 
 
+@pytest.mark.slow
+def test_a_sweep_writes_runs_and_its_record_under_the_local_dir_not_the_checkout(tmp_path):
+    """python train.py -m: each job a run directory {exp_name}_{timestamp} under local_dirs' first
+    entry and USER, and Hydra's multirun.yaml beside them in multirun/, not in ./multirun/."""
+    import getpass
+    before = set((ROOT / "multirun").rglob("*")) if (ROOT / "multirun").exists() else set()
+    result = run_subprocess(["-m", *FAST, "n_examples=8", "debug=true", f"local_dirs=[{tmp_path}]",
+                             "exp_name=seed${seed}", "seed=0,1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    user = tmp_path / getpass.getuser()
+    assert sorted(p.name.split("_")[0] for p in user.iterdir()) == ["multirun", "seed0", "seed1"]
+    assert len(list(user.glob("multirun/*/multirun.yaml"))) == 1
+    after = set((ROOT / "multirun").rglob("*")) if (ROOT / "multirun").exists() else set()
+    assert after == before
+    assert "multirun/" in (ROOT / ".gitignore").read_text().split()
+
+
 def test_tiny_model_and_tokenizer_round_trip(tokenizer, tmp_path):
     import transformers
     import utils
@@ -104,6 +121,22 @@ def test_sft_run_writes_documented_checkpoints_and_metrics(tmp_path):
     assert {"logps_train/chosen", "examples_per_second", "grad_norm", "counters/examples",
             "counters/updates"} <= set(train_rows[0])
     assert {"logps_eval/chosen", "counters/examples"} <= set(eval_rows[0])
+
+
+def test_train_metrics_count_truncated_prompts_and_responses(tmp_path):
+    """data/truncated_* count the batch's examples whose prompt / responses were cut (worked out
+    here from the texts: a prompt is cut when its tokens outnumber the kept prompt ids)."""
+    trainer = make_trainer(["loss=dpo", "loss.beta=0.1", "max_length=12", "max_prompt_length=8"], tmp_path)
+    batch = next(iter(trainer.train_iterator()))
+    metrics = trainer.train_step(batch)
+    n_ids = lambda text: len(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
+    kept = batch["prompt_attention_mask"].sum(1).tolist()
+    cut_prompts = sum(n_ids(p) > k for p, k in zip(batch["prompt"], kept))
+    responses = zip(batch["chosen_response_only"], batch["rejected_response_only"],
+                    batch["chosen_attention_mask"].sum(1).tolist(), batch["rejected_attention_mask"].sum(1).tolist(), kept)
+    cut_responses = sum(n_ids(c) + n_ids(r) + 2 > nc + nr - 2 * k for c, r, nc, nr, k in responses)  # + EOS each
+    assert 0 < cut_prompts and 0 < cut_responses
+    assert (metrics["data/truncated_prompts"], metrics["data/truncated_responses"]) == (cut_prompts, cut_responses)
 
 
 def test_checkpoint_reloads_into_a_fresh_model(tmp_path, tokenizer):

@@ -1,0 +1,83 @@
+"""Sampling completions from a model: samples.jsonl during training (the policy's and the
+reference's) and evaluate.py's win-rate samples. Prompts are left-padded, so that every row of a
+batch continues at the same column.
+"""
+from typing import Callable, Dict, Iterable, List, Sequence
+
+import torch
+import tqdm
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_token_id: int):
+    """(input_ids, attention_mask), each (B, W) int64: token rows left-padded to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def sample_records(policy, reference, batches: Iterable[Dict], n: int,
+                   take: Callable[[Dict, int], Dict], sample: Callable, step: int) -> List[dict]:
+    """samples.jsonl's records for the first `n` prompts of `batches`: {"step", "prompt", "policy",
+    "reference"} (reference None when the reference cannot generate).
+
+    Args:
+        policy: the policy.
+        reference: the run's references.Reference (it generates with its own model, if any).
+        batches: collated batches, each with a "prompt" list.
+        n: how many prompts to sample for.
+        take: (batch, k) -> its first k rows, on the device.
+        sample: (model, batch) -> one decoded completion per prompt (sample_texts).
+        step: examples seen, recorded with every sample.
+    """
+    records, n_left = [], n
+    for batch in batches:
+        if n_left <= 0:
+            break
+        part = take(batch, min(n_left, len(batch["chosen_input_ids"])))
+        policy_text = sample(policy, part)
+        reference_text = reference.generate(sample, part) or [None] * len(policy_text)
+        for prompt, p, r in zip(part["prompt"], policy_text, reference_text):
+            records.append({"step": step, "prompt": prompt, "policy": p, "reference": r})
+        n_left -= len(policy_text)
+    return records
+
+
+def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context) -> List[str]:
+    """One sampled completion per prompt of a collated batch, decoded; sampled inside
+    `context()` (the tensor-parallel trainer seeds it)."""
+    rows = [ids[mask.bool()] for ids, mask in zip(batch["prompt_input_ids"],
+                                                  batch["prompt_attention_mask"])]
+    ids, mask = left_padded(rows, tokenizer.pad_token_id)
+    with context(), torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_length=max_length, do_sample=True,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def sample_token_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
+                     generation: dict, batch_size: int, device) -> List[List[int]]:
+    """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
+    each ending at and including the first EOS, or max_new_tokens long if none came)."""
+    from transformers import GenerationConfig
+    # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
+    config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
+    samples = []
+    for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False):
+        ids, mask = left_padded(rows[start:start + batch_size], tokenizer.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config)
+        samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id)
+                       for seq in out[:, ids.shape[1]:])
+    return samples
+
+
+def _until_eos(tokens: List[int], eos_id: int) -> List[int]:
+    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
