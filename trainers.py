@@ -298,6 +298,11 @@ class BasicTrainer(SingleProcessPlacement):
         return self.data_iterator("train", batch_size=c.batch_size, shuffle=True, **length,
                                   group_by_length=c.group_by_length, skip_batches=skip)
 
+    def length_setting(self) -> str:
+        """How long this run trains, as set: 'n_examples=N' or 'n_epochs=N'."""
+        c = self.config
+        return f"n_examples={c.n_examples}" if c.n_examples else f"n_epochs={c.n_epochs}"
+
     def scored_batches(self):
         """(global batch, micro-batches per batch) for every batch that training (the whole
         schedule, from the first batch, whatever a resume skips) and evaluation will score."""
@@ -321,16 +326,18 @@ class BasicTrainer(SingleProcessPlacement):
         """The responses a step scores: chosen and rejected, or only the SFT target (the entry says)."""
         return self.loss.sides(self.loss_args)
 
-    def batch_loss(self, batch: Dict, train: bool):
-        """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank."""
+    def batch_loss(self, batch: Dict, train: bool, generator: Optional[torch.Generator] = None):
+        """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank; the
+        loss draws from `generator` (None: training's, loss_generator)."""
         layouts = self.lay_out(batch)
         with self.autocast(), self.router_loss.collecting():
             logps_ = self.policy_logps(scoring.batch_logps, self.policy, self.reference, batch,
                                        layouts, self.loss, self.loss_args,
                                        self.config.logps_chunk_size)
+        generator = self.loss_generator if generator is None else generator
         loss, metrics = self.loss.compute(logps_, self.loss_args, self.loss_state,
                                           gather=self.gather, train=train,
-                                          generator=self.loss_generator, rank=self.ranks.data_rank)
+                                          generator=generator, rank=self.ranks.data_rank)
         loss, router_metrics = self.router_loss.add_to(loss)  # MoE models only (moe.py)
         out = gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
                                self.gather, self.device)
@@ -389,17 +396,27 @@ class BasicTrainer(SingleProcessPlacement):
 
     def evaluate(self) -> Dict[str, float]:
         """Metrics over the evaluation set (and samples when sample_during_eval), logged; the
-        weights must still be finite."""
+        weights must still be finite.
+
+        Its random draws (the samples, beta-DPO's pair selection) are seeded by the run's seed and
+        the examples seen, the same on every rank, and leave training's RNG states as they were:
+        an evaluation neither depends on the ones before it nor changes training, so a finished
+        run extended to more examples (it evaluated where it stopped) trains on exactly as one
+        run of the new length, and do_first_eval or eval_every do not change the weights."""
         self.policy.eval()
+        seed = self.seed + self.example_counter
+        generator = torch.Generator().manual_seed(seed)
         metrics = defaultdict(list)
-        for batch in tqdm.tqdm(self.eval_batches, desc="Computing eval metrics",
-                               disable=self.rank != 0, leave=False):
-            with torch.no_grad():
-                _, batch_metrics = self.batch_loss(self.rank_slice(batch, 0, 1), train=False)
-            for k, v in batch_metrics.items():
-                metrics[k].extend(v)
-        if self.config.sample_during_eval:
-            self.write_samples()
+        with parallel.seeded_rng(seed, self.device):
+            for batch in tqdm.tqdm(self.eval_batches, desc="Computing eval metrics",
+                                   disable=self.rank != 0, leave=False):
+                with torch.no_grad():
+                    _, batch_metrics = self.batch_loss(self.rank_slice(batch, 0, 1), train=False,
+                                                       generator=generator)
+                for k, v in batch_metrics.items():
+                    metrics[k].extend(v)
+            if self.config.sample_during_eval:
+                self.write_samples()
         eval_metrics = mean_metrics(metrics)
         # Never save weights whose evaluation loss is not finite over the last good checkpoint.
         check_finite([eval_metrics["loss/eval"]], 0.0, self.example_counter, self.run_dir)
@@ -498,9 +515,14 @@ class BasicTrainer(SingleProcessPlacement):
         if resume is not None:
             rank0_print(f"resuming from {resume} at {self.example_counter} examples "
                         f"({self.batch_counter} updates)")
-            if finished:
+            # A finished run relaunched with a larger n_examples or n_epochs trains on: the data
+            # schedule only grows, so the batches it has not seen yet come next, as they would
+            # have in one run of the new length.
+            if finished and next(self.train_iterator(), None) is None:
                 rank0_print(f"run in {self.run_dir} already finished; nothing to do")
                 return False
+            if finished:
+                rank0_print(f"training further than the finished run, to {self.length_setting()}")
         self.run_log.truncate(resume is not None, self.example_counter)
         self.prepare_reference()
         self.run_log.start_wandb()

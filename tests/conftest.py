@@ -12,7 +12,8 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 # Before any test module loads torch, as for users: train.py sets the math library's environment
 # (bitwise-reproducible MKL) and glibc's memory settings when it is imported, and MKL reads its
-# variables only when torch loads it. The bitwise baseline holds only in that environment.
+# variables only when torch loads it. Runs compared bit for bit (tests/test_bitwise.py) are
+# made in that environment.
 import train  # noqa: E402,F401
 
 # Small, fast settings for the embedded model; each test adds its own overrides.
@@ -47,6 +48,15 @@ def run_subprocess(args, timeout=600, env=None):
 
 def read_metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# Wall-clock measurements differ from run to run by nature; every other logged value must not.
+WALL_CLOCK_KEYS = ("examples_per_second",)
+
+
+def logged_values(run_dir, leave_out=WALL_CLOCK_KEYS):
+    """metrics.jsonl's rows without the keys in `leave_out`, to compare two runs row by row."""
+    return [{k: v for k, v in row.items() if k not in leave_out} for row in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -446,6 +446,26 @@ def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_finished_sharded_fsdp_run_trains_further_under_fsdp_and_basic_trainer(baseline,
+                                                                                 tmp_path):
+    """Issue 28: a finished 16-example FSDP run (sharded checkpoints), relaunched with
+    n_examples=32 under FSDP and, a copy of it, under BasicTrainer, ends where the uninterrupted
+    32-example BasicTrainer run ends (FSDP sums gradients in another order: 1e-5)."""
+    import checkpoints
+    run_dir = tmp_path / "fsdp"
+    train_2proc("FSDPTrainer", run_dir, "checkpoint_format=sharded", "n_examples=16")  # last wins
+    copy = tmp_path / "basic"
+    shutil.copytree(run_dir, copy)
+    output = train_2proc("FSDPTrainer", run_dir, "checkpoint_format=sharded")
+    assert f"resuming from {run_dir / 'LATEST'} at 16 examples" in output
+    run_in_process([*COMMON, f"local_run_dir={copy}"])  # BasicTrainer writes full checkpoints
+    for extended in (run_dir, copy):
+        assert_same_losses(extended, baseline, LOSS_RTOL_FP32)
+        got = checkpoints.load_policy_state(extended / "LATEST")
+        assert max_weight_diff(got, policy_state(baseline)) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- FSDP start-up memory
 # A worker run under torchrun: train.build_models under FSDP with 2 processes builds the weights on
 # rank 0 only (rank 1 builds on the meta device); sharding then gives rank 1 its shards of rank

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT, compose, run_in_process, run_subprocess
+from conftest import (FAST, ROOT, compose, logged_values, read_metrics, run_in_process,
+                      run_subprocess)
 
 
 def resolved(overrides):
@@ -302,3 +303,97 @@ def test_readme_lists_the_resumable_keys_of_the_code():
     line = next(l for l in readme.splitlines() if l.startswith("Keys that may change on resume:"))
     listed = [k.strip(" `.*") for k in line.split(":", 1)[1].split(",")]
     assert listed == list(train.RESUMABLE_KEYS)
+
+
+# ----------------------------------------------------------------------------- training further
+
+# beta-DPO draws from the loss's random generator in training and evaluation, and sampling during
+# evaluation from the global RNG: an evaluation that used the training RNG would show here.
+FURTHER = [*FAST, "eval_every=16", "save_hf_format=false", "loss=dpo", "loss.beta=0.1",
+           "loss.mode_loss=beta_DPO", "loss.mode_weight=0.25", "loss.a=0.6",
+           "sample_during_eval=true", "n_eval_model_samples=2"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = policy_state(a), policy_state(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def samples_by_step(run_dir: Path) -> dict:
+    import json
+    out = {}
+    for line in (run_dir / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.setdefault(record["step"], []).append(record)
+    return out
+
+
+@pytest.mark.slow
+def test_an_evaluation_leaves_the_training_rng_as_it_was(tmp_path):
+    """An evaluation's draws (beta-DPO's pair selection, the samples) depend only on the seed and
+    the step, and training's RNG states are as before it: so an evaluation that one run of the
+    same length would not have made (where a finished run stopped) changes nothing after it."""
+    from test_train import make_trainer
+    trainer = make_trainer(FURTHER[len(FAST):], tmp_path)
+    states = (trainer.loss_generator.get_state(), torch.get_rng_state())
+    first = trainer.evaluate()
+    assert torch.equal(trainer.loss_generator.get_state(), states[0])
+    assert torch.equal(torch.get_rng_state(), states[1])
+    torch.rand(3, generator=trainer.loss_generator), torch.rand(3)  # other training RNG states
+    assert trainer.evaluate() == first
+    records = samples_by_step(trainer.run_dir)[0]
+    assert len(records) == 4 and records[:2] == records[2:]
+
+
+@pytest.mark.slow
+def test_a_finished_run_relaunched_with_more_examples_ends_as_one_longer_run(tmp_path):
+    """Issue 28: 40 examples (evaluated at 0, 16, 32 and, at its end, 40), relaunched with
+    n_examples=64, trains on bit for bit as one 64-example run (evaluated at 0, 16, 32, 48, 64):
+    the same data order, schedule and RNG, and the extra evaluation at 40 changes nothing."""
+    run_dir = run_in_process([*FURTHER, "n_examples=40", f"local_run_dir={tmp_path}/run"])
+    with open(run_dir / "metrics.jsonl", "a") as f:  # a write cut short by a kill
+        f.write('{"counters/examples": 48, "loss/tr')
+    result = run_subprocess([*FURTHER, "n_examples=64", f"local_run_dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming from {run_dir}/LATEST at 40 examples (5 updates)" in result.stdout
+    assert "training further than the finished run, to n_examples=64" in result.stdout
+    assert f"dropped 1 unreadable line(s) of {run_dir / 'metrics.jsonl'}" in result.stdout
+    whole = run_in_process([*FURTHER, "n_examples=64", f"local_run_dir={tmp_path}/whole"])
+    assert same_weights(run_dir, whole)
+    extra = {"loss/eval", "counters/examples"}  # the finished run's last evaluation, at 40
+    rows = [r for r in logged_values(run_dir) if not (extra <= r.keys() and
+                                                      r["counters/examples"] == 40)]
+    assert rows == logged_values(whole)  # every line parses, and the same values
+    samples = samples_by_step(run_dir)
+    assert sorted(samples) == [0, 16, 32, 40, 48, 64]
+    del samples[40]
+    assert samples == samples_by_step(whole)
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    """A TRL-format preference file of n pairs (train and test split alike)."""
+    import json
+    path.write_text("".join(json.dumps({"prompt": f"\n\nHuman: add {i} and 1\n\nAssistant:",
+                                        "chosen": f" {i + 1}", "rejected": f" {i}"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.slow
+def test_a_finished_epoch_relaunched_with_more_epochs_ends_as_one_longer_run(tmp_path):
+    """20 pairs: 2 batches of 8 per epoch. One epoch, relaunched with n_epochs=2, goes on into
+    the second epoch (its own shuffle) as a 2-epoch run does."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 20)
+    args = [*FAST, "n_examples=null", "eval_batch_size=8", "eval_every=16", "loss=dpo",
+            "loss.beta=0.1", f"datasets=[{data}]", "save_hf_format=false"]
+    run_dir = run_in_process([*args, "n_epochs=1", f"local_run_dir={tmp_path}/run"])
+    assert torch.load(run_dir / "LATEST" / "trainer_state.pt",
+                      weights_only=True)["example_counter"] == 16
+    run_in_process([*args, "n_epochs=2", f"local_run_dir={run_dir}"])
+    whole = run_in_process([*args, "n_epochs=2", f"local_run_dir={tmp_path}/whole"])
+    assert torch.load(run_dir / "LATEST" / "trainer_state.pt",
+                      weights_only=True)["example_counter"] == 32
+    assert same_weights(run_dir, whole)
+    key = "loss/train"
+    assert [m[key] for m in read_metrics(run_dir) if key in m] == [
+        m[key] for m in read_metrics(whole) if key in m]
