@@ -474,6 +474,44 @@ def preference_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, 
     return prompt, chosen, rejected
 
 
+_UNPAIRED_SCHEMA = ("Unpaired preference files (TRL's KTO format) need columns 'prompt', 'completion' and "
+                    "'label' (true for a desirable completion, false for an undesirable one); prompt and "
+                    "completion are strings, or lists of {'role', 'content'} messages.")
+_LABEL_WORDS = {'true': True, '1': True, 'false': False, '0': False}
+
+
+def is_unpaired_row(row: dict) -> bool:
+    """Whether a row is in TRL's unpaired format (a 'completion' and a 'label', no chosen/rejected)."""
+    return 'completion' in row and 'label' in row and 'chosen' not in row and 'rejected' not in row
+
+
+def _label(value, where: str) -> bool:
+    """A boolean label; 0/1 and, as CSV cells are text, 'true'/'false' (any case) and '1'/'0' too."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):  # JSON or parquet written with 0/1
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
+        return _LABEL_WORDS[value.strip().lower()]
+    raise DatasetFormatError(f"{where}: column 'label' must be true or false, got {value!r:.40}. "
+                             f'{_UNPAIRED_SCHEMA}')
+
+
+def unpaired_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, str, bool]:
+    """(prompt, completion, label) for one row of TRL's unpaired preference format (KTO's)."""
+    prompt = _field(row, 'prompt', (str, list), where, _UNPAIRED_SCHEMA)
+    completion = _field(row, 'completion', (str, list), where, _UNPAIRED_SCHEMA)
+    label = _label(row['label'], where)
+    if type(prompt) is not type(completion):
+        raise DatasetFormatError(f"{where}: mixes text and message lists across 'prompt' and 'completion'. "
+                                 f'{_UNPAIRED_SCHEMA}')
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, 'prompt', where)
+        completion = _strip_shared_prompt(prompt, _messages(completion, 'completion', where))
+        prompt, completion = _render_chat(tokenizer, prompt, completion, where)
+    return prompt, completion, label
+
+
 class _HTMLToText(HTMLParser):
     """Reduce StackExchange HTML to text: blocks separated by blank lines, <code> kept.
 

@@ -1,5 +1,6 @@
 """Preference-learning losses (SFT, TDPO, beta-DPO; DPO/cDPO/IPO and TRL's loss types come from
-trl_losses.py) and the loss registry, which says what each loss needs from the trainer.
+trl_losses.py, those of TRL's KTO, CPO and ORPO trainers from kto_cpo_orpo.py) and the loss
+registry, which says what each loss needs from the trainer.
 
 Everything here is a pure function of its arguments: no config reading, no
 distributed calls (the caller passes a `gather` callable where one is needed).
@@ -30,6 +31,8 @@ from trl_losses import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_los
                         bco_pair_loss, chosen_nll, discopop_loss, exo_pair_loss, f_divergence_score,
                         hinge_loss, ipo_loss, ld_logps, nca_pair_loss, preference_loss, robust_loss,
                         sigmoid_loss, sigmoid_norm_loss, sppo_hard_loss, wpo_weights, _rewards)
+# TRL's KTOTrainer, CPOTrainer (CPO, SimPO, AlphaPO) and ORPOTrainer
+from kto_cpo_orpo import CPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, kto_kl, kto_loss, orpo_log_odds, orpo_loss
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +265,9 @@ class BatchLogps:
     public: LD-DPO (ld_alpha): the same four sequence fields over each pair's first
         min(len_chosen, len_rejected) completion tokens, in the same units.
     chosen_wpo, rejected_wpo: WPO (use_weighting): the policy's summed log-weights, detached.
+    label: KTO: (B,) bool, True for a desirable example (the batch's 'label').
+    prompt, prompt_tokens: ORPO (LossSpec.prompt_nll): the policy's summed log-probs of each
+        prompt's tokens after its first, and their count.
     """
     chosen: torch.Tensor
     rejected: Optional[torch.Tensor] = None
@@ -276,6 +282,9 @@ class BatchLogps:
     public: Optional['BatchLogps'] = None
     chosen_wpo: Optional[torch.Tensor] = None
     rejected_wpo: Optional[torch.Tensor] = None
+    label: Optional[torch.Tensor] = None
+    prompt: Optional[torch.Tensor] = None
+    prompt_tokens: Optional[torch.Tensor] = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """{field: tensor} of the fields that are set ('public.<field>' for LD-DPO's)."""
@@ -343,7 +352,8 @@ def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 _INPUT_PARAMETERS = frozenset({
     'pc', 'pr', 'rc', 'rr', 'policy_chosen_logps', 'policy_rejected_logps',
     'reference_chosen_logps', 'reference_rejected_logps', 'chosen_logps_margin',
-    'rejected_logps_margin', 'chosen_position_kl', 'rejected_position_kl', 'state'})
+    'rejected_logps_margin', 'chosen_position_kl', 'rejected_position_kl', 'state',
+    'policy_logps', 'reference_logps', 'labels', 'kl'})  # the last four: kto_loss's
 
 
 def _keyword_parameters(fn: Callable) -> Dict[str, inspect.Parameter]:
@@ -388,6 +398,10 @@ class LossSpec:
         plain_in_mixture: as a mixture term TRL ignores label_smoothing (its sigmoid), so it
             must be 0 there.
         sorts_pairs: the loss sorts the pairs of a batch (AOT): WPO weights cannot follow them.
+    Class attributes of subclasses: `checks` (key -> (check, allowed) overriding _CHECKS for keys
+    of the entry's own meaning) and `prompt_nll` (the trainer also supplies the prompts'
+    log-probs, scoring.example_inputs); methods `check`, `unpaired_weights` and `sides` say what
+    single-key checks cannot, whether batches are unpaired examples (KTO) and what is scored.
     """
     name: str
     fn: Callable
@@ -404,9 +418,25 @@ class LossSpec:
     plain_in_mixture: bool = False
     sorts_pairs: bool = False
 
+    # key -> (check, allowed) for keys whose meaning is this entry's own (overrides _CHECKS)
+    checks = {}
+    # ORPO: the trainer also supplies the prompts' log-probs (scoring.example_inputs)
+    prompt_nll = False
+
     @property
     def stateful(self) -> bool:
         return bool(self.initial_state)
+
+    def check(self, args: dict) -> None:
+        """Refuse combinations of keys that the single-key checks cannot see (ValueError)."""
+
+    def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
+        """(desirable_weight, undesirable_weight) for a loss on unpaired examples (KTO), else None."""
+        return None
+
+    def sides(self, args: dict) -> Tuple[str, ...]:
+        """The responses the trainer scores: chosen and rejected, or only the SFT target."""
+        return ('chosen', 'rejected') if self.paired else ('chosen',)
 
     @property
     def hyper_parameters(self) -> Dict[str, inspect.Parameter]:
@@ -616,6 +646,107 @@ class MixtureSpec(LossSpec):
         return loss, metrics
 
 
+def _reference_free_inputs(logps: BatchLogps) -> Tuple[torch.Tensor, ...]:
+    return logps.chosen, logps.rejected, None, None
+
+
+class CPOSpec(LossSpec):
+    """TRL's CPOTrainer (CPO, SimPO, AlphaPO): `cpo_loss` on summed log-probs, or per-token means
+    for loss_type ipo and simpo (TRL's own choice), plus cpo_alpha times the mean NLL over the
+    batch's chosen completion tokens (TRL's cross-entropy on the chosen labels). No reference."""
+    checks = {'loss_type': (lambda v: v in CPO_LOSS_TYPES, f'one of {", ".join(CPO_LOSS_TYPES)}'),
+              # AlphaPO's alpha may take either sign (0: the log-prob reward)
+              'alpha': (is_number, 'a finite number'),
+              'simpo_gamma': (is_number, 'a finite number'),
+              'cpo_alpha': (lambda v: is_number(v) and v >= 0, 'a number >= 0')}
+
+    def check(self, args: dict) -> None:
+        if args.get('loss_type') in ('hinge', 'ipo') and args.get('label_smoothing', 0) != 0:
+            # TRL warns and ignores it; refuse rather than ignore
+            raise ValueError(f'loss.label_smoothing={args["label_smoothing"]!r}: not used by loss_type='
+                             f'{args["loss_type"]}; use 0, or loss_type sigmoid or simpo')
+
+    def average_log_prob(self, args: dict) -> bool:
+        return args.get('loss_type') in ('ipo', 'simpo')
+
+    def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
+        return _reference_free_inputs(logps)
+
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """As LossSpec.compute; the NLL term is RPO's (`chosen_nll`) with weight cpo_alpha (0: none)."""
+        nll = {'rpo_alpha': args['cpo_alpha'] if args.get('cpo_alpha') else None}
+        return super().compute(logps, dict(args, **nll), state, gather, train, generator, rank)
+
+
+class ORPOSpec(LossSpec):
+    """TRL's ORPOTrainer: the mean over pairs of `orpo_loss` on per-token averaged log-probs, plus
+    the NLL of the chosen sequences over their prompt and completion tokens (TRL: "computed over
+    the full prompt and response"), the mean over all those tokens of the batch. The trainer
+    supplies `prompt` and `prompt_tokens` (the prompt's log-probs after its first token)
+    beside the completion log-probs. No reference, no SFT stage."""
+    prompt_nll = True
+
+    def average_log_prob(self, args: dict) -> bool:
+        return True
+
+    def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
+        return _reference_free_inputs(logps)
+
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """As LossSpec.compute; the loss is ORPO's whole loss, odds-ratio term plus NLL."""
+        pc, pr = logps.chosen, logps.rejected
+        losses_, cr, rjr = self.fn(pc, pr, beta=args['beta'])
+        chosen_sum = pc * logps.chosen_tokens.clamp(min=1)  # the trainer's mean, undone
+        nll = chosen_nll(chosen_sum + logps.prompt, logps.chosen_tokens + logps.prompt_tokens, gather)
+        metrics = _reward_metrics(cr, rjr, pc, pr)
+        log_odds = orpo_log_odds(pc, pr).detach()
+        metrics.update({'nll/chosen': nll.detach(), 'orpo/log_odds_chosen': log_odds,
+                        'orpo/log_odds_ratio': F.logsigmoid(log_odds)})
+        return losses_.mean() + nll.to(losses_.dtype), metrics
+
+
+class KTOSpec(LossSpec):
+    """TRL's KTOTrainer on unpaired examples. The trainer's batches (preference_datasets with
+    `unpaired_weights`) hold one example per row in the chosen columns, its KL sequence (the
+    row's prompt with another row's completion) in the rejected columns and a bool 'label'; so
+    BatchLogps.chosen / reference_chosen are the examples' summed log-probs, rejected /
+    reference_rejected the KL sequences' and label the labels. The KL estimate (`kto_kl`) is
+    gathered over data-parallel processes; apo_zero_unpaired uses none, and its trainer scores
+    only the examples (`sides`)."""
+    checks = {'loss_type': (lambda v: v in KTO_LOSS_TYPES, f'one of {", ".join(KTO_LOSS_TYPES)}'),
+              'desirable_weight': (lambda v: is_number(v) and v >= 0, 'a number >= 0'),
+              'undesirable_weight': (lambda v: is_number(v) and v >= 0, 'a number >= 0')}
+
+    def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
+        return float(args['desirable_weight']), float(args['undesirable_weight'])
+
+    def sides(self, args: dict) -> Tuple[str, ...]:
+        """The examples, and their KL sequences where the loss type estimates the KL term."""
+        return ('chosen', 'rejected') if args.get('loss_type', 'kto') == 'kto' else ('chosen',)
+
+    def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
+                generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
+        """The mean of `kto_loss` over the examples, and TRL's metrics: kl, the rewards and
+        log-probs of desirable and undesirable examples (per example), their counts, the margin
+        between the two mean rewards over the (gathered) batch."""
+        pc, rc, labels = logps.chosen, logps.reference_chosen, logps.label.bool()
+        if args.get('loss_type', 'kto') == 'kto':
+            kl = kto_kl(logps.rejected, logps.reference_rejected, gather)
+        else:
+            kl = torch.zeros((), dtype=pc.dtype, device=pc.device)
+        kwargs = {k: args[k] for k in self.hyper_parameters if k in args}
+        losses_, rewards = self.fn(pc, rc, labels, kl, **kwargs)
+        good, bad = gather(rewards[labels]), gather(rewards[~labels])
+        metrics = {'kto/kl': kl, 'rewards/chosen': rewards[labels], 'rewards/rejected': rewards[~labels],
+                   'logps/chosen': pc.detach()[labels], 'logps/rejected': pc.detach()[~labels],
+                   'count/desirable': labels.sum().to(pc.dtype), 'count/undesirable': (~labels).sum().to(pc.dtype)}
+        if good.numel() and bad.numel():
+            metrics['rewards/margins'] = good.mean() - bad.mean()
+        return losses_.mean(), metrics
+
+
 def _trl(name: str, fn: Callable, **facts) -> LossSpec:
     return LossSpec(name, fn, trl=True, **facts)
 
@@ -644,6 +775,10 @@ LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
     _trl('sigmoid_norm', sigmoid_norm_loss, averaged=True),
     MixtureSpec('mix', chosen_nll, config_only=frozenset({'losses', 'weights', *MIXTURE_SHARED_KEYS,
                                                          'use_weighting', 'ld_alpha'})),
+    # SimPO is CPO's loss_type simpo with cpo_alpha 0 (config/loss/simpo.yaml)
+    CPOSpec('cpo', cpo_loss, reference='never', aliases=('simpo',), config_only=frozenset({'cpo_alpha'})),
+    ORPOSpec('orpo', orpo_loss, reference='never'),
+    KTOSpec('kto', kto_loss),
 )}
 # TRL's ipo is ours with averaged log-probs (its default); as a mixture term it is TRL's
 _TRL_TERMS = tuple(n for n, s in LOSSES.items() if s.trl) + ('sft',)
@@ -732,7 +867,7 @@ def validate_loss_args(loss_args: dict) -> None:
     for key in spec.required_keys:
         if key not in loss_args:
             raise ValueError(f'loss.{key} is missing: required for loss {name!r}')
-    for key, (ok, allowed) in _CHECKS.items():
+    for key, (ok, allowed) in dict(_CHECKS, **spec.checks).items():
         if key in loss_args and not ok(loss_args[key]):
             raise ValueError(f'loss.{key}={loss_args[key]!r}: must be {allowed}')
     if spec.needs_label_smoothing and loss_args.get('label_smoothing') == 0:
@@ -741,6 +876,7 @@ def validate_loss_args(loss_args: dict) -> None:
     if loss_args.get('reference_free') and loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl':
         raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: needs the reference; '
                          'use reverse_kl with reference_free=true')
+    spec.check(loss_args)
     if isinstance(spec, MixtureSpec):
         _check_mixture(loss_args, spec)
     terms = [term for term, _ in spec.terms(loss_args)] if isinstance(spec, MixtureSpec) else [spec]

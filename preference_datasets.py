@@ -45,8 +45,10 @@ import data_files
 import utils
 # re-exported: callers and tests import these from here
 from data_files import (ASSISTANT_MARKER, HUMAN_MARKER, SUPPORTED_FORMATS, DatasetFormatError,  # noqa: F401
-                        _field, data_suffix, preference_row_to_text, read_rows, resolve_data_files,
-                        html_to_text, split_hh_transcripts, unsupported_format_message)
+                        _field, data_suffix, is_unpaired_row, preference_row_to_text, read_rows,
+                        resolve_data_files, html_to_text, split_hh_transcripts, unpaired_row_to_text,
+                        unsupported_format_message)
+from kto_cpo_orpo import kto_weight_advice, mismatched_order
 from synthetic_data import SYNTHETIC_SIZES, synthetic_corpus, synthetic_split  # noqa: F401
 
 SHP_MIN_SCORE_RATIO = 2.0      # the DPO paper's SHP filter: keep pairs whose scores differ 2x
@@ -193,6 +195,13 @@ class _PromptTable:
         """One chosen/rejected row; the first row's chosen response is the SFT target."""
         self.offer_sft(prompt, chosen)
         self.add_pair(prompt, chosen, rejected)
+
+    def add_example(self, prompt: str, completion: str, label: bool) -> None:
+        """One unpaired example (TRL's KTO format); the first desirable one is the SFT target."""
+        i = self.response(prompt, completion)  # paired data's entries have no 'examples' key
+        self._data[prompt].setdefault('examples', []).append((i, bool(label)))
+        if label and prompt not in self._sft_score:
+            self.offer_sft(prompt, completion)
 
     def offer_sft(self, prompt: str, text: str, score: float = 0.0) -> None:
         """Make ``text`` the SFT target unless one with an equal or higher score came first."""
@@ -386,7 +395,9 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
     ``rejected`` only; the prompt is their common prefix) and conversational (lists of
     ``{role, content}`` messages rendered with ``tokenizer.apply_chat_template``; chosen and
     rejected may also repeat the prompt messages).  Rows sharing a prompt are merged; the
-    SFT target is the first row's chosen response.  ``{split}`` in ``path`` selects per-split
+    SFT target is the first row's chosen response.  A file may instead hold TRL's unpaired
+    format (``prompt``, ``completion``, boolean ``label``, text or messages) for KTO; it
+    cannot mix the two.  ``{split}`` in ``path`` selects per-split
     files, otherwise every split reads the same file; in a directory, a split reads the files
     whose name contains it as a word (``test.csv``, ``prefs-train.jsonl``).
     """
@@ -396,8 +407,17 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
     for file in resolve_data_files(path, split):
         if not silent:
             print(f'Reading preference data ({split} split) from {file}')
+        first_kind = None
         for where, row in read_rows(file):
-            table.add_row(*preference_row_to_text(row, where, tokenizer))
+            unpaired = is_unpaired_row(row)
+            first_kind = unpaired if first_kind is None else first_kind
+            if unpaired != first_kind:
+                raise DatasetFormatError(f'{where}: mixes unpaired rows (prompt, completion, label) with '
+                                         'paired rows (chosen, rejected) in one file; keep one format per file.')
+            if unpaired:
+                table.add_example(*unpaired_row_to_text(row, where, tokenizer))
+            else:
+                table.add_row(*preference_row_to_text(row, where, tokenizer))
     return table.finish()
 
 
@@ -567,6 +587,8 @@ def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, m
         element['length'] = len(element['chosen_input_ids']) + len(element['rejected_input_ids'])
         for key, value in element.items():
             out.setdefault(key, []).append(value)
+    if 'label' in batch:  # unpaired examples (KTO): the label travels with its example
+        out['label'] = list(batch['label'])
     return out
 
 
@@ -601,7 +623,8 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
     one (a run killed mid-write, a full disk, a damaged file) is rebuilt with one warning.
     """
     settings = f'v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|'
-    key = data_files.cache_key(settings, tokenizer, columns)
+    key = data_files.cache_key(settings, tokenizer, {name: [str(v) for v in values] if name == 'label'
+                                                     else values for name, values in columns.items()})
     directory = Path(cache_dir or _default_cache_dir()) / 'tokenized'
     directory.mkdir(parents=True, exist_ok=True)
     cache_file = directory / f'{key}.arrow'
@@ -643,6 +666,8 @@ def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
         if key.endswith(('_input_ids', '_attention_mask', '_labels')):
             batch[key] = pad_sequence([torch.tensor(v, dtype=torch.long) for v in values],
                                       batch_first=True, padding_value=_pad_value(key, pad_token_id))
+        elif key == 'label':  # unpaired examples: True for desirable
+            batch[key] = torch.tensor(values, dtype=torch.bool)
         else:
             batch[key] = values
     return batch
@@ -664,8 +689,10 @@ def _flatten(data: PromptData, sft_mode: bool) -> Tuple[Dict[str, List[str]], Li
     group_sizes = []
     for prompt, entry in data.items():
         responses = entry['responses']
-        pairs = ([(entry['sft_target'],) * 2] if sft_mode
-                 else [(responses[i], responses[j]) for i, j in entry['pairs']])
+        if sft_mode:  # a prompt of unpaired data with undesirable examples only has no target
+            pairs = [(entry['sft_target'],) * 2] if entry['sft_target'] is not None else []
+        else:
+            pairs = [(responses[i], responses[j]) for i, j in entry['pairs']]
         for chosen, rejected in pairs:
             columns['prompt'].append(prompt)
             columns['chosen_response'].append(chosen)
@@ -673,6 +700,71 @@ def _flatten(data: PromptData, sft_mode: bool) -> Tuple[Dict[str, List[str]], Li
         if pairs:
             group_sizes.append(len(pairs))
     return columns, group_sizes
+
+
+def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
+    """One row per unpaired example (KTO): a file's labelled examples as they are, and every pair
+    unpaired into a desirable (chosen) and an undesirable (rejected) example, as TRL's
+    `unpair_preference_dataset`. The rejected columns hold the example's own completion until
+    `mismatched_pairs` puts another example's there (the KL estimate's sequence)."""
+    columns = {'prompt': [], 'chosen_response': [], 'rejected_response': [], 'label': []}
+    group_sizes = []
+    for prompt, entry in data.items():
+        responses = entry['responses']
+        examples = [(responses[i], label) for i, label in entry.get('examples', ())]
+        for i, j in entry['pairs']:
+            examples += [(responses[i], True), (responses[j], False)]
+        for completion, label in examples:
+            columns['prompt'].append(prompt)
+            columns['chosen_response'].append(completion)
+            columns['rejected_response'].append(completion)
+            columns['label'].append(label)
+        if examples:
+            group_sizes.append(len(examples))
+    return columns, group_sizes
+
+
+def _refuse_unpaired(data: PromptData, name: str, split: str) -> None:
+    """A paired loss cannot read unpaired examples: refuse rather than drop them."""
+    n = sum(len(entry.get('examples', ())) for entry in data.values())
+    if n:
+        raise DatasetFormatError(f'{data.source}: the {split} split of {name!r} holds {n:,} unpaired examples '
+                                 "(prompt, completion, label) and this loss trains on chosen/rejected pairs; "
+                                 'use loss=kto for unpaired data, or a file of pairs.')
+
+
+def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shuffle: bool,
+                            seed: int, lengths: Optional[np.ndarray] = None) -> np.ndarray:
+    """Element indices of every batch of one epoch of unpaired examples, (n_batches, batch_size).
+
+    Every batch holds both labels (KTO's KL estimate and its two weights assume it), in the
+    data's proportion: k = round(batch_size * desirable fraction), at least 1 and at most
+    batch_size - 1 desirable examples per batch. Desirable and undesirable examples are shuffled
+    separately (seeded by (seed, epoch), as `_epoch_batches`), then mixed within each batch; the
+    examples of the larger side left over once the other is used up wait for the next epoch.
+    With `lengths` (group_by_length) each side is sorted by length within chunks of
+    GROUP_BY_LENGTH_CHUNK batches before the batches are formed, and the batch order shuffled.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    desirable, undesirable = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if shuffle:
+        desirable, undesirable = rng.permutation(desirable), rng.permutation(undesirable)
+    k = int(min(max(round(batch_size * len(desirable) / len(labels)), 1), batch_size - 1))
+    n = min(len(desirable) // k, len(undesirable) // (batch_size - k))
+    sides = [desirable[:n * k], undesirable[:n * (batch_size - k)]]
+    if lengths is not None:
+        sides = [_sorted_in_chunks(side, lengths, GROUP_BY_LENGTH_CHUNK * per) for side, per in
+                 zip(sides, (k, batch_size - k))]
+    batches = np.concatenate([sides[0].reshape(n, k), sides[1].reshape(n, batch_size - k)], axis=1)
+    if shuffle and lengths is not None:
+        batches = batches[rng.permutation(n)]
+    return rng.permuted(batches, axis=1) if shuffle else batches
+
+
+def _sorted_in_chunks(elements: np.ndarray, lengths: np.ndarray, chunk: int) -> np.ndarray:
+    """`elements` sorted by decreasing length within consecutive chunks of `chunk`."""
+    return np.concatenate([part[np.argsort(-lengths[part], kind='stable')]
+                           for part in np.array_split(elements, range(chunk, len(elements), chunk))])
 
 
 def _epoch_batches(epoch: int, group_sizes: np.ndarray, lengths: np.ndarray, batch_size: int,
@@ -692,10 +784,7 @@ def _epoch_batches(epoch: int, group_sizes: np.ndarray, lengths: np.ndarray, bat
     offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     elements = np.repeat(starts[order], sizes) + offsets
     if group_by_length:
-        chunk = GROUP_BY_LENGTH_CHUNK * batch_size
-        elements = np.concatenate([
-            part[np.argsort(-lengths[part], kind='stable')]
-            for part in np.array_split(elements, range(chunk, len(elements), chunk))])
+        elements = _sorted_in_chunks(elements, lengths, GROUP_BY_LENGTH_CHUNK * batch_size)
     n_batches = len(elements) // batch_size
     batches = elements[:n_batches * batch_size].reshape(n_batches, batch_size)
     if group_by_length and shuffle:  # similar lengths within a batch, batches in random order
@@ -705,16 +794,22 @@ def _epoch_batches(epoch: int, group_sizes: np.ndarray, lengths: np.ndarray, bat
 
 def _batch_schedule(group_sizes: np.ndarray, lengths: np.ndarray, batch_size: int, shuffle: bool,
                     seed: int, group_by_length: bool, n_epochs: Optional[int],
-                    n_examples: Optional[int]) -> Iterator[np.ndarray]:
+                    n_examples: Optional[int], labels: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
     """Element indices of each batch, across epochs, until n_epochs or n_examples is reached.
 
     With n_examples the DPO code stops after the batch that reaches it, i.e. after
-    ceil(n_examples / batch_size) batches.
+    ceil(n_examples / batch_size) batches. With labels (unpaired examples) every batch holds
+    both (`_labelled_epoch_batches`).
     """
     max_batches = math.ceil(n_examples / batch_size) if n_examples is not None else None
     produced, epoch = 0, 0
     while n_epochs is None or epoch < n_epochs:
-        for batch in _epoch_batches(epoch, group_sizes, lengths, batch_size, shuffle, seed, group_by_length):
+        if labels is not None:
+            batches = _labelled_epoch_batches(epoch, labels, batch_size, shuffle, seed,
+                                              lengths if group_by_length else None)
+        else:
+            batches = _epoch_batches(epoch, group_sizes, lengths, batch_size, shuffle, seed, group_by_length)
+        for batch in batches:
             if max_batches is not None and produced >= max_batches:
                 return
             produced += 1
@@ -735,17 +830,20 @@ def _check_iterator_args(batch_size, n_epochs, n_examples, seed, skip_batches) -
 
 
 def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_length, silent,
-                    cache_dir, paths) -> Tuple[datasets.Dataset, np.ndarray]:
-    """Tokenised elements of all named datasets, and the element count of each prompt."""
+                    cache_dir, paths, unpaired: bool = False) -> Tuple[datasets.Dataset, np.ndarray]:
+    """Tokenised elements of all named datasets, and the element count of each prompt; with
+    `unpaired`, one element per unpaired example (`_flatten_unpaired`) with a 'label' column."""
     parts, group_sizes = [], []
     for name in names:
         data = get_dataset(name, split, silent=silent, cache_dir=cache_dir,
                            path=(paths or {}).get(name), tokenizer=tokenizer)
-        columns, sizes = _flatten(data, sft_mode)
+        if not (unpaired or sft_mode):
+            _refuse_unpaired(data, name, split)
+        columns, sizes = _flatten_unpaired(data) if unpaired else _flatten(data, sft_mode)
         if not sizes:
             raise DatasetFormatError(f'{data.source}: no preference pairs to train on in the {split} split '
                                      f'of {name!r}{_dropped_note(data)}.')
-        if not silent and not sft_mode:
+        if not silent and not sft_mode and data.offered:
             print(data.kept_summary(f'{name} [{split}]'))
         parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
                                       max_prompt_length, cache_dir=cache_dir, silent=silent))
@@ -776,7 +874,8 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
                        sft_mode: bool = False, n_epochs: Optional[int] = None,
                        n_examples: Optional[int] = None, seed: int = 0, silent: bool = False,
                        cache_dir: Optional[str] = None, paths: Optional[Dict[str, str]] = None,
-                       group_by_length: bool = False, skip_batches: int = 0) -> Iterator[Dict]:
+                       group_by_length: bool = False, skip_batches: int = 0,
+                       unpaired_weights: Optional[Tuple[float, float]] = None) -> Iterator[Dict]:
     """Iterator over padded batches of the named datasets.
 
     Data is loaded and tokenised (or read from the tokenisation cache) when this is called,
@@ -800,6 +899,10 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
         group_by_length: batch elements of similar length (sorted within seeded chunks of
             ~50 batches, batch order then shuffled).
         skip_batches: skip the first k batches (cheaply, without collating), for exact resume.
+        unpaired_weights: None for pairs; for KTO, its (desirable_weight, undesirable_weight): the
+            data becomes unpaired examples (pairs are unpaired), every batch holds both labels,
+            the rejected side of each row is its KL sequence (`mismatched_pairs`) and batches
+            carry a bool 'label' tensor; the label counts and TRL's weights advice are printed.
 
     Yields:
         dict of right-padded LongTensors ``{chosen,rejected}_{input_ids,attention_mask,labels}``
@@ -811,15 +914,61 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
     _check_lengths(max_length, max_prompt_length)
     pad_token_id = _pad_id(tokenizer)
     _eos_id(tokenizer)  # fail now rather than half-way through tokenising
+    unpaired = unpaired_weights is not None
     tokenized, group_sizes = _load_tokenized(names, tokenizer, split, sft_mode, max_length,
-                                             max_prompt_length, silent, cache_dir, paths)
+                                             max_prompt_length, silent, cache_dir, paths, unpaired)
     if len(tokenized) < batch_size:
         raise DatasetFormatError(_too_small_message(names, split, len(tokenized), batch_size))
     lengths = np.asarray(tokenized.data.column('length'))
+    labels = _checked_labels(tokenized, names, split, batch_size, unpaired_weights, silent) if unpaired else None
     schedule = _batch_schedule(group_sizes, lengths, batch_size, shuffle, seed, group_by_length,
-                               n_epochs, n_examples)
+                               n_epochs, n_examples, labels)
     columns = [c for c in tokenized.column_names if c != 'length']
-    return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id)
+    return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id,
+                     max_length if unpaired else None)
+
+
+def _checked_labels(tokenized: datasets.Dataset, names: List[str], split: str, batch_size: int,
+                    weights: Tuple[float, float], silent: bool) -> np.ndarray:
+    """The examples' labels, refused when one value only; prints the counts and TRL's advice."""
+    labels = np.asarray(tokenized.data.column('label').to_numpy(zero_copy_only=False), dtype=bool)
+    n_good, n_bad, where = int(labels.sum()), int((~labels).sum()), f'{", ".join(map(str, names))} [{split}]'
+    if n_good == 0 or n_bad == 0:
+        have, lack = ('desirable (label true)', 'undesirable') if n_bad == 0 else ('undesirable (label false)',
+                                                                                   'desirable')
+        raise DatasetFormatError(f'{where}: all {len(labels):,} examples are {have}; KTO needs both desirable and '
+                                 f'undesirable examples (its KL estimate and weights compare them): add {lack} '
+                                 'ones, or train on desirable-only data with loss=sft.')
+    if batch_size < 2:
+        raise ValueError(f'batch size {batch_size}: KTO needs at least 2 examples per batch (one of each label, '
+                         "and another example's completion for the KL estimate); raise it.")
+    per_batch = _labelled_epoch_batches(0, labels, batch_size, False, 0)
+    if len(per_batch) == 0:
+        raise DatasetFormatError(_too_small_message(names, split, len(labels), batch_size))
+    if not silent:
+        print(f'{where}: {n_good:,} desirable and {n_bad:,} undesirable examples (ratio {n_good / n_bad:.3g}); '
+              f'each batch of {batch_size} holds {int(labels[per_batch[0]].sum())} desirable')
+        advice = kto_weight_advice(n_good, n_bad, *weights)
+        if advice:
+            print(f'warning: {advice}')
+    return labels
+
+
+def mismatched_pairs(elements: List[Dict], max_length: int) -> List[Dict]:
+    """KTO's KL sequences in the rejected columns: row i's prompt followed by row i-1's completion
+    (the first row takes the last row's: `kto_cpo_orpo.mismatched_order`, TRL's rotation), cut to
+    max_length. The rotation spans the whole batch, every process's rows, so that a run on several
+    processes scores the same pairs as one (TRL rotates within each device's batch)."""
+    out = []
+    for element, j in zip(elements, mismatched_order(len(elements)).tolist()):
+        other, prompt_ids = elements[j], element['prompt_input_ids']
+        completion = other['chosen_input_ids'][len(other['prompt_input_ids']):][:max_length - len(prompt_ids)]
+        ids = prompt_ids + completion
+        out.append(dict(element, rejected_input_ids=ids, rejected_attention_mask=[1] * len(ids),
+                        rejected_labels=[-100] * len(prompt_ids) + completion,
+                        rejected=element['prompt'] + other['chosen_response_only'],
+                        rejected_response_only=other['chosen_response_only']))
+    return out
 
 
 def _too_small_message(names: List[str], split: str, n_elements: int, batch_size: int) -> str:
@@ -836,9 +985,12 @@ def _too_small_message(names: List[str], split: str, n_elements: int, batch_size
 
 
 def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_batches: int,
-              pad_token_id: int) -> Iterator[Dict]:
+              pad_token_id: int, mismatch_length: Optional[int] = None) -> Iterator[Dict]:
     # the schedule holds only index arrays, so skipping costs no row reads or padding
     for indices in itertools.islice(schedule, skip_batches, None):
         rows = tokenized[indices.tolist()]
         keys = list(rows)
-        yield collate([dict(zip(keys, values)) for values in zip(*rows.values())], pad_token_id)
+        elements = [dict(zip(keys, values)) for values in zip(*rows.values())]
+        if mismatch_length is not None:
+            elements = mismatched_pairs(elements, mismatch_length)
+        yield collate(elements, pad_token_id)

@@ -49,7 +49,26 @@ def batch_logps(policy, reference, batch: Dict, layouts, spec, args: dict,
                         out[f"{side}_wpo"] = values.wpo_logweight
         for side, selection in layout.selections.items():
             out[f"{side}_tokens"] = selection.counts.to(out[side])
+    out.update(example_inputs(policy, batch, spec, chunk_size))
     return losses.BatchLogps(**out, public=losses.BatchLogps(**parts) if public else None)
+
+
+def example_inputs(policy, batch: Dict, spec, chunk_size: int) -> Dict[str, torch.Tensor]:
+    """The BatchLogps fields some entries read beside the completions' log-probs: KTO's `label`,
+    and for ORPO (spec.prompt_nll) the policy's summed log-probs of each prompt's tokens after its
+    first, `prompt`, with their count `prompt_tokens` (its NLL covers prompt and completion): one
+    more forward, of the prompts alone, in their own padded rows."""
+    out = {}
+    if "label" in batch:
+        out["label"] = batch["label"]
+    if spec.prompt_nll:
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        rows = {"prompt_input_ids": ids, "prompt_attention_mask": mask,
+                "prompt_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX)}
+        layout = packing.plain_layout(rows, "prompt")
+        out["prompt"] = packing.model_logps(policy, layout, False, chunk_size)["prompt"].logps
+        out["prompt_tokens"] = layout.selections["prompt"].counts.to(out["prompt"])
+    return out
 
 
 def check_layout(policy, reference_model, policy_logps: Callable, batch: Dict,

@@ -197,7 +197,8 @@ def validate_datasets(config: DictConfig):
         _require(name in registered or name in paths or _local_path_exists(name, os.path.isfile),
                  f"datasets: unknown dataset {name!r}; use one of {', '.join(sorted(registered))}, "
                  f"the path of a local {preference_datasets.SUPPORTED_FORMATS} file with "
-                 "prompt/chosen/rejected columns (a {split} in the path stands for train and test), "
+                 "prompt/chosen/rejected columns, or prompt/completion/label for loss=kto (a {split} in "
+                 "the path stands for train and test), "
                  f"or set dataset_paths.{name}=PATH")
     for name, path in paths.items():
         _require(_local_path_exists(path, os.path.exists),
@@ -223,6 +224,11 @@ def _local_path_exists(path, exists) -> bool:
 
 def validate_loss_combination(config: DictConfig):
     spec = losses.get_loss(OmegaConf.to_container(config.loss))
+    if spec.unpaired_weights(OmegaConf.to_container(config.loss)) is not None:
+        for key in ("batch_size", "eval_batch_size"):
+            _require(config[key] >= 2, f"{key}={config[key]}: loss={config.loss.name} needs at least 2 "
+                     "examples per batch (both labels, and other examples' completions for its KL "
+                     "estimate); raise it")
     if config.precompute_ref_log_probs:
         args = OmegaConf.to_container(config.loss)
         _require(spec.needs_reference(args) and not spec.token_level,

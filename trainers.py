@@ -282,7 +282,8 @@ class BasicTrainer(SingleProcessPlacement):
         return preference_datasets.get_batch_iterator(
             list(c.datasets), self.tokenizer, split=split, max_length=c.max_length,
             max_prompt_length=c.max_prompt_length, sft_mode=not self.loss.paired, seed=self.seed,
-            silent=self.rank != 0, cache_dir=None, paths=paths, **kwargs)
+            silent=self.rank != 0, cache_dir=None, paths=paths,
+            unpaired_weights=self.loss.unpaired_weights(self.loss_args), **kwargs)
 
     def build_eval_batches(self) -> List[Dict]:
         c = self.config
@@ -322,8 +323,8 @@ class BasicTrainer(SingleProcessPlacement):
 
     @property
     def sides(self):
-        """The responses a step scores: chosen and rejected, or only the SFT target."""
-        return ("chosen", "rejected") if self.loss.paired else ("chosen",)
+        """The responses a step scores: chosen and rejected, or only the SFT target (the entry says)."""
+        return self.loss.sides(self.loss_args)
 
     def batch_loss(self, batch: Dict, train: bool, generator: Optional[torch.Generator] = None):
         """(scalar loss, {metric name: list of floats}) for one micro-batch on this rank; the

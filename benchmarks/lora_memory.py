@@ -42,8 +42,9 @@ def overrides(args, lora: bool, run_dir: str):
     return out
 
 
-def measure(args, lora: bool) -> dict:
-    """Runs in the child process: one configuration, two steps; returns its figures."""
+def measure(args, lora: bool, extra=()) -> dict:
+    """Runs in the child process: one configuration (plus `extra` overrides, e.g. another loss),
+    two steps; returns its figures."""
     import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -53,7 +54,7 @@ def measure(args, lora: bool) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-            config = compose("config", overrides=overrides(args, lora, f"{tmp}/run"))
+            config = compose("config", overrides=overrides(args, lora, f"{tmp}/run") + list(extra))
         OmegaConf.resolve(config)
         train.validate_config(config, 1)
         tokenizer = utils.build_tokenizer("embedded")

@@ -399,6 +399,8 @@ GLOBAL_LOSSES = {
     "beta_dpo": ["loss.mode_loss=beta_DPO", "loss.mode_weight=0.5", "loss.a=0.6"],
     "mpo_wpo_ld": ["loss=mix", "loss.use_weighting=true", "loss.ld_alpha=0.5"],
     "aot_rpo": ["loss=aot", "loss.rpo_alpha=0.5"],
+    # KTO's KL estimate: the mean over the micro-batch's mismatched pairs, gathered over processes
+    "kto": ["loss=kto", "loss.desirable_weight=1.2"],
 }
 
 
@@ -411,6 +413,9 @@ def test_fsdp_equals_basic_for_losses_over_the_global_batch(which, tokenizer, tm
     train_2proc("FSDPTrainer", run_dir, *extra)
     assert_same_losses(run_dir, basic, LOSS_RTOL_FP32)
     assert max_weight_diff(policy_state(run_dir), policy_state(basic)) <= WEIGHT_ATOL
+    if which == "kto":
+        assert column(run_dir, "kto_train/kl") == pytest.approx(column(basic, "kto_train/kl"), rel=1e-4, abs=1e-6)
+        assert max(column(basic, "kto_train/kl")) > 0  # the estimate is not the clamp's 0 throughout
     if which == "beta_dpo":
         # the selection and its running statistics are the global batch's, on every process
         for key in ("record_train/mask_count", "record_train/gap_mean", "record_train/beta_used"):

@@ -695,15 +695,17 @@ def test_get_loss_resolution():
     assert get_loss(CONFIGS['ipo']) is LOSSES['ipo']
     assert get_loss(CONFIGS['tdpo']) is LOSSES['tdpo']
     assert get_loss({'name': 'aot_pair'}) is LOSSES['aot_unpaired']  # TRL's name before 1.0
-    assert {'sft', 'dpo', 'ipo', 'tdpo', 'beta_dpo', 'mix'} | set(TRL_LOSS_TYPES) == set(LOSSES)
+    assert get_loss({'name': 'simpo'}) is LOSSES['cpo']  # SimPO: CPO's loss_type simpo (config/loss/simpo.yaml)
+    # TRL's DPOTrainer losses, and those of its KTO, CPO and ORPO trainers
+    assert {'sft', 'dpo', 'ipo', 'tdpo', 'beta_dpo', 'mix', 'kto', 'cpo', 'orpo'} | set(TRL_LOSS_TYPES) == set(LOSSES)
     assert all(isinstance(s, LossSpec) and s.name == k for k, s in LOSSES.items())
 
 
 def test_get_loss_unknown_name_lists_known():
     with pytest.raises(ValueError) as e:
-        get_loss({'name': 'kto'})
+        get_loss({'name': 'kpo'})
     msg = str(e.value)
-    assert "'kto'" in msg and all(n in msg for n in ('sft', 'dpo', 'ipo', 'tdpo'))
+    assert "'kpo'" in msg and all(n in msg for n in ('sft', 'dpo', 'ipo', 'tdpo'))
     with pytest.raises(ValueError):
         get_loss({})
 
@@ -811,7 +813,7 @@ def test_validate_refuses_missing_beta_and_unknown_name():
     with pytest.raises(ValueError, match='loss.beta'):
         validate_loss_args({'name': 'dpo'})
     with pytest.raises(ValueError, match='known'):
-        validate_loss_args({'name': 'orpo', 'beta': 0.1})
+        validate_loss_args({'name': 'rrhf', 'beta': 0.1})
 
 
 def test_config_keys_are_function_parameters_or_config_only():

@@ -1,0 +1,54 @@
+"""Peak memory of one training step, loss=dpo (policy + reference) vs loss=simpo (policy only),
+same model, batch and optimizer.
+
+    python benchmarks/reference_free_memory.py [--hidden 1024 --layers 8 --batch 4 --length 128]
+
+Each loss runs in a fresh process through lora_memory.measure (train.build_models, the
+BasicTrainer and its optimizer, two optimizer steps on the embedded data; the peak is
+torch.cuda.max_memory_allocated on a GPU, else the peak resident memory above the resident
+memory before the models were built). Prints one JSON line per loss and the ratio simpo / dpo.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+LOSSES = {"dpo": [], "simpo": ["loss=simpo", "loss.beta=2.0"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--hidden", type=int, default=1024, help="multiple of 64")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--optimizer", default=None, help="e.g. RMSprop, SGD (default: the model preset's)")
+    p.add_argument("--child", choices=list(LOSSES), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        import lora_memory
+        extra = LOSSES[args.child] + ([f"optimizer={args.optimizer}"] if args.optimizer else [])
+        result = lora_memory.measure(argparse.Namespace(**vars(args), rank=0), False, extra)
+        print(json.dumps(dict(result, config=args.child)))
+        return
+    results = {}
+    for loss in LOSSES:
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", loss],
+                             capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, MKL_DYNAMIC="FALSE"))
+        if out.returncode:
+            sys.exit(f"{loss} run failed:\n{out.stderr[-3000:]}")
+        results[loss] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[loss]))
+    print(json.dumps({"simpo_over_dpo_peak": round(results["simpo"]["peak_mib"] / results["dpo"]["peak_mib"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
