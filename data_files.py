@@ -24,11 +24,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-ASSISTANT_MARKER = '\n\nAssistant:'
-HUMAN_MARKER = '\n\nHuman:'
-DATA_SUFFIXES = ('.jsonl', '.json', '.parquet', '.csv')
-SUPPORTED_FORMATS = '.jsonl, .json, .parquet or .csv (each optionally .gz)'
-_UTF8_BOM = b'\xef\xbb\xbf'  # Excel and Notepad start "UTF-8" files with it
+ASSISTANT_MARKER = "\n\nAssistant:"
+HUMAN_MARKER = "\n\nHuman:"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SUPPORTED_FORMATS = ".jsonl, .json, .parquet or .csv (each optionally .gz)"
+_UTF8_BOM = b"\xef\xbb\xbf"  # Excel and Notepad start "UTF-8" files with it
 
 
 class DatasetFormatError(ValueError):
@@ -38,14 +38,14 @@ class DatasetFormatError(ValueError):
 def data_suffix(path) -> Optional[str]:
     """'.jsonl', '.json', '.parquet' or '.csv' for a (possibly gzipped) data file, else None."""
     name = Path(path).name.lower()
-    if name.endswith('.gz'):
+    if name.endswith(".gz"):
         name = name[:-3]
     return next((s for s in DATA_SUFFIXES if name.endswith(s)), None)
 
 
 def unsupported_format_message(path) -> str:
     """The one-line refusal of a file whose extension names no supported format."""
-    return f'{path}: unsupported data file type; use {SUPPORTED_FORMATS}.'
+    return f"{path}: unsupported data file type; use {SUPPORTED_FORMATS}."
 
 
 # ---------------------------------------------------------------------------
@@ -55,20 +55,20 @@ def unsupported_format_message(path) -> str:
 def _read_bytes(path: Path) -> bytes:
     """Whole file contents, decompressed when the name ends in .gz."""
     try:
-        if path.name.lower().endswith('.gz'):
-            with gzip.open(path, 'rb') as f:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError) as e:  # BadGzipFile is an OSError; truncated gzip is EOFError
-        raise DatasetFormatError(f'{path}: cannot read the file ({e}). '
-                                 'Check that it is complete and, if named .gz, really gzipped.') from None
+        raise DatasetFormatError(f"{path}: cannot read the file ({e}). "
+                                 "Check that it is complete and, if named .gz, really gzipped.") from None
 
 
 def _decode(raw: bytes, where: str) -> str:
     try:
-        return raw.decode('utf-8')
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetFormatError(f'{where}: not UTF-8 text ({e}). Re-save the file as UTF-8.') from None
+        raise DatasetFormatError(f"{where}: not UTF-8 text ({e}). Re-save the file as UTF-8.") from None
 
 
 def _strip_bom(data: bytes) -> bytes:
@@ -80,25 +80,25 @@ def _strip_bom(data: bytes) -> bytes:
 # ---------------------------------------------------------------------------
 
 def _iter_jsonl(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
-    for number, raw in enumerate(data.split(b'\n'), start=1):
-        where = f'{path}, line {number}'
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}, line {number}"
         line = _decode(raw, where).strip()
         if not line:  # blank lines (e.g. after the final newline) carry no row
             continue
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetFormatError(f'{where}: not valid JSON ({e.msg}: column {e.colno}). '
-                                     'Each line must hold one JSON object.') from None
+            raise DatasetFormatError(f"{where}: not valid JSON ({e.msg}: column {e.colno}). "
+                                     "Each line must hold one JSON object.") from None
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[Tuple[str, object]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DatasetFormatError(f'{path}, line {e.lineno}: not valid JSON ({e.msg}).') from None
+        raise DatasetFormatError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}).") from None
     for number, row in enumerate(rows, start=1):
-        yield f'{path}, row {number}', row
+        yield f"{path}, row {number}", row
 
 
 def _iter_parquet(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
@@ -107,12 +107,12 @@ def _iter_parquet(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
-        raise DatasetFormatError(f'{path}: not a readable parquet file ({e}).') from None
+        raise DatasetFormatError(f"{path}: not a readable parquet file ({e}).") from None
     number = 0
     for record_batch in parquet.iter_batches():
         for row in record_batch.to_pylist():
             number += 1
-            yield f'{path}, row {number}', row
+            yield f"{path}, row {number}", row
 
 
 def _csv_header(path: Path, reader) -> List[str]:
@@ -121,10 +121,10 @@ def _csv_header(path: Path, reader) -> List[str]:
         return []
     names = [name.strip() for name in header]
     duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates or '' in names:
-        problem = f"repeats column {duplicates[0]!r}" if duplicates else 'has an unnamed column'
-        raise DatasetFormatError(f'{path}, line {reader.line_num}: the header row {problem}; '
-                                 'the first row must name each column once (e.g. prompt,chosen,rejected).')
+    if duplicates or "" in names:
+        problem = f"repeats column {duplicates[0]!r}" if duplicates else "has an unnamed column"
+        raise DatasetFormatError(f"{path}, line {reader.line_num}: the header row {problem}; "
+                                 "the first row must name each column once (e.g. prompt,chosen,rejected).")
     return names
 
 
@@ -132,12 +132,12 @@ def _iter_csv(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
     """CSV rows as {column: text}; a quoted field may span lines (where names its first line)."""
     text = _decode(data, str(path))
     # newline='' hands quoted line breaks to the csv module intact; strict turns bad quoting into errors
-    reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = _csv_header(path, reader)
         first_line = reader.line_num + 1
         for record in reader:
-            where = f'{path}, line {first_line}'
+            where = f"{path}, line {first_line}"
             first_line = reader.line_num + 1
             if not record:  # blank line
                 continue
@@ -147,7 +147,7 @@ def _iter_csv(path: Path, data: bytes) -> Iterator[Tuple[str, object]]:
                                          'commas or line breaks.')
             yield where, dict(zip(header, record))
     except csv.Error as e:
-        raise DatasetFormatError(f'{path}, line {reader.line_num}: not valid CSV ({e}).') from None
+        raise DatasetFormatError(f"{path}, line {reader.line_num}: not valid CSV ({e}).") from None
 
 
 def read_rows(path) -> Iterator[Tuple[str, dict]]:
@@ -165,24 +165,24 @@ def read_rows(path) -> Iterator[Tuple[str, dict]]:
     if suffix is None:
         raise DatasetFormatError(unsupported_format_message(path))
     data = _read_bytes(path)
-    if suffix == '.parquet':
+    if suffix == ".parquet":
         rows = _iter_parquet(path, data)
-    elif suffix == '.csv':
+    elif suffix == ".csv":
         rows = _iter_csv(path, _strip_bom(data))
-    elif suffix == '.json' and _strip_bom(data).lstrip()[:1] == b'[':
+    elif suffix == ".json" and _strip_bom(data).lstrip()[:1] == b"[":
         rows = _iter_json_array(path, _decode(_strip_bom(data), str(path)))
     else:
         rows = _iter_jsonl(path, _strip_bom(data))
     empty = True
     for where, row in rows:
         if not isinstance(row, dict):
-            raise DatasetFormatError(f'{where}: expected a JSON object (one row), got {type(row).__name__}.')
+            raise DatasetFormatError(f"{where}: expected a JSON object (one row), got {type(row).__name__}.")
         empty = False
         yield where, row
     if empty:
-        header = ' (a CSV file needs a header row and then one row per pair)' if suffix == '.csv' else ''
-        raise DatasetFormatError(f'{path}: the data file holds no rows{header}; add preference rows '
-                                 'or remove it from the dataset.')
+        header = " (a CSV file needs a header row and then one row per pair)" if suffix == ".csv" else ""
+        raise DatasetFormatError(f"{path}: the data file holds no rows{header}; add preference rows "
+                                 "or remove it from the dataset.")
 
 
 # ---------------------------------------------------------------------------
@@ -191,15 +191,15 @@ def read_rows(path) -> Iterator[Tuple[str, dict]]:
 
 def _split_words(path: Path) -> List[str]:
     """Words of a file name without its extensions: 'helpful-base-test.jsonl' -> [helpful, base, test]."""
-    stem = path.name.lower().split('.')[0]
-    return [w for w in re.split(r'[^a-z0-9]+', stem) if w]
+    stem = path.name.lower().split(".")[0]
+    return [w for w in re.split(r"[^a-z0-9]+", stem) if w]
 
 
 def _data_files_under(directory: Path) -> List[Path]:
     """Supported data files below a directory, skipping hidden files and folders (.git, .cache)."""
-    return sorted(f for f in directory.rglob('*')
+    return sorted(f for f in directory.rglob("*")
                   if f.is_file() and data_suffix(f) is not None
-                  and not any(part.startswith('.') for part in f.relative_to(directory).parts))
+                  and not any(part.startswith(".") for part in f.relative_to(directory).parts))
 
 
 def resolve_data_files(path, split: str, match_split: bool = True) -> List[Path]:
@@ -215,17 +215,17 @@ def resolve_data_files(path, split: str, match_split: bool = True) -> List[Path]
     Returns:
         the files, sorted by path; raises DatasetFormatError when there are none.
     """
-    resolved = Path(str(path).replace('{split}', split)).expanduser()
+    resolved = Path(str(path).replace("{split}", split)).expanduser()
     if resolved.is_file():
         if data_suffix(resolved) is None:
             raise DatasetFormatError(unsupported_format_message(resolved))
         return [resolved]
     if not resolved.is_dir():
-        raise DatasetFormatError(f'data path {resolved} does not exist; pass an existing file or directory.')
+        raise DatasetFormatError(f"data path {resolved} does not exist; pass an existing file or directory.")
     candidates = _data_files_under(resolved)
     if not candidates:
-        raise DatasetFormatError(f'{resolved}: the dataset directory holds no data files; '
-                                 f'put {SUPPORTED_FORMATS} files in it.')
+        raise DatasetFormatError(f"{resolved}: the dataset directory holds no data files; "
+                                 f"put {SUPPORTED_FORMATS} files in it.")
     files = [f for f in candidates if not match_split or split in _split_words(f)]
     if not files:
         raise DatasetFormatError(
@@ -242,14 +242,14 @@ def resolve_data_files(path, split: str, match_split: bool = True) -> List[Path]
 
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def _checksum_path(cache_file: Path) -> Path:
-    return cache_file.with_name(cache_file.name + '.sha256')
+    return cache_file.with_name(cache_file.name + ".sha256")
 
 
 def cache_file_problem(cache_file: Path) -> Optional[str]:
@@ -259,21 +259,21 @@ def cache_file_problem(cache_file: Path) -> Optional[str]:
     matching checksum, because ``write_cache_checksum`` runs only after the file is complete.
     """
     if not cache_file.exists():
-        return 'missing'
+        return "missing"
     checksum = _checksum_path(cache_file)
     if not checksum.exists():
-        return 'its checksum file is missing, so it may be incomplete'
+        return "its checksum file is missing, so it may be incomplete"
     expected = checksum.read_text().strip()
     if _file_sha256(cache_file) != expected:
-        return 'its contents do not match the checksum written with it (truncated or corrupt)'
+        return "its contents do not match the checksum written with it (truncated or corrupt)"
     return None
 
 
 def write_cache_checksum(cache_file: Path) -> None:
     """Record the checksum of a complete cache file (written to a temporary name, then renamed)."""
     checksum = _checksum_path(cache_file)
-    partial = checksum.with_name(checksum.name + '.partial')
-    partial.write_text(_file_sha256(cache_file) + '\n')
+    partial = checksum.with_name(checksum.name + ".partial")
+    partial.write_text(_file_sha256(cache_file) + "\n")
     os.replace(partial, checksum)
 
 
@@ -285,14 +285,14 @@ def remove_cache_file(cache_file: Path) -> None:
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     """Stable description of a tokenizer for cache keys (vocabulary, merges, special tokens)."""
-    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         description = backend.to_str()
     else:
         from datasets.fingerprint import Hasher
         description = Hasher.hash(tokenizer)
     extra = f'{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{getattr(tokenizer, "padding_side", "")}'
-    return hashlib.sha256((description + extra).encode('utf-8')).hexdigest()
+    return hashlib.sha256((description + extra).encode("utf-8")).hexdigest()
 
 
 def cache_key(settings: str, tokenizer, columns: Dict[str, List[str]]) -> str:
@@ -302,8 +302,8 @@ def cache_key(settings: str, tokenizer, columns: Dict[str, List[str]]) -> str:
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
     for name in sorted(columns):
         for text in columns[name]:
-            encoded = text.encode('utf-8')
-            digest.update(len(encoded).to_bytes(8, 'little'))  # length prefix: no ambiguous joins
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little"))  # length prefix: no ambiguous joins
             digest.update(encoded)
     return digest.hexdigest()[:32]
 
@@ -320,8 +320,8 @@ def open_verified_cache(cache_file: Path):
             return datasets.Dataset.from_file(str(cache_file))
         except Exception as e:  # pyarrow raises several types for unreadable files
             problem = f'it cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
-    if problem != 'missing':
-        print(f'warning: rebuilding the tokenised-data cache {cache_file}: {problem}', flush=True)
+    if problem != "missing":
+        print(f"warning: rebuilding the tokenised-data cache {cache_file}: {problem}", flush=True)
         remove_cache_file(cache_file)
     return None
 
@@ -333,14 +333,14 @@ def open_verified_cache(cache_file: Path):
 def _field(row: dict, key: str, kind, where: str, what: str):
     """row[key], checked to be of type ``kind``; ``what`` names the expected schema."""
     if key not in row:
-        present = ', '.join(sorted(map(str, row))) or 'none'
+        present = ", ".join(sorted(map(str, row))) or "none"
         raise DatasetFormatError(f"{where}: missing column '{key}' (columns present: {present}). {what}")
     value = row[key]
     # bool is an int subclass; a True score is almost certainly a schema mix-up
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise DatasetFormatError(f"{where}: column '{key}' must be {expected}, "
-                                 f'got {type(value).__name__}. {what}')
+                                 f"got {type(value).__name__}. {what}")
     return value
 
 
@@ -356,7 +356,7 @@ def _common_prefix_length(a: str, b: str) -> int:
     return low
 
 
-def split_hh_transcripts(chosen: str, rejected: str, where: str = 'row') -> Tuple[str, str, str]:
+def split_hh_transcripts(chosen: str, rejected: str, where: str = "row") -> Tuple[str, str, str]:
     """Split an HH pair into (prompt, chosen_response, rejected_response).
 
     The prompt is the longest common prefix of the two transcripts, cut back to the end of
@@ -368,7 +368,7 @@ def split_hh_transcripts(chosen: str, rejected: str, where: str = 'row') -> Tupl
     cut = chosen.rfind(ASSISTANT_MARKER, 0, _common_prefix_length(chosen, rejected))
     if cut < 0:
         raise DatasetFormatError(f"{where}: chosen and rejected share no '\\n\\nAssistant:' turn, so the "
-                                 'prompt cannot be found. HH transcripts must read '
+                                 "prompt cannot be found. HH transcripts must read "
                                  "'\\n\\nHuman: ...\\n\\nAssistant: reply'.")
     end = cut + len(ASSISTANT_MARKER)
     return chosen[:end], chosen[end:], rejected[end:]
@@ -383,8 +383,8 @@ def _messages(value, column: str, where: str) -> List[dict]:
     if not value:
         raise DatasetFormatError(f"{where}: column '{column}' is an empty message list. {_TRL_SCHEMA}")
     for k, message in enumerate(value, start=1):
-        ok = (isinstance(message, dict) and isinstance(message.get('role'), str)
-              and isinstance(message.get('content'), str))
+        ok = (isinstance(message, dict) and isinstance(message.get("role"), str)
+              and isinstance(message.get("content"), str))
         if not ok:
             raise DatasetFormatError(f"{where}: column '{column}', message {k} must be an object with "
                                      f"string 'role' and 'content', got {message!r:.80}. {_TRL_SCHEMA}")
@@ -400,7 +400,7 @@ def _split_implicit_text(chosen: str, rejected: str) -> Tuple[str, str, str]:
     n = _common_prefix_length(chosen, rejected)
     if chosen.rfind(ASSISTANT_MARKER, 0, n) >= 0:
         return split_hh_transcripts(chosen, rejected)
-    cut = max((chosen.rfind(space, 0, n) for space in (' ', '\n', '\t')), default=-1)
+    cut = max((chosen.rfind(space, 0, n) for space in (" ", "\n", "\t")), default=-1)
     cut = max(cut, 0)
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
@@ -411,22 +411,22 @@ def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: s
     The prompt is rendered with the generation prompt; the completion is the rendering of
     the whole conversation minus that prefix.
     """
-    if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
-        raise DatasetFormatError(f'{where}: conversational rows are rendered with a chat template; pass '
-                                 'tokenizer= a tokenizer whose chat_template is set.')
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DatasetFormatError(f"{where}: conversational rows are rendered with a chat template; pass "
+                                 "tokenizer= a tokenizer whose chat_template is set.")
     try:
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     except Exception as e:  # jinja templates raise arbitrary errors (e.g. on role order)
-        raise DatasetFormatError(f'{where}: the chat template failed on this row ({type(e).__name__}: {e}).') from None
+        raise DatasetFormatError(f"{where}: the chat template failed on this row ({type(e).__name__}: {e}).") from None
     if not full_text.startswith(prompt_text):
-        raise DatasetFormatError(f'{where}: the chat template does not render the prompt (with generation '
-                                 'prompt) as a prefix of the whole conversation, so the completion cannot be '
-                                 'separated; use text columns instead.')
+        raise DatasetFormatError(f"{where}: the chat template does not render the prompt (with generation "
+                                 "prompt) as a prefix of the whole conversation, so the completion cannot be "
+                                 "separated; use text columns instead.")
     completion_text = full_text[len(prompt_text):]
     # Templates such as ChatML end a turn with EOS and a newline ('<|im_end|>\n'): the turn's
     # EOS is the response's end, so drop what follows it rather than append a second EOS.
-    eos = getattr(tokenizer, 'eos_token', None)
+    eos = getattr(tokenizer, "eos_token", None)
     if eos and completion_text.rstrip().endswith(eos):
         completion_text = completion_text.rstrip()
     return prompt_text, completion_text
@@ -440,17 +440,17 @@ def _strip_shared_prompt(prompt: List[dict], completion: List[dict]) -> List[dic
 
 
 def _conversational_triple(prompt, chosen, rejected, where, tokenizer) -> Tuple[str, str, str]:
-    chosen, rejected = _messages(chosen, 'chosen', where), _messages(rejected, 'rejected', where)
+    chosen, rejected = _messages(chosen, "chosen", where), _messages(rejected, "rejected", where)
     if prompt is None:  # implicit prompt: the shared leading messages
         shared = 0
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         if shared == 0:
             raise DatasetFormatError(f"{where}: without a 'prompt' column, chosen and rejected must share "
-                                     f'their leading (prompt) messages. {_TRL_SCHEMA}')
+                                     f"their leading (prompt) messages. {_TRL_SCHEMA}")
         prompt = chosen[:shared]
     else:
-        prompt = _messages(prompt, 'prompt', where)
+        prompt = _messages(prompt, "prompt", where)
     chosen, rejected = _strip_shared_prompt(prompt, chosen), _strip_shared_prompt(prompt, rejected)
     prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen, where)
     _, rejected_text = _render_chat(tokenizer, prompt, rejected, where)
@@ -459,10 +459,10 @@ def _conversational_triple(prompt, chosen, rejected, where, tokenizer) -> Tuple[
 
 def preference_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, str, str]:
     """(prompt, chosen response, rejected response) as text for one TRL-format row."""
-    chosen = _field(row, 'chosen', (str, list), where, _TRL_SCHEMA)
-    rejected = _field(row, 'rejected', (str, list), where, _TRL_SCHEMA)
+    chosen = _field(row, "chosen", (str, list), where, _TRL_SCHEMA)
+    rejected = _field(row, "rejected", (str, list), where, _TRL_SCHEMA)
     # parquet/JSON tables with some implicit-prompt rows hold a null prompt there
-    prompt = _field(row, 'prompt', (str, list), where, _TRL_SCHEMA) if row.get('prompt') is not None else None
+    prompt = _field(row, "prompt", (str, list), where, _TRL_SCHEMA) if row.get("prompt") is not None else None
     kinds = {type(v) for v in (prompt, chosen, rejected) if v is not None}
     if len(kinds) > 1:
         raise DatasetFormatError(f"{where}: mixes text and message lists across 'prompt', 'chosen' and "
@@ -477,12 +477,12 @@ def preference_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, 
 _UNPAIRED_SCHEMA = ("Unpaired preference files (TRL's KTO format) need columns 'prompt', 'completion' and "
                     "'label' (true for a desirable completion, false for an undesirable one); prompt and "
                     "completion are strings, or lists of {'role', 'content'} messages.")
-_LABEL_WORDS = {'true': True, '1': True, 'false': False, '0': False}
+_LABEL_WORDS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def is_unpaired_row(row: dict) -> bool:
     """Whether a row is in TRL's unpaired format (a 'completion' and a 'label', no chosen/rejected)."""
-    return 'completion' in row and 'label' in row and 'chosen' not in row and 'rejected' not in row
+    return "completion" in row and "label" in row and "chosen" not in row and "rejected" not in row
 
 
 def _label(value, where: str) -> bool:
@@ -494,20 +494,20 @@ def _label(value, where: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
         return _LABEL_WORDS[value.strip().lower()]
     raise DatasetFormatError(f"{where}: column 'label' must be true or false, got {value!r:.40}. "
-                             f'{_UNPAIRED_SCHEMA}')
+                             f"{_UNPAIRED_SCHEMA}")
 
 
 def unpaired_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, str, bool]:
     """(prompt, completion, label) for one row of TRL's unpaired preference format (KTO's)."""
-    prompt = _field(row, 'prompt', (str, list), where, _UNPAIRED_SCHEMA)
-    completion = _field(row, 'completion', (str, list), where, _UNPAIRED_SCHEMA)
-    label = _label(row['label'], where)
+    prompt = _field(row, "prompt", (str, list), where, _UNPAIRED_SCHEMA)
+    completion = _field(row, "completion", (str, list), where, _UNPAIRED_SCHEMA)
+    label = _label(row["label"], where)
     if type(prompt) is not type(completion):
         raise DatasetFormatError(f"{where}: mixes text and message lists across 'prompt' and 'completion'. "
-                                 f'{_UNPAIRED_SCHEMA}')
+                                 f"{_UNPAIRED_SCHEMA}")
     if isinstance(prompt, list):
-        prompt = _messages(prompt, 'prompt', where)
-        completion = _strip_shared_prompt(prompt, _messages(completion, 'completion', where))
+        prompt = _messages(prompt, "prompt", where)
+        completion = _strip_shared_prompt(prompt, _messages(completion, "completion", where))
         prompt, completion = _render_chat(tokenizer, prompt, completion, where)
     return prompt, completion, label
 
@@ -519,8 +519,8 @@ class _HTMLToText(HTMLParser):
     code); whitespace inside <pre> is preserved, elsewhere it is collapsed as a browser would.
     """
 
-    BLOCKS = {'p', 'div', 'pre', 'blockquote', 'li', 'ul', 'ol', 'table', 'tr', 'hr',
-              'h1', 'h2', 'h3', 'h4', 'h5', 'h6'}
+    BLOCKS = {"p", "div", "pre", "blockquote", "li", "ul", "ol", "table", "tr", "hr",
+              "h1", "h2", "h3", "h4", "h5", "h6"}
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -529,37 +529,37 @@ class _HTMLToText(HTMLParser):
         self.pre_depth = 0
 
     def _flush(self):
-        text = ''.join(self.parts).strip()
+        text = "".join(self.parts).strip()
         self.parts = []
         if text:
             self.blocks.append(text)
 
     def handle_starttag(self, tag, attrs):
-        if tag == 'br':
-            self.parts.append('\n')
+        if tag == "br":
+            self.parts.append("\n")
             return
         if tag in self.BLOCKS:
             self._flush()
-        if tag == 'pre':
+        if tag == "pre":
             self.pre_depth += 1
-        elif tag == 'code':
-            self.parts.append('<code>')
+        elif tag == "code":
+            self.parts.append("<code>")
 
     def handle_endtag(self, tag):
-        if tag == 'code':
-            self.parts.append('</code>')
-        elif tag == 'pre':
+        if tag == "code":
+            self.parts.append("</code>")
+        elif tag == "pre":
             self.pre_depth = max(0, self.pre_depth - 1)
         if tag in self.BLOCKS:
             self._flush()
 
     def handle_data(self, data):
-        self.parts.append(data if self.pre_depth else re.sub(r'\s+', ' ', data))
+        self.parts.append(data if self.pre_depth else re.sub(r"\s+", " ", data))
 
     def text(self) -> str:
         self.close()
         self._flush()
-        return '\n\n'.join(self.blocks)
+        return "\n\n".join(self.blocks)
 
 
 def html_to_text(html: str) -> str:

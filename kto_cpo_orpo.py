@@ -20,8 +20,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-CPO_LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'simpo')
-KTO_LOSS_TYPES = ('kto', 'apo_zero_unpaired')
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def alphapo_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -41,7 +41,7 @@ def alphapo_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def cpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc=None, rr=None, *, beta: float,
-             loss_type: str = 'sigmoid', label_smoothing: float = 0.0, alpha: float = 0.0,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, alpha: float = 0.0,
              simpo_gamma: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pair term of TRL's CPOTrainer (`cpo_loss`): CPO, SimPO, AlphaPO; no reference.
 
@@ -71,11 +71,11 @@ def cpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc=None, rr=None, *, beta: floa
     else:
         chosen, rejected = pc, pr
     s = chosen - rejected
-    if loss_type == 'simpo':
+    if loss_type == "simpo":
         s = s - simpo_gamma / beta
-    if loss_type in ('sigmoid', 'simpo'):
+    if loss_type in ("sigmoid", "simpo"):
         losses = -F.logsigmoid(beta * s) * (1 - label_smoothing) - F.logsigmoid(-beta * s) * label_smoothing
-    elif loss_type == 'hinge':
+    elif loss_type == "hinge":
         losses = torch.relu(1 - beta * s)
     else:  # ipo: Azar et al. 2023, Eq. 17, beta being their tau
         losses = (s - 1 / (2 * beta)) ** 2
@@ -146,7 +146,7 @@ def kto_kl(kl_policy_logps: torch.Tensor, kl_reference_logps: torch.Tensor,
 
 def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels: torch.Tensor,
              kl: torch.Tensor, *, beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0, loss_type: str = 'kto'
+             undesirable_weight: float = 1.0, loss_type: str = "kto"
              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """KTO (Ethayarajh et al. 2024, Eq. 7) as TRL's KTOTrainer computes it, per example.
 
@@ -171,7 +171,7 @@ def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels: 
         raise ValueError(f'unknown KTO loss_type {loss_type!r}; use one of {", ".join(KTO_LOSS_TYPES)}')
     labels = labels.to(device=policy_logps.device, dtype=torch.bool)
     ratio = policy_logps - reference_logps
-    if loss_type == 'kto':
+    if loss_type == "kto":
         desirable = 1 - torch.sigmoid(beta * (ratio - kl))
         undesirable = 1 - torch.sigmoid(beta * (kl - ratio))
     else:
@@ -200,7 +200,7 @@ def kto_weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: fl
                    round(n_desirable * desirable_weight / n_undesirable, 2))
     if desirable[0] <= desirable_weight <= desirable[1] or undesirable[0] <= undesirable_weight <= undesirable[1]:
         return None
-    return (f'{n_desirable:,} desirable and {n_undesirable:,} undesirable examples with loss.desirable_weight='
-            f'{desirable_weight} and loss.undesirable_weight={undesirable_weight}: KTO (Eq. 8, as TRL) '
-            f'recommends EITHER desirable_weight in [{desirable[0]}, {desirable[1]}] OR undesirable_weight in '
-            f'[{undesirable[0]}, {undesirable[1]}] (not both); see docs/kto.md')
+    return (f"{n_desirable:,} desirable and {n_undesirable:,} undesirable examples with loss.desirable_weight="
+            f"{desirable_weight} and loss.undesirable_weight={undesirable_weight}: KTO (Eq. 8, as TRL) "
+            f"recommends EITHER desirable_weight in [{desirable[0]}, {desirable[1]}] OR undesirable_weight in "
+            f"[{undesirable[0]}, {undesirable[1]}] (not both); see docs/kto.md")

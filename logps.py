@@ -67,7 +67,7 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.LongTensor,
         (B,) summed (or averaged) log-probabilities; 0 for a row without counted tokens.
     """
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f'logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree')
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     targets, mask = _shifted_labels(labels)
     logps = logits[:, :-1, :].log_softmax(-1)
     per_token = torch.gather(logps, 2, targets.unsqueeze(2)).squeeze(2)
@@ -104,8 +104,8 @@ def tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor,
         summed over counted positions (or averaged; 0 for an empty row).
     """
     if logits.shape[:-1] != labels.shape or reference_logits.shape != logits.shape:
-        raise ValueError(f'logits {tuple(logits.shape)}, reference_logits '
-                         f'{tuple(reference_logits.shape)} and labels {tuple(labels.shape)} disagree')
+        raise ValueError(f"logits {tuple(logits.shape)}, reference_logits "
+                         f"{tuple(reference_logits.shape)} and labels {tuple(labels.shape)} disagree")
     targets, mask = _shifted_labels(labels)
     pol_logps = logits[:, :-1, :].log_softmax(-1)
     # log_softmax, not softmax().log(): keeps underflowing reference probabilities finite
@@ -137,13 +137,13 @@ def get_batch_parts(logits: torch.Tensor, labels: torch.LongTensor,
     targets, mask = _shifted_labels(labels)
     log_probs = logits[:, :-1, :].log_softmax(-1)
     per_token = torch.gather(log_probs, 2, targets.unsqueeze(2)).squeeze(2)
-    out = {'sum': _reduce_tokens(per_token, mask, False)}
+    out = {"sum": _reduce_tokens(per_token, mask, False)}
     if public_tokens is not None:
         # 1-based position among the row's completion tokens (TRL's `comp_pos`)
         position = mask.long().cumsum(-1)
-        out['public'] = _reduce_tokens(per_token, mask & (position <= public_tokens[:, None]), False)
+        out["public"] = _reduce_tokens(per_token, mask & (position <= public_tokens[:, None]), False)
     if wpo:
-        out['wpo_logweight'] = _reduce_tokens(
+        out["wpo_logweight"] = _reduce_tokens(
             per_token - torch.logsumexp(2 * log_probs, -1), mask, False).detach()
     return out
 
@@ -216,7 +216,7 @@ def _blocks(n: int, vocab: int, chunk_size: int, device: torch.device):
     """Row ranges the output layer is computed in: chunk_size rows, on CPU also at most
     CPU_BLOCK_ELEMENTS logits."""
     rows = chunk_size
-    if device.type == 'cpu':
+    if device.type == "cpu":
         rows = max(1, min(rows, CPU_BLOCK_ELEMENTS // vocab))
     return [(s, min(s + rows, n)) for s in range(0, n, rows)]
 
@@ -441,7 +441,7 @@ def _completion_rows(hidden: torch.Tensor, labels: torch.LongTensor):
         sequence b predicts labels[b, t+1] != -100.
     """
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
-        raise ValueError(f'hidden {tuple(hidden.shape)} must be (B, T, H) matching labels {tuple(labels.shape)}')
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be (B, T, H) matching labels {tuple(labels.shape)}")
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
     seq, pos = mask.nonzero(as_tuple=True)
@@ -484,8 +484,8 @@ def _per_sequence(per_row: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor
 
 def _check_chunks(chunk_size: int, vocab_chunk_size: int = 1) -> None:
     if int(chunk_size) < 1 or int(vocab_chunk_size) < 1:
-        raise ValueError(f'chunk sizes must be >= 1, got chunk_size={chunk_size}, '
-                         f'vocab_chunk_size={vocab_chunk_size}')
+        raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, "
+                         f"vocab_chunk_size={vocab_chunk_size}")
 
 
 def kept_rows(chunk_size: int, *tensors: Optional[torch.Tensor]) -> int:
@@ -558,13 +558,13 @@ def completion_parts(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.L
         logsumexp_v(2 log p(v | prefix)) (when wpo)}.
     """
     per_row, wpo_rows, seq, counts, b = _row_logps(hidden, weight, labels, bias, chunk_size, wpo)
-    out = {'sum': _per_sequence(per_row, seq, counts, b, False)}
+    out = {"sum": _per_sequence(per_row, seq, counts, b, False)}
     if public_tokens is not None:
         public = _rank_in_sequence(seq, counts) < public_tokens.to(seq.device)[seq]
-        out['public'] = _per_sequence(torch.where(public, per_row, torch.zeros_like(per_row)),
+        out["public"] = _per_sequence(torch.where(public, per_row, torch.zeros_like(per_row)),
                                       seq, counts, b, False)
     if wpo:
-        out['wpo_logweight'] = _per_sequence(wpo_rows, seq, counts, b, False).detach()
+        out["wpo_logweight"] = _per_sequence(wpo_rows, seq, counts, b, False).detach()
     return out
 
 
@@ -597,14 +597,14 @@ def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Ten
     """
     _check_chunks(chunk_size, vocab_chunk_size)
     if policy_weight.shape[0] != reference_weight.shape[0]:
-        raise ValueError('policy and reference vocabularies differ: '
-                         f'{policy_weight.shape[0]} vs {reference_weight.shape[0]}')
+        raise ValueError("policy and reference vocabularies differ: "
+                         f"{policy_weight.shape[0]} vs {reference_weight.shape[0]}")
     if policy_hidden.dtype != policy_weight.dtype:
         policy_hidden = policy_hidden.to(policy_weight.dtype)
     reference_hidden = reference_hidden.detach().to(reference_weight.dtype)
     if reference_hidden.shape[:2] != policy_hidden.shape[:2]:
-        raise ValueError(f'reference_hidden {tuple(reference_hidden.shape)} does not match the '
-                         f'policy\'s {tuple(policy_hidden.shape)}')
+        raise ValueError(f"reference_hidden {tuple(reference_hidden.shape)} does not match the "
+                         f"policy's {tuple(policy_hidden.shape)}")
     rows, seq, targets, counts, b = _select_rows(policy_hidden, labels)
     ref_rows = _select_rows(reference_hidden, labels)[0]
     logp, ref_logp, kl = TokenKLFunction.apply(

@@ -183,7 +183,7 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
     """
     batch_size = policy_chosen_logps.shape[0]
     if batch_size == 0:
-        raise ValueError('beta_dpo_loss needs at least one pair')
+        raise ValueError("beta_dpo_loss needs at least one pair")
     gaps = ((policy_chosen_logps - reference_chosen_logps)
             - (policy_rejected_logps - reference_rejected_logps)).detach()
     everywhere = gaps if gather is None else gather(gaps)
@@ -199,7 +199,7 @@ def beta_dpo_loss(policy_chosen_logps: torch.Tensor,
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards, {
-        'weights': mask, 'mask_count': kept_all.to(gaps.dtype).sum(), 'beta_used': beta_used}
+        "weights": mask, "mask_count": kept_all.to(gaps.dtype).sum(), "beta_used": beta_used}
 
 
 def update_gap_stats(gap_mean: float, gap_std: float, gaps: torch.Tensor,
@@ -279,7 +279,7 @@ class BatchLogps:
     rejected_margin: Optional[torch.Tensor] = None
     chosen_kl: Optional[torch.Tensor] = None
     rejected_kl: Optional[torch.Tensor] = None
-    public: Optional['BatchLogps'] = None
+    public: Optional["BatchLogps"] = None
     chosen_wpo: Optional[torch.Tensor] = None
     rejected_wpo: Optional[torch.Tensor] = None
     label: Optional[torch.Tensor] = None
@@ -292,25 +292,25 @@ class BatchLogps:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, BatchLogps):
-                out.update({f'public.{k}': v for k, v in value.tensors().items()})
+                out.update({f"public.{k}": v for k, v in value.tensors().items()})
             elif value is not None:
                 out[f.name] = value
         return out
 
 
 # the BatchLogps fields fed, in order, to a loss function's four positional parameters
-SEQUENCE_INPUTS = ('chosen', 'rejected', 'reference_chosen', 'reference_rejected')
-TOKEN_LEVEL_INPUTS = ('chosen_margin', 'rejected_margin', 'chosen_kl', 'rejected_kl')
+SEQUENCE_INPUTS = ("chosen", "rejected", "reference_chosen", "reference_rejected")
+TOKEN_LEVEL_INPUTS = ("chosen_margin", "rejected_margin", "chosen_kl", "rejected_kl")
 # parameters the registry passes itself; never config keys
-_RUNTIME_PARAMETERS = ('generator', 'gather', 'rank')
+_RUNTIME_PARAMETERS = ("generator", "gather", "rank")
 # what TRL's DPOTrainer adds to every loss type: RPO's NLL term, WPO's weights, LD-DPO's log-probs
-TRL_OPTIONS = ('rpo_alpha', 'use_weighting', 'ld_alpha')
+TRL_OPTIONS = ("rpo_alpha", "use_weighting", "ld_alpha")
 
 
 def _length_desensitised(logps: BatchLogps, args: dict) -> BatchLogps:
     """logps with each sequence input replaced by LD-DPO's public + ld_alpha * verbose part
     (`ld_logps`) when ld_alpha is set; the trainer supplies `logps.public` beside them."""
-    alpha = args.get('ld_alpha')
+    alpha = args.get("ld_alpha")
     if alpha is None:
         return logps
     return replace(logps, **{key: ld_logps(getattr(logps, key), getattr(logps.public, key), alpha)
@@ -319,7 +319,7 @@ def _length_desensitised(logps: BatchLogps, args: dict) -> BatchLogps:
 
 def _wpo(logps: BatchLogps, args: dict) -> Optional[torch.Tensor]:
     """(B,) WPO pair weights when use_weighting, else None."""
-    if not args.get('use_weighting'):
+    if not args.get("use_weighting"):
         return None
     return wpo_weights(logps.chosen_wpo, logps.rejected_wpo, logps.chosen_tokens,
                        logps.rejected_tokens)
@@ -338,22 +338,22 @@ def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     """The metrics every paired loss reports, per example, detached."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     return {
-        'rewards/chosen': chosen_rewards,
-        'rewards/rejected': rejected_rewards,
-        'rewards/accuracies': (chosen_rewards > rejected_rewards).float(),
-        'rewards/margins': chosen_rewards - rejected_rewards,
-        'logps/chosen': policy_chosen.detach(),
-        'logps/rejected': policy_rejected.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_chosen.detach(),
+        "logps/rejected": policy_rejected.detach(),
     }
 
 
 # The parameter names under which loss functions (and update_state) take their per-pair inputs
 # (SEQUENCE_INPUTS / TOKEN_LEVEL_INPUTS) and the running state: the registry passes them itself.
 _INPUT_PARAMETERS = frozenset({
-    'pc', 'pr', 'rc', 'rr', 'policy_chosen_logps', 'policy_rejected_logps',
-    'reference_chosen_logps', 'reference_rejected_logps', 'chosen_logps_margin',
-    'rejected_logps_margin', 'chosen_position_kl', 'rejected_position_kl', 'state',
-    'policy_logps', 'reference_logps', 'labels', 'kl'})  # the last four: kto_loss's
+    "pc", "pr", "rc", "rr", "policy_chosen_logps", "policy_rejected_logps",
+    "reference_chosen_logps", "reference_rejected_logps", "chosen_logps_margin",
+    "rejected_logps_margin", "chosen_position_kl", "rejected_position_kl", "state",
+    "policy_logps", "reference_logps", "labels", "kl"})  # the last four: kto_loss's
 
 
 def _keyword_parameters(fn: Callable) -> Dict[str, inspect.Parameter]:
@@ -371,8 +371,8 @@ def update_beta_dpo_state(state: dict, policy_chosen_logps, policy_rejected_logp
     """
     gaps = ((policy_chosen_logps - reference_chosen_logps)
             - (policy_rejected_logps - reference_rejected_logps)).detach()
-    gap_mean, gap_std = update_gap_stats(state['gap_mean'], state['gap_std'], gather(gaps), gamma=gamma)
-    return {'gap_mean': gap_mean, 'gap_std': gap_std}
+    gap_mean, gap_std = update_gap_stats(state["gap_mean"], state["gap_std"], gather(gaps), gamma=gamma)
+    return {"gap_mean": gap_mean, "gap_std": gap_std}
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,7 @@ class LossSpec:
     fn: Callable
     paired: bool = True
     token_level: bool = False
-    reference: str = 'always'
+    reference: str = "always"
     averaged: Optional[bool] = None
     initial_state: Tuple[Tuple[str, float], ...] = ()
     update_state: Optional[Callable] = None
@@ -436,7 +436,7 @@ class LossSpec:
 
     def sides(self, args: dict) -> Tuple[str, ...]:
         """The responses the trainer scores: chosen and rejected, or only the SFT target."""
-        return ('chosen', 'rejected') if self.paired else ('chosen',)
+        return ("chosen", "rejected") if self.paired else ("chosen",)
 
     @property
     def hyper_parameters(self) -> Dict[str, inspect.Parameter]:
@@ -462,25 +462,25 @@ class LossSpec:
         """The config keys update_state takes (beta-DPO's gamma)."""
         if self.update_state is None:
             return ()
-        return tuple(k for k in _keyword_parameters(self.update_state) if k != 'gather')
+        return tuple(k for k in _keyword_parameters(self.update_state) if k != "gather")
 
     def needs_reference(self, args: dict) -> bool:
         """Whether the trainer must run a reference model for this config."""
-        if self.reference == 'unless_free':
-            return not bool(args.get('reference_free', False))
-        return self.reference == 'always'
+        if self.reference == "unless_free":
+            return not bool(args.get("reference_free", False))
+        return self.reference == "always"
 
     def average_log_prob(self, args: dict) -> bool:
         """Whether sequence log-probs are per-token means (IPO, sigmoid_norm) rather than sums."""
         if self.averaged is None:
             return False
-        if 'average_log_prob' in self.config_keys:
-            return bool(args.get('average_log_prob', self.averaged))
+        if "average_log_prob" in self.config_keys:
+            return bool(args.get("average_log_prob", self.averaged))
         return self.averaged
 
     def sequence_parts(self, args: dict) -> Tuple[bool, bool]:
         """(LD-DPO's public sums needed, WPO's log-weights needed) for this config."""
-        return args.get('ld_alpha') is not None, bool(args.get('use_weighting'))
+        return args.get("ld_alpha") is not None, bool(args.get("use_weighting"))
 
     def init_state(self) -> dict:
         """Fresh running state (beta-DPO starts its gap mean and std at 0, as its repository)."""
@@ -495,8 +495,8 @@ class LossSpec:
         pc, pr = logps.chosen, logps.rejected
         rc, rr = logps.reference_chosen, logps.reference_rejected
         if rc is None or rr is None:
-            if not args.get('reference_free', False):
-                raise ValueError('reference log-probs are missing and reference_free is false')
+            if not args.get("reference_free", False):
+                raise ValueError("reference log-probs are missing and reference_free is false")
             # rewards are then beta * policy
             rc, rr = torch.zeros_like(pc).detach(), torch.zeros_like(pr).detach()
         return pc, pr, rc, rr
@@ -518,7 +518,7 @@ class LossSpec:
                 state.update(new)
             kwargs.update(new)
             extras.update(new)
-        runtime = {'generator': generator, 'gather': gather, 'rank': rank}
+        runtime = {"generator": generator, "gather": gather, "rank": rank}
         kwargs.update({k: v for k, v in runtime.items() if k in _keyword_parameters(self.fn)})
         out = self.fn(*inputs, **kwargs)
         return out[0], out[1], out[2], dict(extras, **(out[3] if len(out) > 3 else {}))
@@ -551,35 +551,35 @@ class LossSpec:
             (loss, metrics): 0-d loss (the mean of the per-pair losses, or their weighted mean);
             metrics maps names to detached (B,) or 0-d tensors.
         """
-        chosen_sum = self.chosen_sum(logps, args) if args.get('rpo_alpha') is not None else None
+        chosen_sum = self.chosen_sum(logps, args) if args.get("rpo_alpha") is not None else None
         logps = _length_desensitised(logps, args)
         inputs = self.inputs(logps, args)
         losses, cr, rjr, extras = self.per_pair(inputs, args, state, gather, train, generator, rank)
-        weights, wpo = extras.pop('weights', None), _wpo(logps, args)
+        weights, wpo = extras.pop("weights", None), _wpo(logps, args)
         if wpo is not None:  # WPO (TRL): the mean of weight x loss, not a weighted mean
             losses = losses * wpo
         loss = losses.mean() if weights is None else _weighted_mean(losses, weights, gather)
         if not self.paired:
-            return loss, {'logps/chosen': logps.chosen.detach()}
+            return loss, {"logps/chosen": logps.chosen.detach()}
         metrics = _reward_metrics(cr, rjr, logps.chosen, logps.rejected)
         if self.token_level:
             # kl margin is chosen - rejected, as the TDPO repo logs it
             ckl, rkl = inputs[2].detach(), inputs[3].detach()
-            metrics.update({'kl/chosen': ckl, 'kl/rejected': rkl, 'kl/margin': ckl - rkl})
+            metrics.update({"kl/chosen": ckl, "kl/rejected": rkl, "kl/margin": ckl - rkl})
         for key, value in extras.items():
-            metrics[f'record/{key}'] = torch.as_tensor(value, dtype=losses.dtype, device=losses.device).detach()
+            metrics[f"record/{key}"] = torch.as_tensor(value, dtype=losses.dtype, device=losses.device).detach()
         if wpo is not None:
-            metrics['wpo/weights'] = wpo
+            metrics["wpo/weights"] = wpo
         if chosen_sum is not None:
             # RPO (Pang et al. 2024, arXiv 2404.19733): + alpha * chosen NLL, TRL's sft term
             nll = chosen_nll(chosen_sum, logps.chosen_tokens, gather, wpo)
-            loss = loss + args['rpo_alpha'] * nll
-            metrics['nll/chosen'] = nll.detach()
+            loss = loss + args["rpo_alpha"] * nll
+            metrics["nll/chosen"] = nll.detach()
         return loss, metrics
 
 
 # the hyper-parameters TRL shares across the terms of a mixture (DPOConfig fields)
-MIXTURE_SHARED_KEYS = ('beta', 'label_smoothing', 'f_divergence_type', 'f_alpha_divergence_coef', 'discopop_tau')
+MIXTURE_SHARED_KEYS = ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau")
 
 
 class MixtureSpec(LossSpec):
@@ -600,12 +600,12 @@ class MixtureSpec(LossSpec):
 
     @property
     def required_keys(self) -> Tuple[str, ...]:
-        return ('losses', 'beta')
+        return ("losses", "beta")
 
     def terms(self, args: dict):
         """[(term spec, weight)] of this config."""
-        names = [_ALIASES.get(n, n) for n in args['losses']]
-        weights = args.get('weights') or [1.0] * len(names)
+        names = [_ALIASES.get(n, n) for n in args["losses"]]
+        weights = args.get("weights") or [1.0] * len(names)
         return [(LOSSES[n], float(w)) for n, w in zip(names, weights)]
 
     def needs_reference(self, args: dict) -> bool:
@@ -639,10 +639,10 @@ class MixtureSpec(LossSpec):
                 losses = term.per_pair(inputs, args, state, gather, train, generator, rank)[0]
                 term_loss = (losses if wpo is None else losses * wpo).mean()
             loss = loss + weight * term_loss
-            metrics[f'{term.name}/loss'] = term_loss.detach()
-        metrics.update(_reward_metrics(*_rewards(args['beta'], pc, pr, rc, rr), pc, pr))
+            metrics[f"{term.name}/loss"] = term_loss.detach()
+        metrics.update(_reward_metrics(*_rewards(args["beta"], pc, pr, rc, rr), pc, pr))
         if wpo is not None:
-            metrics['wpo/weights'] = wpo
+            metrics["wpo/weights"] = wpo
         return loss, metrics
 
 
@@ -654,20 +654,20 @@ class CPOSpec(LossSpec):
     """TRL's CPOTrainer (CPO, SimPO, AlphaPO): `cpo_loss` on summed log-probs, or per-token means
     for loss_type ipo and simpo (TRL's own choice), plus cpo_alpha times the mean NLL over the
     batch's chosen completion tokens (TRL's cross-entropy on the chosen labels). No reference."""
-    checks = {'loss_type': (lambda v: v in CPO_LOSS_TYPES, f'one of {", ".join(CPO_LOSS_TYPES)}'),
+    checks = {"loss_type": (lambda v: v in CPO_LOSS_TYPES, f'one of {", ".join(CPO_LOSS_TYPES)}'),
               # AlphaPO's alpha may take either sign (0: the log-prob reward)
-              'alpha': (is_number, 'a finite number'),
-              'simpo_gamma': (is_number, 'a finite number'),
-              'cpo_alpha': (lambda v: is_number(v) and v >= 0, 'a number >= 0')}
+              "alpha": (is_number, "a finite number"),
+              "simpo_gamma": (is_number, "a finite number"),
+              "cpo_alpha": (lambda v: is_number(v) and v >= 0, "a number >= 0")}
 
     def check(self, args: dict) -> None:
-        if args.get('loss_type') in ('hinge', 'ipo') and args.get('label_smoothing', 0) != 0:
+        if args.get("loss_type") in ("hinge", "ipo") and args.get("label_smoothing", 0) != 0:
             # TRL warns and ignores it; refuse rather than ignore
             raise ValueError(f'loss.label_smoothing={args["label_smoothing"]!r}: not used by loss_type='
                              f'{args["loss_type"]}; use 0, or loss_type sigmoid or simpo')
 
     def average_log_prob(self, args: dict) -> bool:
-        return args.get('loss_type') in ('ipo', 'simpo')
+        return args.get("loss_type") in ("ipo", "simpo")
 
     def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
         return _reference_free_inputs(logps)
@@ -675,7 +675,7 @@ class CPOSpec(LossSpec):
     def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """As LossSpec.compute; the NLL term is RPO's (`chosen_nll`) with weight cpo_alpha (0: none)."""
-        nll = {'rpo_alpha': args['cpo_alpha'] if args.get('cpo_alpha') else None}
+        nll = {"rpo_alpha": args["cpo_alpha"] if args.get("cpo_alpha") else None}
         return super().compute(logps, dict(args, **nll), state, gather, train, generator, rank)
 
 
@@ -697,13 +697,13 @@ class ORPOSpec(LossSpec):
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """As LossSpec.compute; the loss is ORPO's whole loss, odds-ratio term plus NLL."""
         pc, pr = logps.chosen, logps.rejected
-        losses_, cr, rjr = self.fn(pc, pr, beta=args['beta'])
+        losses_, cr, rjr = self.fn(pc, pr, beta=args["beta"])
         chosen_sum = pc * logps.chosen_tokens.clamp(min=1)  # the trainer's mean, undone
         nll = chosen_nll(chosen_sum + logps.prompt, logps.chosen_tokens + logps.prompt_tokens, gather)
         metrics = _reward_metrics(cr, rjr, pc, pr)
         log_odds = orpo_log_odds(pc, pr).detach()
-        metrics.update({'nll/chosen': nll.detach(), 'orpo/log_odds_chosen': log_odds,
-                        'orpo/log_odds_ratio': F.logsigmoid(log_odds)})
+        metrics.update({"nll/chosen": nll.detach(), "orpo/log_odds_chosen": log_odds,
+                        "orpo/log_odds_ratio": F.logsigmoid(log_odds)})
         return losses_.mean() + nll.to(losses_.dtype), metrics
 
 
@@ -715,16 +715,16 @@ class KTOSpec(LossSpec):
     reference_rejected the KL sequences' and label the labels. The KL estimate (`kto_kl`) is
     gathered over data-parallel processes; apo_zero_unpaired uses none, and its trainer scores
     only the examples (`sides`)."""
-    checks = {'loss_type': (lambda v: v in KTO_LOSS_TYPES, f'one of {", ".join(KTO_LOSS_TYPES)}'),
-              'desirable_weight': (lambda v: is_number(v) and v >= 0, 'a number >= 0'),
-              'undesirable_weight': (lambda v: is_number(v) and v >= 0, 'a number >= 0')}
+    checks = {"loss_type": (lambda v: v in KTO_LOSS_TYPES, f'one of {", ".join(KTO_LOSS_TYPES)}'),
+              "desirable_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+              "undesirable_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0")}
 
     def unpaired_weights(self, args: dict) -> Optional[Tuple[float, float]]:
-        return float(args['desirable_weight']), float(args['undesirable_weight'])
+        return float(args["desirable_weight"]), float(args["undesirable_weight"])
 
     def sides(self, args: dict) -> Tuple[str, ...]:
         """The examples, and their KL sequences where the loss type estimates the KL term."""
-        return ('chosen', 'rejected') if args.get('loss_type', 'kto') == 'kto' else ('chosen',)
+        return ("chosen", "rejected") if args.get("loss_type", "kto") == "kto" else ("chosen",)
 
     def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
@@ -732,18 +732,18 @@ class KTOSpec(LossSpec):
         log-probs of desirable and undesirable examples (per example), their counts, the margin
         between the two mean rewards over the (gathered) batch."""
         pc, rc, labels = logps.chosen, logps.reference_chosen, logps.label.bool()
-        if args.get('loss_type', 'kto') == 'kto':
+        if args.get("loss_type", "kto") == "kto":
             kl = kto_kl(logps.rejected, logps.reference_rejected, gather)
         else:
             kl = torch.zeros((), dtype=pc.dtype, device=pc.device)
         kwargs = {k: args[k] for k in self.hyper_parameters if k in args}
         losses_, rewards = self.fn(pc, rc, labels, kl, **kwargs)
         good, bad = gather(rewards[labels]), gather(rewards[~labels])
-        metrics = {'kto/kl': kl, 'rewards/chosen': rewards[labels], 'rewards/rejected': rewards[~labels],
-                   'logps/chosen': pc.detach()[labels], 'logps/rejected': pc.detach()[~labels],
-                   'count/desirable': labels.sum().to(pc.dtype), 'count/undesirable': (~labels).sum().to(pc.dtype)}
+        metrics = {"kto/kl": kl, "rewards/chosen": rewards[labels], "rewards/rejected": rewards[~labels],
+                   "logps/chosen": pc.detach()[labels], "logps/rejected": pc.detach()[~labels],
+                   "count/desirable": labels.sum().to(pc.dtype), "count/undesirable": (~labels).sum().to(pc.dtype)}
         if good.numel() and bad.numel():
-            metrics['rewards/margins'] = good.mean() - bad.mean()
+            metrics["rewards/margins"] = good.mean() - bad.mean()
         return losses_.mean(), metrics
 
 
@@ -752,36 +752,36 @@ def _trl(name: str, fn: Callable, **facts) -> LossSpec:
 
 
 LOSSES: Dict[str, LossSpec] = {spec.name: spec for spec in (
-    LossSpec('sft', sft_loss, paired=False, reference='never'),
+    LossSpec("sft", sft_loss, paired=False, reference="never"),
     # the DPO repository's name for sigmoid
-    LossSpec('dpo', sigmoid_loss, reference='unless_free'),
-    LossSpec('ipo', ipo_loss, reference='unless_free', averaged=True, config_only=frozenset({'average_log_prob'}),
+    LossSpec("dpo", sigmoid_loss, reference="unless_free"),
+    LossSpec("ipo", ipo_loss, reference="unless_free", averaged=True, config_only=frozenset({"average_log_prob"}),
              trl=True),
-    LossSpec('tdpo', tdpo_loss, token_level=True),
-    LossSpec('beta_dpo', beta_dpo_loss, initial_state=(('gap_mean', 0.0), ('gap_std', 0.0)),
+    LossSpec("tdpo", tdpo_loss, token_level=True),
+    LossSpec("beta_dpo", beta_dpo_loss, initial_state=(("gap_mean", 0.0), ("gap_std", 0.0)),
              update_state=update_beta_dpo_state),
-    _trl('sigmoid', sigmoid_loss, reference='unless_free', plain_in_mixture=True),
-    _trl('hinge', hinge_loss),
-    _trl('exo_pair', exo_pair_loss, needs_label_smoothing=True),
-    _trl('nca_pair', nca_pair_loss),
-    _trl('robust', robust_loss),
-    _trl('bco_pair', bco_pair_loss),
-    _trl('sppo_hard', sppo_hard_loss),
-    _trl('aot', aot_loss, sorts_pairs=True),
-    _trl('aot_unpaired', aot_unpaired_loss, aliases=('aot_pair',), sorts_pairs=True),
-    _trl('apo_zero', apo_zero_loss),
-    _trl('apo_down', apo_down_loss),
-    _trl('discopop', discopop_loss),
-    _trl('sigmoid_norm', sigmoid_norm_loss, averaged=True),
-    MixtureSpec('mix', chosen_nll, config_only=frozenset({'losses', 'weights', *MIXTURE_SHARED_KEYS,
-                                                         'use_weighting', 'ld_alpha'})),
+    _trl("sigmoid", sigmoid_loss, reference="unless_free", plain_in_mixture=True),
+    _trl("hinge", hinge_loss),
+    _trl("exo_pair", exo_pair_loss, needs_label_smoothing=True),
+    _trl("nca_pair", nca_pair_loss),
+    _trl("robust", robust_loss),
+    _trl("bco_pair", bco_pair_loss),
+    _trl("sppo_hard", sppo_hard_loss),
+    _trl("aot", aot_loss, sorts_pairs=True),
+    _trl("aot_unpaired", aot_unpaired_loss, aliases=("aot_pair",), sorts_pairs=True),
+    _trl("apo_zero", apo_zero_loss),
+    _trl("apo_down", apo_down_loss),
+    _trl("discopop", discopop_loss),
+    _trl("sigmoid_norm", sigmoid_norm_loss, averaged=True),
+    MixtureSpec("mix", chosen_nll, config_only=frozenset({"losses", "weights", *MIXTURE_SHARED_KEYS,
+                                                         "use_weighting", "ld_alpha"})),
     # SimPO is CPO's loss_type simpo with cpo_alpha 0 (config/loss/simpo.yaml)
-    CPOSpec('cpo', cpo_loss, reference='never', aliases=('simpo',), config_only=frozenset({'cpo_alpha'})),
-    ORPOSpec('orpo', orpo_loss, reference='never'),
-    KTOSpec('kto', kto_loss),
+    CPOSpec("cpo", cpo_loss, reference="never", aliases=("simpo",), config_only=frozenset({"cpo_alpha"})),
+    ORPOSpec("orpo", orpo_loss, reference="never"),
+    KTOSpec("kto", kto_loss),
 )}
 # TRL's ipo is ours with averaged log-probs (its default); as a mixture term it is TRL's
-_TRL_TERMS = tuple(n for n, s in LOSSES.items() if s.trl) + ('sft',)
+_TRL_TERMS = tuple(n for n, s in LOSSES.items() if s.trl) + ("sft",)
 _ALIASES = {alias: name for name, spec in LOSSES.items() for alias in spec.aliases}
 # config `name` values
 _CONFIG_NAMES = tuple(LOSSES) + tuple(_ALIASES)
@@ -799,51 +799,51 @@ def get_loss(loss_args: dict) -> LossSpec:
     Raises:
         ValueError: unknown or missing name.
     """
-    name = loss_args.get('name')
+    name = loss_args.get("name")
     if name not in _CONFIG_NAMES:
         raise ValueError(f'unknown loss name {name!r}; known: {", ".join(_CONFIG_NAMES)}')
     return LOSSES[_ALIASES.get(name, name)]
 
 
 _CHECKS = {
-    'beta': (lambda v: is_number(v) and v > 0, 'a number > 0'),
-    'label_smoothing': (lambda v: is_number(v) and 0 <= v < 0.5, 'a number in [0, 0.5)'),
-    'mode_weight': (lambda v: is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    'alpha': (lambda v: is_number(v) and v >= 0, 'a number >= 0'),
-    'a': (is_number, 'a finite number'),
-    'gamma': (lambda v: is_number(v) and 0 < v <= 1, 'a number in (0, 1]'),
-    'reference_free': (lambda v: isinstance(v, bool), 'true or false'),
-    'if_tdpo2': (lambda v: isinstance(v, bool), 'true or false'),
-    'average_log_prob': (lambda v: isinstance(v, bool), 'true or false'),
-    'f_divergence_type': (lambda v: v in F_DIVERGENCES, f'one of {", ".join(F_DIVERGENCES)}'),
-    'f_alpha_divergence_coef': (is_number, 'a finite number'),
-    'discopop_tau': (lambda v: is_number(v) and v > 0, 'a number > 0'),
-    'rpo_alpha': (lambda v: v is None or (is_number(v) and v >= 0), 'null or a number >= 0'),
-    'use_weighting': (lambda v: isinstance(v, bool), 'true or false'),
-    'ld_alpha': (lambda v: v is None or (is_number(v) and 0 <= v <= 1), 'null or a number in [0, 1]'),
-    'losses': (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and len(set(v)) == len(v)
+    "beta": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "label_smoothing": (lambda v: is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "mode_weight": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "alpha": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "a": (is_number, "a finite number"),
+    "gamma": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "reference_free": (lambda v: isinstance(v, bool), "true or false"),
+    "if_tdpo2": (lambda v: isinstance(v, bool), "true or false"),
+    "average_log_prob": (lambda v: isinstance(v, bool), "true or false"),
+    "f_divergence_type": (lambda v: v in F_DIVERGENCES, f'one of {", ".join(F_DIVERGENCES)}'),
+    "f_alpha_divergence_coef": (is_number, "a finite number"),
+    "discopop_tau": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "rpo_alpha": (lambda v: v is None or (is_number(v) and v >= 0), "null or a number >= 0"),
+    "use_weighting": (lambda v: isinstance(v, bool), "true or false"),
+    "ld_alpha": (lambda v: v is None or (is_number(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
+    "losses": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and len(set(v)) == len(v)
                and all(n in _TRL_TERMS or _ALIASES.get(n) in _TRL_TERMS for n in v),
                f'a non-empty list of distinct TRL loss types from {", ".join(_TRL_TERMS)}'),
-    'weights': (lambda v: v is None or (isinstance(v, (list, tuple)) and all(is_number(w) for w in v)),
-                'null (all 1.0) or a list of numbers, one per loss'),
+    "weights": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(is_number(w) for w in v)),
+                "null (all 1.0) or a list of numbers, one per loss"),
 }
 
 
-def _check_mixture(loss_args: dict, spec: 'MixtureSpec') -> None:
+def _check_mixture(loss_args: dict, spec: "MixtureSpec") -> None:
     """What TRL refuses in a mixture, and what would make a term differ from TRL's."""
-    weights = loss_args.get('weights')
-    if weights is not None and len(weights) != len(loss_args['losses']):
+    weights = loss_args.get("weights")
+    if weights is not None and len(weights) != len(loss_args["losses"]):
         raise ValueError(f'loss.weights={weights!r}: needs one weight per entry of loss.losses '
                          f'({len(loss_args["losses"])})')
     for term, _ in spec.terms(loss_args):
-        if term.needs_label_smoothing and loss_args.get('label_smoothing', 0) == 0:
-            raise ValueError(f'loss.label_smoothing=0: {term.name} needs a value > 0 (the EXO paper '
-                             'uses 1e-3)')
-        if term.plain_in_mixture and loss_args.get('label_smoothing', 0) != 0:
+        if term.needs_label_smoothing and loss_args.get("label_smoothing", 0) == 0:
+            raise ValueError(f"loss.label_smoothing=0: {term.name} needs a value > 0 (the EXO paper "
+                             "uses 1e-3)")
+        if term.plain_in_mixture and loss_args.get("label_smoothing", 0) != 0:
             raise ValueError(f'loss.label_smoothing={loss_args["label_smoothing"]!r}: TRL\'s sigmoid term '
                              'ignores it, ours would be cDPO; use 0 with sigmoid in a mixture')
-        if loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl' and term.paired \
-                and 'f_divergence_type' not in term.hyper_parameters:
+        if loss_args.get("f_divergence_type", "reverse_kl") != "reverse_kl" and term.paired \
+                and "f_divergence_type" not in term.hyper_parameters:
             raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: not supported by '
                              f'the {term.name} term; use reverse_kl')
 
@@ -858,22 +858,22 @@ def validate_loss_args(loss_args: dict) -> None:
         ValueError: naming the key, its value and what is allowed.
     """
     spec = get_loss(loss_args)
-    name = loss_args['name']
-    accepted = spec.config_keys | {'name'}
+    name = loss_args["name"]
+    accepted = spec.config_keys | {"name"}
     for key in loss_args:
         if key not in accepted:
             raise ValueError(f'loss.{key}={loss_args[key]!r}: unknown key for loss {name!r}; '
                              f'accepted keys: {", ".join(sorted(accepted))}')
     for key in spec.required_keys:
         if key not in loss_args:
-            raise ValueError(f'loss.{key} is missing: required for loss {name!r}')
+            raise ValueError(f"loss.{key} is missing: required for loss {name!r}")
     for key, (ok, allowed) in dict(_CHECKS, **spec.checks).items():
         if key in loss_args and not ok(loss_args[key]):
-            raise ValueError(f'loss.{key}={loss_args[key]!r}: must be {allowed}')
-    if spec.needs_label_smoothing and loss_args.get('label_smoothing') == 0:
-        raise ValueError(f'loss.label_smoothing=0: {spec.name} needs a value > 0 (the EXO paper uses '
-                         '1e-3; TRL 1.16 refuses 0 too)')
-    if loss_args.get('reference_free') and loss_args.get('f_divergence_type', 'reverse_kl') != 'reverse_kl':
+            raise ValueError(f"loss.{key}={loss_args[key]!r}: must be {allowed}")
+    if spec.needs_label_smoothing and loss_args.get("label_smoothing") == 0:
+        raise ValueError(f"loss.label_smoothing=0: {spec.name} needs a value > 0 (the EXO paper uses "
+                         "1e-3; TRL 1.16 refuses 0 too)")
+    if loss_args.get("reference_free") and loss_args.get("f_divergence_type", "reverse_kl") != "reverse_kl":
         raise ValueError(f'loss.f_divergence_type={loss_args["f_divergence_type"]!r}: needs the reference; '
                          'use reverse_kl with reference_free=true')
     spec.check(loss_args)
@@ -881,7 +881,7 @@ def validate_loss_args(loss_args: dict) -> None:
         _check_mixture(loss_args, spec)
     terms = [term for term, _ in spec.terms(loss_args)] if isinstance(spec, MixtureSpec) else [spec]
     sorting = [term.name for term in terms if term.sorts_pairs]
-    if loss_args.get('use_weighting') and sorting:
+    if loss_args.get("use_weighting") and sorting:
         # TRL refuses it too: sorting moves the pairs away from their weights
-        raise ValueError(f'loss.use_weighting=true: WPO weights cannot be applied to {sorting[0]}, '
-                         'which sorts the pairs; use use_weighting=false')
+        raise ValueError(f"loss.use_weighting=true: WPO weights cannot be applied to {sorting[0]}, "
+                         "which sorts the pairs; use use_weighting=false")

@@ -65,7 +65,7 @@ PromptData = Dict[str, Dict]
 # ---------------------------------------------------------------------------
 
 # the hub copies of the named datasets
-HUB_NAMES = {'hh': 'Anthropic/hh-rlhf', 'shp': 'stanfordnlp/SHP', 'se': 'HuggingFaceH4/stack-exchange-preferences'}
+HUB_NAMES = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "HuggingFaceH4/stack-exchange-preferences"}
 
 
 @contextlib.contextmanager
@@ -77,17 +77,17 @@ def _hub_access(hub_name: str):
     offline = not utils.hub_reachable()
     was_offline = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = was_offline or offline
-    fix = (f'pass dataset_paths.{name}=FILE (a local copy: a {SUPPORTED_FORMATS} file, or a folder '
-           'laid out like the hub repository)')
+    fix = (f"pass dataset_paths.{name}=FILE (a local copy: a {SUPPORTED_FORMATS} file, or a folder "
+           "laid out like the hub repository)")
     try:
         yield
     except Exception as e:  # many failure types (offline, bad split, auth); all need the same advice
         if offline:
-            raise utils.ConfigError(f'datasets=[{name}]: the Hugging Face hub is unreachable (offline) and '
-                                    f'no cached copy of {hub_name} exists; {fix}') from None
+            raise utils.ConfigError(f"datasets=[{name}]: the Hugging Face hub is unreachable (offline) and "
+                                    f"no cached copy of {hub_name} exists; {fix}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise utils.ConfigError(f'datasets=[{name}]: could not load {hub_name} from the Hugging Face hub '
-                                f'({type(e).__name__}: {first}); {fix}') from None
+        raise utils.ConfigError(f"datasets=[{name}]: could not load {hub_name} from the Hugging Face hub "
+                                f"({type(e).__name__}: {first}); {fix}") from None
     finally:
         datasets.config.HF_HUB_OFFLINE = was_offline
 
@@ -111,13 +111,13 @@ def _rows(hub_name: str, split: str, cache_dir, path, silent: bool) -> Iterator[
     """Rows of one split, from the hub (path None) or from local files."""
     if path is None:
         if not silent:
-            print(f'Loading {hub_name} ({split} split) from the Hugging Face hub...')
+            print(f"Loading {hub_name} ({split} split) from the Hugging Face hub...")
         for number, row in enumerate(_load_hub(hub_name, split, cache_dir), start=1):
-            yield f'{hub_name} [{split}], row {number}', row
+            yield f"{hub_name} [{split}], row {number}", row
         return
     for file in resolve_data_files(path, split):
         if not silent:
-            print(f'Reading {hub_name} ({split} split) from {file}')
+            print(f"Reading {hub_name} ({split} split) from {file}")
         yield from read_rows(file)
 
 
@@ -136,18 +136,18 @@ class LoadedData(dict):
 
     def __init__(self, data: PromptData, offered: int = 0, dropped: Optional[Dict[str, int]] = None):
         super().__init__(data)
-        self.source = ''
+        self.source = ""
         self.offered = offered
         self.dropped = dict(dropped or {})
 
     def kept_summary(self, label: str) -> str:
         """One line, e.g. "hh [train]: kept 9,996 of 10,000 pairs (4 with chosen equal to rejected)"."""
         kept = self.offered - sum(self.dropped.values())
-        reasons = ', '.join(f'{n:,} {reason}' for reason, n in self.dropped.items() if n)
-        return f'{label}: kept {kept:,} of {self.offered:,} pairs' + (f' ({reasons})' if reasons else '')
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in self.dropped.items() if n)
+        return f"{label}: kept {kept:,} of {self.offered:,} pairs" + (f" ({reasons})" if reasons else "")
 
 
-EQUAL_PAIR = 'with chosen equal to rejected'
+EQUAL_PAIR = "with chosen equal to rejected"
 
 
 class _PromptTable:
@@ -166,7 +166,7 @@ class _PromptTable:
 
     def _entry(self, prompt: str) -> dict:
         if prompt not in self._data:
-            self._data[prompt] = {'responses': [], 'pairs': [], 'sft_target': None}
+            self._data[prompt] = {"responses": [], "pairs": [], "sft_target": None}
             self._index[prompt] = {}
         return self._data[prompt]
 
@@ -174,8 +174,8 @@ class _PromptTable:
         """Index of ``text`` among the prompt's responses, adding it if new."""
         entry, index = self._entry(prompt), self._index[prompt]
         if text not in index:
-            index[text] = len(entry['responses'])
-            entry['responses'].append(text)
+            index[text] = len(entry["responses"])
+            entry["responses"].append(text)
         return index[text]
 
     def skip(self, reason: str) -> None:
@@ -189,7 +189,7 @@ class _PromptTable:
             self.skip(EQUAL_PAIR)
         else:
             self._offered += 1
-            self._data[prompt]['pairs'].append((i, j))
+            self._data[prompt]["pairs"].append((i, j))
 
     def add_row(self, prompt: str, chosen: str, rejected: str) -> None:
         """One chosen/rejected row; the first row's chosen response is the SFT target."""
@@ -199,7 +199,7 @@ class _PromptTable:
     def add_example(self, prompt: str, completion: str, label: bool) -> None:
         """One unpaired example (TRL's KTO format); the first desirable one is the SFT target."""
         i = self.response(prompt, completion)  # paired data's entries have no 'examples' key
-        self._data[prompt].setdefault('examples', []).append((i, bool(label)))
+        self._data[prompt].setdefault("examples", []).append((i, bool(label)))
         if label and prompt not in self._sft_score:
             self.offer_sft(prompt, completion)
 
@@ -208,7 +208,7 @@ class _PromptTable:
         self.response(prompt, text)
         if prompt not in self._sft_score or score > self._sft_score[prompt]:
             self._sft_score[prompt] = score
-            self._data[prompt]['sft_target'] = text
+            self._data[prompt]["sft_target"] = text
 
     def finish(self) -> LoadedData:
         return LoadedData(self._data, self._offered, self._dropped)
@@ -231,9 +231,9 @@ def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
     prompt and chosen reply for SFT.
     """
     table = _PromptTable()
-    for where, row in _rows(HUB_NAMES['hh'], split, cache_dir, path, silent):
-        chosen = _field(row, 'chosen', str, where, _HH_SCHEMA)
-        rejected = _field(row, 'rejected', str, where, _HH_SCHEMA)
+    for where, row in _rows(HUB_NAMES["hh"], split, cache_dir, path, silent):
+        chosen = _field(row, "chosen", str, where, _HH_SCHEMA)
+        rejected = _field(row, "rejected", str, where, _HH_SCHEMA)
         table.add_row(*split_hh_transcripts(chosen, rejected, where))
     return table.finish()
 
@@ -261,20 +261,20 @@ def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, p
     the highest-scored response kept for the prompt.
     """
     table = _PromptTable()
-    for where, row in _rows(HUB_NAMES['shp'], split, cache_dir, path, silent):
-        history = _field(row, 'history', str, where, _SHP_SCHEMA)
-        ref_a = _field(row, 'human_ref_A', str, where, _SHP_SCHEMA)
-        ref_b = _field(row, 'human_ref_B', str, where, _SHP_SCHEMA)
-        score_a = _field(row, 'score_A', (int, float), where, _SHP_SCHEMA)
-        score_b = _field(row, 'score_B', (int, float), where, _SHP_SCHEMA)
-        label = _field(row, 'labels', int, where, _SHP_SCHEMA)
+    for where, row in _rows(HUB_NAMES["shp"], split, cache_dir, path, silent):
+        history = _field(row, "history", str, where, _SHP_SCHEMA)
+        ref_a = _field(row, "human_ref_A", str, where, _SHP_SCHEMA)
+        ref_b = _field(row, "human_ref_B", str, where, _SHP_SCHEMA)
+        score_a = _field(row, "score_A", (int, float), where, _SHP_SCHEMA)
+        score_b = _field(row, "score_B", (int, float), where, _SHP_SCHEMA)
+        label = _field(row, "labels", int, where, _SHP_SCHEMA)
         if label not in (0, 1):
             raise DatasetFormatError(f"{where}: column 'labels' must be 0 or 1, got {label}. {_SHP_SCHEMA}")
         if _score_ratio(score_a, score_b) < SHP_MIN_SCORE_RATIO:
-            table.skip('with a score ratio below 2')
+            table.skip("with a score ratio below 2")
             continue
-        prompt = HUMAN_MARKER + ' ' + history + ASSISTANT_MARKER
-        a, b = ' ' + ref_a, ' ' + ref_b
+        prompt = HUMAN_MARKER + " " + history + ASSISTANT_MARKER
+        a, b = " " + ref_a, " " + ref_b
         table.add_pair(prompt, *((a, b) if label == 1 else (b, a)))
         table.offer_sft(prompt, a, score_a)
         table.offer_sft(prompt, b, score_b)
@@ -293,11 +293,11 @@ def se_split_indices(n_rows: int, split: str) -> np.ndarray:
     ``np.random.default_rng(42)``, so this reproduces the same split without the hub.  A
     tiny local copy still gets one test row (int(n * 1%) would be zero below 100 rows).
     """
-    if split not in ('train', 'test'):
+    if split not in ("train", "test"):
         raise ValueError(f"StackExchange has splits 'train' and 'test' (derived), not '{split}'.")
     n_test = max(int(n_rows * SE_TEST_FRACTION), 1 if n_rows > 1 else 0)
     permutation = np.random.default_rng(SE_SPLIT_SEED).permutation(n_rows)
-    return permutation[:n_test] if split == 'test' else permutation[n_test:]
+    return permutation[:n_test] if split == "test" else permutation[n_test:]
 
 
 _SE_SCHEMA = ("StackExchange rows need 'question' (HTML str) and 'answers' (a list of objects with "
@@ -306,17 +306,17 @@ _SE_SCHEMA = ("StackExchange rows need 'question' (HTML str) and 'answers' (a li
 
 def _se_rows(split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, dict]]:
     """SE rows of the derived split (hub 'train' shuffled with seed 42, 1% test)."""
-    hub_name = HUB_NAMES['se']
-    if path is not None and '{split}' in str(path):
+    hub_name = HUB_NAMES["se"]
+    if path is not None and "{split}" in str(path):
         yield from _rows(hub_name, split, cache_dir, path, silent)  # the files are already split
         return
     if path is None:
         if not silent:
-            print(f'Loading {hub_name} (train split, {split} part) from the Hugging Face hub...')
-        dataset = _load_hub(hub_name, 'train', cache_dir)
+            print(f"Loading {hub_name} (train split, {split} part) from the Hugging Face hub...")
+        dataset = _load_hub(hub_name, "train", cache_dir)
         keep = se_split_indices(len(dataset), split)
         for index, row in zip(keep, dataset.select(keep)):
-            yield f'{hub_name} [train], row {int(index) + 1}', row
+            yield f"{hub_name} [train], row {int(index) + 1}", row
         return
     # a local copy is read whole; fine for samples, a full 10M-row copy needs a lot of memory
     rows = [item for file in resolve_data_files(path, split, match_split=False) for item in read_rows(file)]
@@ -325,11 +325,11 @@ def _se_rows(split: str, cache_dir, path, silent: bool) -> Iterator[Tuple[str, d
 
 
 def _se_answer(answer, where: str, number: int) -> Tuple[str, int]:
-    where = f'{where}, answer {number}'
+    where = f"{where}, answer {number}"
     if not isinstance(answer, dict):
-        raise DatasetFormatError(f'{where}: each answer must be an object, got {type(answer).__name__}. {_SE_SCHEMA}')
-    text = _field(answer, 'text', str, where, _SE_SCHEMA)
-    return ' ' + html_to_text(text), _field(answer, 'pm_score', int, where, _SE_SCHEMA)
+        raise DatasetFormatError(f"{where}: each answer must be an object, got {type(answer).__name__}. {_SE_SCHEMA}")
+    text = _field(answer, "text", str, where, _SE_SCHEMA)
+    return " " + html_to_text(text), _field(answer, "pm_score", int, where, _SE_SCHEMA)
 
 
 def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
@@ -342,18 +342,18 @@ def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, pa
     """
     table = _PromptTable()
     for where, row in _se_rows(split, cache_dir, path, silent):
-        question = _field(row, 'question', str, where, _SE_SCHEMA)
-        answers = _field(row, 'answers', (list, dict), where, _SE_SCHEMA)
+        question = _field(row, "question", str, where, _SE_SCHEMA)
+        answers = _field(row, "answers", (list, dict), where, _SE_SCHEMA)
         if isinstance(answers, dict):  # a `datasets` Sequence of structs arrives as columns
             answers = [dict(zip(answers, values)) for values in zip(*answers.values())]
-        prompt = HUMAN_MARKER + ' ' + html_to_text(question) + ASSISTANT_MARKER
+        prompt = HUMAN_MARKER + " " + html_to_text(question) + ASSISTANT_MARKER
         scored = [_se_answer(a, where, k) for k, a in enumerate(answers, start=1)]
         for text, score in scored:
             table.offer_sft(prompt, text, score)
         for i, (text_i, score_i) in enumerate(scored):
             for text_j, score_j in scored[i + 1:]:
                 if score_i == score_j:
-                    table.skip('with tied scores')  # a tie states no preference
+                    table.skip("with tied scores")  # a tie states no preference
                 else:
                     table.add_pair(prompt, *((text_i, text_j) if score_i > score_j else (text_j, text_i)))
     return table.finish()
@@ -402,18 +402,18 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
     whose name contains it as a word (``test.csv``, ``prefs-train.jsonl``).
     """
     if path is None:
-        raise ValueError(f'get_preference_file needs path= pointing at a {SUPPORTED_FORMATS} file.')
+        raise ValueError(f"get_preference_file needs path= pointing at a {SUPPORTED_FORMATS} file.")
     table = _PromptTable()
     for file in resolve_data_files(path, split):
         if not silent:
-            print(f'Reading preference data ({split} split) from {file}')
+            print(f"Reading preference data ({split} split) from {file}")
         first_kind = None
         for where, row in read_rows(file):
             unpaired = is_unpaired_row(row)
             first_kind = unpaired if first_kind is None else first_kind
             if unpaired != first_kind:
-                raise DatasetFormatError(f'{where}: mixes unpaired rows (prompt, completion, label) with '
-                                         'paired rows (chosen, rejected) in one file; keep one format per file.')
+                raise DatasetFormatError(f"{where}: mixes unpaired rows (prompt, completion, label) with "
+                                         "paired rows (chosen, rejected) in one file; keep one format per file.")
             if unpaired:
                 table.add_example(*unpaired_row_to_text(row, where, tokenizer))
             else:
@@ -426,25 +426,25 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
 # ---------------------------------------------------------------------------
 
 DATASETS: Dict[str, Callable[..., PromptData]] = {
-    'hh': get_hh,
-    'shp': get_shp,
-    'se': get_se,
-    'synthetic': get_synthetic,
+    "hh": get_hh,
+    "shp": get_shp,
+    "se": get_se,
+    "synthetic": get_synthetic,
 }
 
 # how to shorten an over-long prompt.  HH conversations and the user's own files keep the prompt's
 # end: the latest turn, the question and a chat template's assistant header are there (TRL's
 # DPOTrainer also keeps the last max_prompt_length tokens).  SHP and SE keep their start, as in
 # the DPO repository (a post's title and question come first).
-TRUNCATION_MODES = {'hh': 'keep_end', 'shp': 'keep_start', 'se': 'keep_start', 'synthetic': 'keep_start'}
+TRUNCATION_MODES = {"hh": "keep_end", "shp": "keep_start", "se": "keep_start", "synthetic": "keep_start"}
 
 
 def truncation_mode_for(name: str) -> str:
-    return TRUNCATION_MODES.get(name, 'keep_end')
+    return TRUNCATION_MODES.get(name, "keep_end")
 
 
 def _is_data_file_name(name: str, split: str) -> bool:
-    return data_suffix(Path(name.replace('{split}', split))) is not None
+    return data_suffix(Path(name.replace("{split}", split))) is not None
 
 
 def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None,
@@ -464,28 +464,28 @@ def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional
         loader = DATASETS[name]
     elif path is not None or _is_data_file_name(name, split):
         loader, path = get_preference_file, (path if path is not None else name)
-    elif Path(name.replace('{split}', split)).is_file():
+    elif Path(name.replace("{split}", split)).is_file():
         raise DatasetFormatError(unsupported_format_message(name))
     else:
         raise DatasetFormatError(f"unknown dataset '{name}'; known names: {', '.join(sorted(DATASETS))}. "
-                                 f'A path to a local {SUPPORTED_FORMATS} preference file is accepted too.')
+                                 f"A path to a local {SUPPORTED_FORMATS} preference file is accepted too.")
     data = loader(split, silent=silent, cache_dir=cache_dir, path=path, tokenizer=tokenizer)
     if not isinstance(data, LoadedData):  # a loader that builds its own dict counts no drops
-        data = LoadedData(data, offered=sum(len(entry['pairs']) for entry in data.values()))
-    data.source = str(path).replace('{split}', split) if path is not None else f"'{name}' from the hub"
+        data = LoadedData(data, offered=sum(len(entry["pairs"]) for entry in data.values()))
+    data.source = str(path).replace("{split}", split) if path is not None else f"'{name}' from the hub"
     if not data:
-        raise DatasetFormatError(f'{data.source}: no usable prompts in the {split} split of {name!r}'
-                                 f'{_dropped_note(data)}; check the split name and the data files.')
+        raise DatasetFormatError(f"{data.source}: no usable prompts in the {split} split of {name!r}"
+                                 f"{_dropped_note(data)}; check the split name and the data files.")
     return data
 
 
 def _dropped_note(data: LoadedData) -> str:
     """' (all 5 pairs dropped: 5 with chosen equal to rejected)', or '' when nothing was dropped."""
     if not data.dropped:
-        return ''
-    reasons = ', '.join(f'{n:,} {reason}' for reason, n in data.dropped.items())
+        return ""
+    reasons = ", ".join(f"{n:,} {reason}" for reason, n in data.dropped.items())
     every = data.offered == sum(data.dropped.values())
-    return f' (all {data.offered:,} pairs dropped: {reasons})' if every else f' ({reasons})'
+    return f" (all {data.offered:,} pairs dropped: {reasons})" if every else f" ({reasons})"
 
 
 # ---------------------------------------------------------------------------
@@ -493,19 +493,19 @@ def _dropped_note(data: LoadedData) -> str:
 # ---------------------------------------------------------------------------
 
 def _check_truncation_mode(truncation_mode: str) -> None:
-    if truncation_mode not in ('keep_start', 'keep_end'):
+    if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"unknown truncation_mode '{truncation_mode}'; use 'keep_start' or 'keep_end'.")
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if not 0 < max_prompt_length < max_length:
-        raise ValueError(f'need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, '
-                         f'max_length={max_length}; otherwise no room is left for the response.')
+        raise ValueError(f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
+                         f"max_length={max_length}; otherwise no room is left for the response.")
 
 
 def _token_ids(tokenizer, texts: List[str]) -> List[List[int]]:
     """Token ids of each text, without BOS/EOS (the DPO code adds only EOS, itself)."""
-    return tokenizer(texts, add_special_tokens=False)['input_ids']
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], chosen_ids: List[int],
@@ -518,23 +518,23 @@ def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], ch
     longer = max(len(chosen_ids), len(rejected_ids))
     n_prompt, n_responses = len(prompt_ids), len(chosen_ids) + len(rejected_ids)
     if len(prompt_ids) + longer > max_length:
-        prompt_ids = (prompt_ids[:max_prompt_length] if truncation_mode == 'keep_start'
+        prompt_ids = (prompt_ids[:max_prompt_length] if truncation_mode == "keep_start"
                       else prompt_ids[-max_prompt_length:])
     if len(prompt_ids) + longer > max_length:
         chosen_ids = chosen_ids[:max_length - max_prompt_length]
         rejected_ids = rejected_ids[:max_length - max_prompt_length]
-    element = {'prompt': prompt, 'chosen': prompt + chosen, 'rejected': prompt + rejected,
-               'chosen_response_only': chosen, 'rejected_response_only': rejected,
+    element = {"prompt": prompt, "chosen": prompt + chosen, "rejected": prompt + rejected,
+               "chosen_response_only": chosen, "rejected_response_only": rejected,
                # 1 when cut, 0 when whole: counted in the metrics (data/truncated_*) and at start-up
-               'prompt_truncated': int(len(prompt_ids) < n_prompt),
-               'response_truncated': int(len(chosen_ids) + len(rejected_ids) < n_responses)}
-    for side, response_ids in (('chosen', chosen_ids), ('rejected', rejected_ids)):
+               "prompt_truncated": int(len(prompt_ids) < n_prompt),
+               "response_truncated": int(len(chosen_ids) + len(rejected_ids) < n_responses)}
+    for side, response_ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
         ids = prompt_ids + response_ids
-        element[f'{side}_input_ids'] = ids
-        element[f'{side}_attention_mask'] = [1] * len(ids)
-        element[f'{side}_labels'] = [-100] * len(prompt_ids) + response_ids  # loss on the response only
-    element['prompt_input_ids'] = prompt_ids
-    element['prompt_attention_mask'] = [1] * len(prompt_ids)
+        element[f"{side}_input_ids"] = ids
+        element[f"{side}_attention_mask"] = [1] * len(ids)
+        element[f"{side}_labels"] = [-100] * len(prompt_ids) + response_ids  # loss on the response only
+    element["prompt_input_ids"] = prompt_ids
+    element["prompt_attention_mask"] = [1] * len(prompt_ids)
     return element
 
 
@@ -564,31 +564,31 @@ def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_m
 
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError('the tokenizer has no EOS token; set tokenizer.eos_token (responses end with it).')
+        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token (responses end with it).")
     return tokenizer.eos_token_id
 
 
 def _pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is None:
-        raise ValueError('the tokenizer has no pad token; set one, e.g. tokenizer.pad_token = '
-                         'tokenizer.eos_token (padding is masked out of the loss either way).')
+        raise ValueError("the tokenizer has no pad token; set one, e.g. tokenizer.pad_token = "
+                         "tokenizer.eos_token (padding is masked out of the loss either way).")
     return tokenizer.pad_token_id
 
 
 def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, max_length: int,
                       max_prompt_length: int) -> Dict[str, list]:
     """``datasets.map`` function (batched): tokenise the flattened pairs column-wise."""
-    texts = [batch['prompt'], batch['chosen_response'], batch['rejected_response']]
+    texts = [batch["prompt"], batch["chosen_response"], batch["rejected_response"]]
     ids = [_token_ids(tokenizer, column) for column in texts]
     eos = _eos_id(tokenizer)
     out: Dict[str, list] = {}
     for row in zip(*texts, *ids):
         element = _assemble(*row, eos, truncation_mode, max_length, max_prompt_length)
-        element['length'] = len(element['chosen_input_ids']) + len(element['rejected_input_ids'])
+        element["length"] = len(element["chosen_input_ids"]) + len(element["rejected_input_ids"])
         for key, value in element.items():
             out.setdefault(key, []).append(value)
-    if 'label' in batch:  # unpaired examples (KTO): the label travels with its example
-        out['label'] = list(batch['label'])
+    if "label" in batch:  # unpaired examples (KTO): the label travels with its example
+        out["label"] = list(batch["label"])
     return out
 
 
@@ -607,8 +607,8 @@ def _progress_bars(enabled: bool):
 
 def _default_cache_dir() -> str:
     # read the variable now: `datasets` froze its copy at import, before callers could set it
-    root = os.environ.get('HF_DATASETS_CACHE') or datasets.config.HF_DATASETS_CACHE
-    return str(Path(root) / 'preference_tokenized')
+    root = os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE
+    return str(Path(root) / "preference_tokenized")
 
 
 def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: str, max_length: int,
@@ -622,13 +622,13 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
     checksum written after the Arrow file marks it complete; a cache file without a matching
     one (a run killed mid-write, a full disk, a damaged file) is rebuilt with one warning.
     """
-    settings = f'v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|'
-    key = data_files.cache_key(settings, tokenizer, {name: [str(v) for v in values] if name == 'label'
+    settings = f"v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|"
+    key = data_files.cache_key(settings, tokenizer, {name: [str(v) for v in values] if name == "label"
                                                      else values for name, values in columns.items()})
-    directory = Path(cache_dir or _default_cache_dir()) / 'tokenized'
+    directory = Path(cache_dir or _default_cache_dir()) / "tokenized"
     directory.mkdir(parents=True, exist_ok=True)
-    cache_file = directory / f'{key}.arrow'
-    with FileLock(str(cache_file) + '.lock'), _progress_bars(not silent):
+    cache_file = directory / f"{key}.arrow"
+    with FileLock(str(cache_file) + ".lock"), _progress_bars(not silent):
         cached = data_files.open_verified_cache(cache_file)
         if cached is not None:
             return cached
@@ -637,7 +637,7 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
                              remove_columns=flat.column_names, cache_file_name=str(cache_file),
                              fn_kwargs=dict(tokenizer=tokenizer, truncation_mode=truncation_mode,
                                             max_length=max_length, max_prompt_length=max_prompt_length),
-                             new_fingerprint=key, desc='Tokenising')
+                             new_fingerprint=key, desc="Tokenising")
         data_files.write_cache_checksum(cache_file)
         return tokenized
 
@@ -647,9 +647,9 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
 # ---------------------------------------------------------------------------
 
 def _pad_value(key: str, pad_token_id: int) -> int:
-    if key.endswith('_input_ids'):
+    if key.endswith("_input_ids"):
         return pad_token_id
-    if key.endswith('_labels'):
+    if key.endswith("_labels"):
         return -100  # ignored by the log-prob gather
     return 0  # attention masks
 
@@ -663,10 +663,10 @@ def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
     batch = {}
     for key in elements[0]:
         values = [element[key] for element in elements]
-        if key.endswith(('_input_ids', '_attention_mask', '_labels')):
+        if key.endswith(("_input_ids", "_attention_mask", "_labels")):
             batch[key] = pad_sequence([torch.tensor(v, dtype=torch.long) for v in values],
                                       batch_first=True, padding_value=_pad_value(key, pad_token_id))
-        elif key == 'label':  # unpaired examples: True for desirable
+        elif key == "label":  # unpaired examples: True for desirable
             batch[key] = torch.tensor(values, dtype=torch.bool)
         else:
             batch[key] = values
@@ -685,18 +685,18 @@ def _flatten(data: PromptData, sft_mode: bool) -> Tuple[Dict[str, List[str]], Li
     DPO mode: one row per pair.  SFT mode: one row per prompt whose chosen and rejected are
     both the SFT target (the keys stay present; only chosen_* is meaningful).
     """
-    columns = {'prompt': [], 'chosen_response': [], 'rejected_response': []}
+    columns = {"prompt": [], "chosen_response": [], "rejected_response": []}
     group_sizes = []
     for prompt, entry in data.items():
-        responses = entry['responses']
+        responses = entry["responses"]
         if sft_mode:  # a prompt of unpaired data with undesirable examples only has no target
-            pairs = [(entry['sft_target'],) * 2] if entry['sft_target'] is not None else []
+            pairs = [(entry["sft_target"],) * 2] if entry["sft_target"] is not None else []
         else:
-            pairs = [(responses[i], responses[j]) for i, j in entry['pairs']]
+            pairs = [(responses[i], responses[j]) for i, j in entry["pairs"]]
         for chosen, rejected in pairs:
-            columns['prompt'].append(prompt)
-            columns['chosen_response'].append(chosen)
-            columns['rejected_response'].append(rejected)
+            columns["prompt"].append(prompt)
+            columns["chosen_response"].append(chosen)
+            columns["rejected_response"].append(rejected)
         if pairs:
             group_sizes.append(len(pairs))
     return columns, group_sizes
@@ -707,18 +707,18 @@ def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
     unpaired into a desirable (chosen) and an undesirable (rejected) example, as TRL's
     `unpair_preference_dataset`. The rejected columns hold the example's own completion until
     `mismatched_pairs` puts another example's there (the KL estimate's sequence)."""
-    columns = {'prompt': [], 'chosen_response': [], 'rejected_response': [], 'label': []}
+    columns = {"prompt": [], "chosen_response": [], "rejected_response": [], "label": []}
     group_sizes = []
     for prompt, entry in data.items():
-        responses = entry['responses']
-        examples = [(responses[i], label) for i, label in entry.get('examples', ())]
-        for i, j in entry['pairs']:
+        responses = entry["responses"]
+        examples = [(responses[i], label) for i, label in entry.get("examples", ())]
+        for i, j in entry["pairs"]:
             examples += [(responses[i], True), (responses[j], False)]
         for completion, label in examples:
-            columns['prompt'].append(prompt)
-            columns['chosen_response'].append(completion)
-            columns['rejected_response'].append(completion)
-            columns['label'].append(label)
+            columns["prompt"].append(prompt)
+            columns["chosen_response"].append(completion)
+            columns["rejected_response"].append(completion)
+            columns["label"].append(label)
         if examples:
             group_sizes.append(len(examples))
     return columns, group_sizes
@@ -726,11 +726,11 @@ def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
 
 def _refuse_unpaired(data: PromptData, name: str, split: str) -> None:
     """A paired loss cannot read unpaired examples: refuse rather than drop them."""
-    n = sum(len(entry.get('examples', ())) for entry in data.values())
+    n = sum(len(entry.get("examples", ())) for entry in data.values())
     if n:
-        raise DatasetFormatError(f'{data.source}: the {split} split of {name!r} holds {n:,} unpaired examples '
+        raise DatasetFormatError(f"{data.source}: the {split} split of {name!r} holds {n:,} unpaired examples "
                                  "(prompt, completion, label) and this loss trains on chosen/rejected pairs; "
-                                 'use loss=kto for unpaired data, or a file of pairs.')
+                                 "use loss=kto for unpaired data, or a file of pairs.")
 
 
 def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shuffle: bool,
@@ -763,7 +763,7 @@ def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shu
 
 def _sorted_in_chunks(elements: np.ndarray, lengths: np.ndarray, chunk: int) -> np.ndarray:
     """`elements` sorted by decreasing length within consecutive chunks of `chunk`."""
-    return np.concatenate([part[np.argsort(-lengths[part], kind='stable')]
+    return np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
                            for part in np.array_split(elements, range(chunk, len(elements), chunk))])
 
 
@@ -819,14 +819,14 @@ def _batch_schedule(group_sizes: np.ndarray, lengths: np.ndarray, batch_size: in
 
 def _check_iterator_args(batch_size, n_epochs, n_examples, seed, skip_batches) -> None:
     if (n_epochs is None) == (n_examples is None):
-        raise ValueError(f'set exactly one of n_epochs and n_examples (got n_epochs={n_epochs}, '
-                         f'n_examples={n_examples}).')
-    for label, value in (('batch_size', batch_size), ('n_epochs', n_epochs), ('n_examples', n_examples)):
+        raise ValueError(f"set exactly one of n_epochs and n_examples (got n_epochs={n_epochs}, "
+                         f"n_examples={n_examples}).")
+    for label, value in (("batch_size", batch_size), ("n_epochs", n_epochs), ("n_examples", n_examples)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f'{label} must be a positive integer, got {value!r}.')
-    for label, value in (('seed', seed), ('skip_batches', skip_batches)):
+            raise ValueError(f"{label} must be a positive integer, got {value!r}.")
+    for label, value in (("seed", seed), ("skip_batches", skip_batches)):
         if not isinstance(value, (int, np.integer)) or value < 0:  # numpy seeds must be >= 0
-            raise ValueError(f'{label} must be a non-negative integer, got {value!r}.')
+            raise ValueError(f"{label} must be a non-negative integer, got {value!r}.")
 
 
 def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_length, silent,
@@ -841,16 +841,16 @@ def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_le
             _refuse_unpaired(data, name, split)
         columns, sizes = _flatten_unpaired(data) if unpaired else _flatten(data, sft_mode)
         if not sizes:
-            raise DatasetFormatError(f'{data.source}: no preference pairs to train on in the {split} split '
-                                     f'of {name!r}{_dropped_note(data)}.')
+            raise DatasetFormatError(f"{data.source}: no preference pairs to train on in the {split} split "
+                                     f"of {name!r}{_dropped_note(data)}.")
         if not silent and not sft_mode and data.offered:
-            print(data.kept_summary(f'{name} [{split}]'))
+            print(data.kept_summary(f"{name} [{split}]"))
         parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
                                       max_prompt_length, cache_dir=cache_dir, silent=silent))
         if not silent:
             note = truncation_note(parts[-1], truncation_mode_for(name), max_length, max_prompt_length)
             if note:
-                print(f'{name} [{split}]: {note}')
+                print(f"{name} [{split}]: {note}")
         group_sizes.extend(sizes)
     tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return tokenized, np.asarray(group_sizes, dtype=np.int64)
@@ -859,17 +859,17 @@ def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_le
 def truncation_note(tokenized: datasets.Dataset, truncation_mode: str, max_length: int,
                     max_prompt_length: int) -> str:
     """'3 of 400 prompts cut to their last 128 tokens; ...', or '' when nothing was cut."""
-    counts = [int(np.asarray(tokenized.data.column(f'{part}_truncated')).sum())
-              for part in ('prompt', 'response')]
-    kept = 'last' if truncation_mode == 'keep_end' else 'first'
-    notes = [f'{counts[0]:,} of {len(tokenized):,} prompts cut to their {kept} {max_prompt_length} tokens '
-             f'(max_prompt_length)' if counts[0] else '',
-             f'{counts[1]:,} of {len(tokenized):,} examples with responses cut to '
-             f'{max_length - max_prompt_length} tokens (max_length - max_prompt_length)' if counts[1] else '']
-    return '; '.join(n for n in notes if n)
+    counts = [int(np.asarray(tokenized.data.column(f"{part}_truncated")).sum())
+              for part in ("prompt", "response")]
+    kept = "last" if truncation_mode == "keep_end" else "first"
+    notes = [f"{counts[0]:,} of {len(tokenized):,} prompts cut to their {kept} {max_prompt_length} tokens "
+             f"(max_prompt_length)" if counts[0] else "",
+             f"{counts[1]:,} of {len(tokenized):,} examples with responses cut to "
+             f"{max_length - max_prompt_length} tokens (max_length - max_prompt_length)" if counts[1] else ""]
+    return "; ".join(n for n in notes if n)
 
 
-def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,
+def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_size: int = 1,
                        shuffle: bool = True, max_length: int = 512, max_prompt_length: int = 128,
                        sft_mode: bool = False, n_epochs: Optional[int] = None,
                        n_examples: Optional[int] = None, seed: int = 0, silent: bool = False,
@@ -919,11 +919,11 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
                                              max_prompt_length, silent, cache_dir, paths, unpaired)
     if len(tokenized) < batch_size:
         raise DatasetFormatError(_too_small_message(names, split, len(tokenized), batch_size))
-    lengths = np.asarray(tokenized.data.column('length'))
+    lengths = np.asarray(tokenized.data.column("length"))
     labels = _checked_labels(tokenized, names, split, batch_size, unpaired_weights, silent) if unpaired else None
     schedule = _batch_schedule(group_sizes, lengths, batch_size, shuffle, seed, group_by_length,
                                n_epochs, n_examples, labels)
-    columns = [c for c in tokenized.column_names if c != 'length']
+    columns = [c for c in tokenized.column_names if c != "length"]
     return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id,
                      max_length if unpaired else None)
 
@@ -931,26 +931,26 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = 'train', batch_
 def _checked_labels(tokenized: datasets.Dataset, names: List[str], split: str, batch_size: int,
                     weights: Tuple[float, float], silent: bool) -> np.ndarray:
     """The examples' labels, refused when one value only; prints the counts and TRL's advice."""
-    labels = np.asarray(tokenized.data.column('label').to_numpy(zero_copy_only=False), dtype=bool)
+    labels = np.asarray(tokenized.data.column("label").to_numpy(zero_copy_only=False), dtype=bool)
     n_good, n_bad, where = int(labels.sum()), int((~labels).sum()), f'{", ".join(map(str, names))} [{split}]'
     if n_good == 0 or n_bad == 0:
-        have, lack = ('desirable (label true)', 'undesirable') if n_bad == 0 else ('undesirable (label false)',
-                                                                                   'desirable')
-        raise DatasetFormatError(f'{where}: all {len(labels):,} examples are {have}; KTO needs both desirable and '
-                                 f'undesirable examples (its KL estimate and weights compare them): add {lack} '
-                                 'ones, or train on desirable-only data with loss=sft.')
+        have, lack = ("desirable (label true)", "undesirable") if n_bad == 0 else ("undesirable (label false)",
+                                                                                   "desirable")
+        raise DatasetFormatError(f"{where}: all {len(labels):,} examples are {have}; KTO needs both desirable and "
+                                 f"undesirable examples (its KL estimate and weights compare them): add {lack} "
+                                 "ones, or train on desirable-only data with loss=sft.")
     if batch_size < 2:
-        raise ValueError(f'batch size {batch_size}: KTO needs at least 2 examples per batch (one of each label, '
+        raise ValueError(f"batch size {batch_size}: KTO needs at least 2 examples per batch (one of each label, "
                          "and another example's completion for the KL estimate); raise it.")
     per_batch = _labelled_epoch_batches(0, labels, batch_size, False, 0)
     if len(per_batch) == 0:
         raise DatasetFormatError(_too_small_message(names, split, len(labels), batch_size))
     if not silent:
-        print(f'{where}: {n_good:,} desirable and {n_bad:,} undesirable examples (ratio {n_good / n_bad:.3g}); '
-              f'each batch of {batch_size} holds {int(labels[per_batch[0]].sum())} desirable')
+        print(f"{where}: {n_good:,} desirable and {n_bad:,} undesirable examples (ratio {n_good / n_bad:.3g}); "
+              f"each batch of {batch_size} holds {int(labels[per_batch[0]].sum())} desirable")
         advice = kto_weight_advice(n_good, n_bad, *weights)
         if advice:
-            print(f'warning: {advice}')
+            print(f"warning: {advice}")
     return labels
 
 
@@ -961,13 +961,13 @@ def mismatched_pairs(elements: List[Dict], max_length: int) -> List[Dict]:
     processes scores the same pairs as one (TRL rotates within each device's batch)."""
     out = []
     for element, j in zip(elements, mismatched_order(len(elements)).tolist()):
-        other, prompt_ids = elements[j], element['prompt_input_ids']
-        completion = other['chosen_input_ids'][len(other['prompt_input_ids']):][:max_length - len(prompt_ids)]
+        other, prompt_ids = elements[j], element["prompt_input_ids"]
+        completion = other["chosen_input_ids"][len(other["prompt_input_ids"]):][:max_length - len(prompt_ids)]
         ids = prompt_ids + completion
         out.append(dict(element, rejected_input_ids=ids, rejected_attention_mask=[1] * len(ids),
                         rejected_labels=[-100] * len(prompt_ids) + completion,
-                        rejected=element['prompt'] + other['chosen_response_only'],
-                        rejected_response_only=other['chosen_response_only']))
+                        rejected=element["prompt"] + other["chosen_response_only"],
+                        rejected_response_only=other["chosen_response_only"]))
     return out
 
 
@@ -977,8 +977,8 @@ def _too_small_message(names: List[str], split: str, n_elements: int, batch_size
     Training reads the 'train' split with ``batch_size``; evaluation reads every other split
     with ``eval_batch_size`` (see trainers.BasicTrainer.build_eval_batches).
     """
-    setting = ('batch_size' if split == 'train'
-               else 'eval_batch_size (n_eval_examples then counts whole batches of it)')
+    setting = ("batch_size" if split == "train"
+               else "eval_batch_size (n_eval_examples then counts whole batches of it)")
     return (f'the {split} split of {", ".join(map(str, names))} has {n_elements:,} examples, fewer than '
             f'one batch of {batch_size:,}, so no full batch can be formed; set {setting} to at most '
             f'{n_elements:,}, or add data.')

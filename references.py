@@ -483,7 +483,8 @@ def build_reference(policy, model, place: Callable, chunk_size: int,
         live = AdapterReference(policy, chunk_size, lora.REFERENCE_ADAPTER if has_second else None,
                                 base_sources, sync)
         if precompute:
-            keep = lambda n: not lora.is_policy_adapter_key(n)  # base + reference adapter
+            def keep(n):
+                return not lora.is_policy_adapter_key(n)  # base + reference adapter
             return CachedReference(live, ref_cache.weights_hash(policy, keep), ranks)
         return live
     if model is None:

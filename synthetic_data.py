@@ -19,10 +19,10 @@ from typing import Callable, Dict, List, Pattern, Sequence, Tuple
 from data_files import ASSISTANT_MARKER, HUMAN_MARKER
 
 _SYNTHETIC_SEED = 20240601  # fixed: the dataset must not depend on the user's seed
-SYNTHETIC_SIZES = {'train': 6000, 'test': 400}
-_WORDS = ('cat', 'dog', 'sun', 'red', 'box', 'cup', 'map', 'pen', 'hat', 'bus',
-          'egg', 'fox', 'ice', 'jam', 'key', 'leg', 'mud', 'net', 'owl', 'pig')
-_LETTERS = 'abcdefghijklmnopqrstuvwxyz'
+SYNTHETIC_SIZES = {"train": 6000, "test": 400}
+_WORDS = ("cat", "dog", "sun", "red", "box", "cup", "map", "pen", "hat", "bus",
+          "egg", "fox", "ice", "jam", "key", "leg", "mud", "net", "owl", "pig")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 Example = Tuple[str, str, str]  # (prompt, right response, wrong response)
 
@@ -43,29 +43,29 @@ def _swap_first_two(items: List[str]) -> List[str]:
 def _task_copy(rng: random.Random) -> Tuple[str, List[str], List[str]]:
     words = rng.sample(_WORDS, rng.randint(3, 5))
     wrong = words[1:] if rng.random() < 0.5 else _swap_first_two(words)  # dropped item / permutation
-    return 'Repeat the words: ' + ' '.join(words), words, wrong
+    return "Repeat the words: " + " ".join(words), words, wrong
 
 
 def _task_reverse(rng: random.Random) -> Tuple[str, List[str], List[str]]:
     letters = rng.sample(_LETTERS, rng.randint(3, 6))
     right = letters[::-1]
     wrong = list(letters) if rng.random() < 0.5 else _swap_first_two(right)  # unreversed / permutation
-    return 'Reverse the letters: ' + ' '.join(letters), right, wrong
+    return "Reverse the letters: " + " ".join(letters), right, wrong
 
 
 def _task_sort(rng: random.Random) -> Tuple[str, List[str], List[str]]:
-    digits = rng.sample('0123456789', rng.randint(3, 5))
+    digits = rng.sample("0123456789", rng.randint(3, 5))
     right = sorted(digits)
     unsorted_start = digits[0] != right[0]
     wrong = list(digits) if unsorted_start and rng.random() < 0.5 else _swap_first_two(right)
-    return 'Sort the digits: ' + ' '.join(digits), right, wrong
+    return "Sort the digits: " + " ".join(digits), right, wrong
 
 
 def _task_add(rng: random.Random) -> Tuple[str, List[str], List[str]]:
     a, b = rng.randrange(10), rng.randrange(10)
     total = a + b
     wrong = total + 1 if total == 0 or rng.random() < 0.5 else total - 1  # off by one
-    return f'What is {a} + {b}?', [str(total)], [str(wrong)]
+    return f"What is {a} + {b}?", [str(total)], [str(wrong)]
 
 
 # ---------------------------------------------------------------------------
@@ -91,11 +91,11 @@ class SyntheticTask:
 # addition has only 100 distinct prompts, so it is drawn less often than the open-ended tasks;
 # the order and weights fix the generated data (changing them changes every split)
 SYNTHETIC_TASKS = (
-    SyntheticTask(_task_copy, 3, re.compile(r'Repeat the words: ([a-z ]+)$'), lambda items: items),
-    SyntheticTask(_task_reverse, 3, re.compile(r'Reverse the letters: ([a-z ]+)$'),
+    SyntheticTask(_task_copy, 3, re.compile(r"Repeat the words: ([a-z ]+)$"), lambda items: items),
+    SyntheticTask(_task_reverse, 3, re.compile(r"Reverse the letters: ([a-z ]+)$"),
                   lambda items: items[::-1]),
-    SyntheticTask(_task_sort, 3, re.compile(r'Sort the digits: ([0-9 ]+)$'), sorted),
-    SyntheticTask(_task_add, 1, re.compile(r'What is ([0-9]+ \+ [0-9]+)\?$'),
+    SyntheticTask(_task_sort, 3, re.compile(r"Sort the digits: ([0-9 ]+)$"), sorted),
+    SyntheticTask(_task_add, 1, re.compile(r"What is ([0-9]+ \+ [0-9]+)\?$"),
                   lambda items: [str(int(items[0]) + int(items[2]))]),
 )
 
@@ -113,12 +113,12 @@ def _synthetic_examples() -> Dict[str, List[Example]]:
     examples, seen = [], set()
     while len(examples) < wanted:
         question, right, wrong = rng.choices(generators, weights)[0](rng)
-        prompt = f'{HUMAN_MARKER} {question}{ASSISTANT_MARKER}'
+        prompt = f"{HUMAN_MARKER} {question}{ASSISTANT_MARKER}"
         if prompt not in seen:  # unique prompts, so a test prompt can never occur in train
             seen.add(prompt)
-            examples.append((prompt, ' ' + ' '.join(right), ' ' + ' '.join(wrong)))
-    n_test = SYNTHETIC_SIZES['test']
-    return {'test': examples[:n_test], 'train': examples[n_test:]}
+            examples.append((prompt, " " + " ".join(right), " " + " ".join(wrong)))
+    n_test = SYNTHETIC_SIZES["test"]
+    return {"test": examples[:n_test], "train": examples[n_test:]}
 
 
 _SYNTHETIC_CACHE: Dict[str, List[Example]] = {}
@@ -146,7 +146,7 @@ def synthetic_corpus() -> List[str]:
     Used to train the embedded byte-level BPE tokenizer.
     """
     return [prompt + response
-            for split in ('train', 'test')
+            for split in ("train", "test")
             for prompt, right, wrong in synthetic_split(split)
             for response in (right, wrong)]
 
@@ -171,7 +171,7 @@ def synthetic_answer(prompt: str) -> List[str]:
         match = task.question.match(question)
         if match:
             return task.solve(match.group(1).split())
-    raise ValueError(f'the prompt {prompt!r} is not one of the embedded synthetic tasks')
+    raise ValueError(f"the prompt {prompt!r} is not one of the embedded synthetic tasks")
 
 
 def answer_credit(answer: Sequence[str], right: Sequence[str], partial_credit: bool) -> float:

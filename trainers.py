@@ -657,7 +657,7 @@ class RunLog:
                 if resumed and unreadable:
                     rank0_print(f"warning: dropped {unreadable} unreadable line(s) of {path} "
                                 "(a write cut short, e.g. by a kill)")
-                path.write_text("".join(l + "\n" for l in kept))
+                path.write_text("".join(line + "\n" for line in kept))
         checkpoints.remove_partial_writes(self.run_dir)  # left by a crash during a save
 
     def start_wandb(self):

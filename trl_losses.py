@@ -59,10 +59,10 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
     return losses, chosen_rewards, rejected_rewards
 
 
-F_DIVERGENCES = ('reverse_kl', 'forward_kl', 'js_divergence', 'alpha_divergence')
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
-def f_divergence_score(logratios: torch.Tensor, f_divergence_type: str = 'reverse_kl',
+def f_divergence_score(logratios: torch.Tensor, f_divergence_type: str = "reverse_kl",
                        f_alpha_divergence_coef: float = 0.5) -> torch.Tensor:
     """f'(pi/ref) from log(pi/ref): the f-DPO reward (Wang et al. 2023, arXiv 2309.16240), as TRL.
 
@@ -77,14 +77,14 @@ def f_divergence_score(logratios: torch.Tensor, f_divergence_type: str = 'revers
     Returns:
         (B,) scores, same dtype.
     """
-    if f_divergence_type == 'reverse_kl':
+    if f_divergence_type == "reverse_kl":
         return logratios
-    if f_divergence_type == 'forward_kl':
+    if f_divergence_type == "forward_kl":
         return 1 - torch.exp(-logratios)
-    if f_divergence_type == 'js_divergence':
+    if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(logratios)
-    if f_divergence_type != 'alpha_divergence':
-        raise ValueError(f'unknown f_divergence_type {f_divergence_type!r}; use one of {F_DIVERGENCES}')
+    if f_divergence_type != "alpha_divergence":
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; use one of {F_DIVERGENCES}")
     alpha = f_alpha_divergence_coef
     if abs(alpha - 1.0) < 1e-6:
         return logratios
@@ -112,17 +112,17 @@ def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
 
 
 def sigmoid_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0,
-                 f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5,
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
                  reference_free: bool = False):
     """DPO (Rafailov et al. 2023, Eq. 7), cDPO with label_smoothing, f-DPO with f_divergence_type.
 
     With reverse_kl this is `preference_loss` (the DPO repository's arithmetic). TRL 1.16's
     sigmoid has no label smoothing; label_smoothing > 0 is the cDPO note's form (older TRL).
     """
-    if f_divergence_type == 'reverse_kl':
+    if f_divergence_type == "reverse_kl":
         return preference_loss(pc, pr, rc, rr, beta, label_smoothing, reference_free=reference_free)
     if reference_free:
-        raise ValueError('reference_free needs f_divergence_type=reverse_kl')
+        raise ValueError("reference_free needs f_divergence_type=reverse_kl")
     delta = _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
     return (_smoothed_logistic(beta * delta, label_smoothing),) + _rewards(beta, pc, pr, rc, rr)
 
@@ -132,7 +132,7 @@ def ipo_loss(pc, pr, rc, rr, beta: float, reference_free: bool = False):
     return preference_loss(pc, pr, rc, rr, beta, ipo=True, reference_free=reference_free)
 
 
-def hinge_loss(pc, pr, rc, rr, beta: float, f_divergence_type: str = 'reverse_kl',
+def hinge_loss(pc, pr, rc, rr, beta: float, f_divergence_type: str = "reverse_kl",
                f_alpha_divergence_coef: float = 0.5):
     """SLiC / RSO hinge (Zhao et al. 2023, arXiv 2305.10425; Liu et al. 2023, arXiv 2309.06657):
     relu(1 - beta delta)."""
@@ -141,7 +141,7 @@ def hinge_loss(pc, pr, rc, rr, beta: float, f_divergence_type: str = 'reverse_kl
 
 
 def exo_pair_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 1e-3,
-                  f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5):
+                  f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5):
     """EXO-pref (Ji et al. 2024, arXiv 2402.00856, Eq. 16): KL(softmax(beta ratios) || (1-eps, eps)).
 
     = sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log eps), z = beta delta; eps > 0.
@@ -160,7 +160,7 @@ def nca_pair_loss(pc, pr, rc, rr, beta: float):
 
 
 def robust_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0,
-                f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5):
+                f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5):
     """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409):
     (-(1-eps) logsig(z) + eps logsig(-z)) / (1 - 2 eps), z = beta delta."""
     z = beta * _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
@@ -245,7 +245,7 @@ def apo_down_loss(pc, pr, rc, rr, beta: float):
 
 
 def discopop_loss(pc, pr, rc, rr, beta: float, discopop_tau: float = 0.05,
-                  f_divergence_type: str = 'reverse_kl', f_alpha_divergence_coef: float = 0.5):
+                  f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5):
     """DiscoPOP (Chris Lu et al. 2024, arXiv 2406.08414, Eq. 5), z = beta delta:
     (1 - sig(z/tau)) (-logsig(z)) + sig(z/tau) exp(-z)."""
     z = beta * _delta_score(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)

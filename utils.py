@@ -676,7 +676,8 @@ def changed_settings(old: dict, new: dict, may_change) -> List[tuple]:
     except keys in `may_change` or below them (an entry 'wandb' covers 'wandb.project'). A key
     present on one side only counts as changed, with UNSET on the other."""
     old, new = flatten_settings(old), flatten_settings(new)
-    allowed = lambda key: any(key == k or key.startswith(k + ".") for k in may_change)
+    def allowed(key):
+        return any(key == k or key.startswith(k + ".") for k in may_change)
     return [(key, old.get(key, UNSET), new.get(key, UNSET)) for key in sorted(set(old) | set(new))
             if not allowed(key) and old.get(key, UNSET) != new.get(key, UNSET)]
 

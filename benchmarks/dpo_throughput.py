@@ -297,7 +297,7 @@ def run(args, tmp: Path) -> dict:
         "load_avg_1m_end": round(load_end, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "final_loss": round(float(steps["loss"][-1]), 6),
-        "losses": [round(float(l), 6) for l in steps["loss"]],
+        "losses": [round(float(line), 6) for line in steps["loss"]],
         **({"padding_fraction": round(statistics.mean(padding), 4)} if padding else {}),
         "setup_s": round(setup_s, 2),
         **precompute,

@@ -16,7 +16,6 @@ starting a new interpreter per checkpoint). The last stdout line is one JSON obj
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -115,7 +114,7 @@ def draw(points, out_path: Path, title: str):
         run = [p for p in points if p["label"] == label]
         family = run[0]["family"]
         colour = colours[families.index(family) % len(colours)]
-        same_family = [l for l in labels if next(p for p in points if p["label"] == l)["family"] == family]
+        same_family = [line for line in labels if next(p for p in points if p["label"] == line)["family"] == family]
         marker = "*" if family == "SFT" else markers[same_family.index(label) % len(markers)]
         ax.errorbar([p["kl"] for p in run], [p["reward"] for p in run],
                     xerr=[p["kl_se"] or 0 for p in run], yerr=[p["reward_se"] or 0 for p in run],
@@ -132,7 +131,8 @@ def draw(points, out_path: Path, title: str):
 
 
 def table(points) -> str:
-    lines = ["| run | checkpoint | KL (per-position) | KL (log-ratio) | reward | win rate vs SFT [95% CI] | implicit acc. |",
+    lines = ["| run | checkpoint | KL (per-position) | KL (log-ratio) | reward | win rate vs SFT [95% CI] "
+             "| implicit acc. |",
              "|---|---|---|---|---|---|---|"]
     for p in points:
         ci = p["win_vs_reference_ci"]

@@ -111,7 +111,8 @@ def check_token_counts(trainer, tokenizer, args):
     first = lengths[: args.batch]
     seq = max(p + max(c, r) for p, c, r in first)
     if tuple(batch["input_ids"].shape) != (2 * args.batch, seq):
-        raise RuntimeError(f"collated input_ids shape {tuple(batch['input_ids'].shape)}, expected {(2 * args.batch, seq)}")
+        raise RuntimeError(f"collated input_ids shape {tuple(batch['input_ids'].shape)}, "
+                           f"expected {(2 * args.batch, seq)}")
     if int(batch["attention_mask"].sum()) != sum(2 * p + c + r for p, c, r in first):
         raise RuntimeError("collated batch: unexpected attention_mask (truncated or padded as tokens)")
     if int(batch["completion_mask"].sum()) != sum(c + r for _, c, r in first):

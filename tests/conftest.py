@@ -24,8 +24,6 @@ FAST = ["n_examples=64", "batch_size=8", "eval_batch_size=16", "n_eval_examples=
 
 def compose(overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    import train  # registers the resolver
     overrides = train.rewrite_aliases(list(overrides))  # as train.py's command line
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         return hydra_compose("config", overrides=overrides)
@@ -33,7 +31,6 @@ def compose(overrides):
 
 def run_in_process(overrides):
     """Compose and run train.run(); returns the run directory."""
-    import train
     config = compose(overrides)
     train.run(config)
     return Path(config.local_run_dir)
@@ -47,7 +44,7 @@ def run_subprocess(args, timeout=600, env=None):
 
 
 def read_metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # Wall-clock measurements differ from run to run by nature; every other logged value must not.

@@ -1,9 +1,7 @@
 """Checkpoints that lie (issue 27): a full disk on a real small filesystem, content hashes that
 catch a damaged file of the right size, and a damaged shard that resume skips."""
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ non-finite values, n_examples rounding, and starting wandb without a login (issu
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -5,7 +5,6 @@ end with the same weights and write checkpoints that load into a plain model and
 Every multi-process run is a `python -m torch.distributed.run` subprocess in its own session, killed
 whole on a timeout, so a rank that hangs cannot hang the suite."""
 import json
-import math
 import os
 import shutil
 import signal
@@ -189,7 +188,7 @@ def test_single_command_launch_with_bf16_mixed_precision_and_sampling(
     assert "starting 2 processes" in output
     # bf16 compute against the fp32 BasicTrainer run: the loss within 5e-3, the weights close.
     check_against_baseline(run_dir, baseline, initial_weights, tokenizer, bf16=True)
-    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6  # 3 evaluations x 2 prompts, written once (by rank 0)
     assert all(isinstance(s["policy"], str) and isinstance(s["reference"], str) for s in samples)
     # A bad config is refused once, before any process starts, with the usual exit code.
@@ -214,7 +213,7 @@ def test_one_process_without_torchrun(baseline, tmp_path):
 # A worker run under torchrun: each architecture's tensor-parallel plan and FSDP sharding against
 # the plain model, on random tiny configs (Llama with grouped key/value heads, GPT-NeoX with
 # partial rotary, GPT-2 with its fused Conv1D query/key/value).
-ARCH_WORKER = r'''
+ARCH_WORKER = r"""
 import copy, datetime, json, sys
 sys.path.insert(0, ROOT)
 import torch, torch.distributed as dist, transformers
@@ -312,7 +311,7 @@ dist.destroy_process_group()
 sys.stdout.flush()
 import os
 os._exit(0)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -470,7 +469,7 @@ def test_a_finished_sharded_fsdp_run_trains_further_under_fsdp_and_basic_trainer
 # A worker run under torchrun: train.build_models under FSDP with 2 processes builds the weights on
 # rank 0 only (rank 1 builds on the meta device); sharding then gives rank 1 its shards of rank
 # 0's weights and rank 0's non-persistent buffers (the rotary tables, in no state dict).
-META_WORKER = r'''
+META_WORKER = r"""
 import datetime, json, os, sys
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -502,7 +501,7 @@ if rank == 0:
 dist.barrier()
 dist.destroy_process_group()
 os._exit(0)  # skip interpreter shutdown (see ARCH_WORKER)
-'''
+"""
 
 
 @pytest.mark.slow

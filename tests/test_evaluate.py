@@ -3,7 +3,6 @@ checkpoints made by train.py."""
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +182,7 @@ def test_eval_json_of_a_dpo_checkpoint(dpo_run):
     final_eval = [m for m in read_metrics(dpo_run) if "rewards_eval/accuracies" in m][-1]
     assert written["implicit_accuracy"]["mean"] == pytest.approx(final_eval["rewards_eval/accuracies"],
                                                                  abs=1.5 / 32)
-    samples = [json.loads(l) for l in (dpo_run / "LATEST" / "eval_samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (dpo_run / "LATEST" / "eval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and all(len(s["policy"]) == 3 for s in samples)
 
 

@@ -18,13 +18,13 @@ import torch
 import kto_cpo_orpo as K
 import losses
 
-cpo_trainer = pytest.importorskip('trl.experimental.cpo.cpo_trainer')
-orpo_trainer = pytest.importorskip('trl.experimental.orpo.orpo_trainer')
-kto_trainer = pytest.importorskip('trl.trainer.kto_trainer')
+cpo_trainer = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+orpo_trainer = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
 
 D = torch.float64
 B, T, V = 5, 8, 11  # pairs, sequence length, vocabulary
-CPU = SimpleNamespace(device=torch.device('cpu'), gather_for_metrics=lambda x: x, gather=lambda x: x)
+CPU = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
 
 
 def _pairs(seed):
@@ -47,9 +47,9 @@ def _pairs(seed):
 
 
 def _trl_batch(ids, attention, labels):
-    return {'chosen_input_ids': ids[:B], 'chosen_attention_mask': attention[:B], 'chosen_labels': labels[:B],
-            'rejected_input_ids': ids[B:], 'rejected_attention_mask': attention[B:],
-            'rejected_labels': labels[B:]}
+    return {"chosen_input_ids": ids[:B], "chosen_attention_mask": attention[:B], "chosen_labels": labels[:B],
+            "rejected_input_ids": ids[B:], "rejected_attention_mask": attention[B:],
+            "rejected_labels": labels[B:]}
 
 
 def _stand_in(trainer_cls, logits, **fields):
@@ -59,7 +59,7 @@ def _stand_in(trainer_cls, logits, **fields):
     fake.concatenated_inputs = trainer_cls.concatenated_inputs
     fake.get_batch_logps = trainer_cls.get_batch_logps
     fake.concatenated_forward = lambda model, batch: trainer_cls.concatenated_forward(fake, model, batch)
-    for name in ('cpo_loss', 'odds_ratio_loss'):
+    for name in ("cpo_loss", "odds_ratio_loss"):
         if hasattr(trainer_cls, name):
             setattr(fake, name, getattr(trainer_cls, name).__get__(fake))
     model = lambda input_ids, **kw: SimpleNamespace(logits=logits)  # noqa: E731
@@ -77,7 +77,7 @@ def _sums(logits, ids, mask):
 
 
 def trl_cpo(ids, attention, labels, logits, **config):
-    fields = dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid', cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
+    fields = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
     fields.update(config)
     fake, model = _stand_in(cpo_trainer.CPOTrainer, logits, **fields)
     loss, _ = cpo_trainer.CPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
@@ -89,7 +89,7 @@ def registry_loss(name, config, logits, ids, labels, attention):
     means where the entry says), token counts and, for ORPO, the prompts' sums and counts."""
     config = dict(config, name=name)
     losses.validate_loss_args(config)
-    spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != 'name'}
+    spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != "name"}
     sums, tokens = _sums(logits, ids, (labels != -100).long())
     logps = sums / tokens if spec.average_log_prob(args) else sums
     prompt = (attention.bool() & (labels == -100)).long()
@@ -100,11 +100,11 @@ def registry_loss(name, config, logits, ids, labels, attention):
     return loss
 
 
-CPO_DEFAULTS = dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid', cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
+CPO_DEFAULTS = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
 
 
 def ours_cpo(ids, attention, labels, logits, **config):
-    return registry_loss('cpo', dict(CPO_DEFAULTS, **config), logits, ids, labels, attention)
+    return registry_loss("cpo", dict(CPO_DEFAULTS, **config), logits, ids, labels, attention)
 
 
 def _assert_same(got, expected, logits):
@@ -116,18 +116,18 @@ def _assert_same(got, expected, logits):
 
 CPO_CASES = [
     {},
-    {'beta': 0.5, 'label_smoothing': 0.1},
-    {'loss_type': 'hinge', 'beta': 0.3},
-    {'loss_type': 'ipo'},
-    {'loss_type': 'simpo', 'cpo_alpha': 0.0},                       # SimPO
-    {'loss_type': 'simpo', 'cpo_alpha': 0.5, 'simpo_gamma': 1.0, 'beta': 2.0, 'label_smoothing': 0.2},
-    {'loss_type': 'simpo', 'cpo_alpha': 0.0, 'alpha': 0.25, 'beta': 2.0},  # AlphaPO
-    {'loss_type': 'sigmoid', 'alpha': -0.5},
-    {'loss_type': 'ipo', 'alpha': 1.0, 'cpo_alpha': 0.0},
+    {"beta": 0.5, "label_smoothing": 0.1},
+    {"loss_type": "hinge", "beta": 0.3},
+    {"loss_type": "ipo"},
+    {"loss_type": "simpo", "cpo_alpha": 0.0},                       # SimPO
+    {"loss_type": "simpo", "cpo_alpha": 0.5, "simpo_gamma": 1.0, "beta": 2.0, "label_smoothing": 0.2},
+    {"loss_type": "simpo", "cpo_alpha": 0.0, "alpha": 0.25, "beta": 2.0},  # AlphaPO
+    {"loss_type": "sigmoid", "alpha": -0.5},
+    {"loss_type": "ipo", "alpha": 1.0, "cpo_alpha": 0.0},
 ]
 
 
-@pytest.mark.parametrize('config', CPO_CASES, ids=[str(i) for i in range(len(CPO_CASES))])
+@pytest.mark.parametrize("config", CPO_CASES, ids=[str(i) for i in range(len(CPO_CASES))])
 def test_cpo_matches_trl(config):
     for seed in (0, 1):
         case = _pairs(seed)
@@ -143,10 +143,10 @@ def trl_orpo(ids, attention, labels, logits, beta=0.1):
 def ours_orpo(ids, attention, labels, logits, beta=0.1):
     """ORPO's NLL runs over the chosen prompt and completion (TRL: 'computed over the full prompt
     and response'): the registry adds the prompts' log-probs to the completions'."""
-    return registry_loss('orpo', {'beta': beta}, logits, ids, labels, attention)
+    return registry_loss("orpo", {"beta": beta}, logits, ids, labels, attention)
 
 
-@pytest.mark.parametrize('beta', [0.1, 1.0])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_orpo_matches_trl(beta):
     # TRL's odds ratio upcasts with .float(), so its float64 inputs become float32: 1e-5 holds
     for seed in (0, 1):
@@ -160,11 +160,11 @@ def test_cpo_and_orpo_hand_values():
     # sigmoid, beta 1: s = -1 - (-2) = 1, loss = log(1 + e^-1) = 0.31326
     assert K.cpo_loss(one, two, beta=1.0)[0].item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-12)
     # simpo, beta 2, gamma 1: s = 1 - 0.5 = 0.5, loss = log(1 + e^-1)
-    got = K.cpo_loss(one, two, beta=2.0, loss_type='simpo', simpo_gamma=1.0)[0]
+    got = K.cpo_loss(one, two, beta=2.0, loss_type="simpo", simpo_gamma=1.0)[0]
     assert got.item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-12)
     # AlphaPO alpha 1: r = 1 - e^{-logp}: r_c = 1 - e = -1.71828, r_r = 1 - e^2 = -6.38906;
     # hinge beta 1: relu(1 - 4.67078) = 0
-    assert K.cpo_loss(one, two, beta=1.0, loss_type='hinge', alpha=1.0)[0].item() == 0.0
+    assert K.cpo_loss(one, two, beta=1.0, loss_type="hinge", alpha=1.0)[0].item() == 0.0
     # ORPO: log odds = (-1 + 2) - (log(1 - e^-1) - log(1 - e^-2)) = 1 - (-0.45868 + 0.14541) = 1.31327
     log_odds = 1 - (math.log(1 - math.exp(-1)) - math.log(1 - math.exp(-2)))
     expected = 0.5 * math.log1p(math.exp(-log_odds))
@@ -204,7 +204,7 @@ def _kto_case(seed, labels):
 def trl_kto(case, gather=lambda x: x, **config):
     """TRL's KTO loss and its logged KL for this batch; `gather` stands in for other processes."""
     per_token, kl_per_token, mask, kl_mask, ref, ref_kl, labels = case
-    fields = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type='kto')
+    fields = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto")
     fields.update(config)
     n, zeros = len(labels), torch.zeros_like(per_token)
     ids, kl_ids = torch.zeros(n, T, dtype=torch.long), torch.ones(n, T, dtype=torch.long)
@@ -217,48 +217,48 @@ def trl_kto(case, gather=lambda x: x, **config):
             return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros)
     model = Model()
     fake = SimpleNamespace(model=model, ref_model=None, precompute_ref_logps=True, aux_loss_enabled=False,
-                           calculate_KL=fields['loss_type'] == 'kto',
-                           accelerator=SimpleNamespace(device=torch.device('cpu'), gather_for_metrics=gather),
-                           _metrics={'train': defaultdict(list)}, _total_train_tokens=0, _tp_size=1, **fields)
+                           calculate_KL=fields["loss_type"] == "kto",
+                           accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=gather),
+                           _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1, **fields)
     fake._compute_kl_logps = kto_trainer.KTOTrainer._compute_kl_logps.__get__(fake)
-    inputs = {'input_ids': ids, 'attention_mask': torch.ones(n, T), 'completion_mask': mask,
-              'KL_input_ids': kl_ids, 'KL_attention_mask': torch.ones(n, T), 'KL_completion_mask': kl_mask,
-              'label': labels, 'ref_logps': ref, 'ref_KL_logps': ref_kl}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(n, T), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones(n, T), "KL_completion_mask": kl_mask,
+              "label": labels, "ref_logps": ref, "ref_KL_logps": ref_kl}
     loss = kto_trainer.KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
-    return loss, fake._metrics['train']['kl'][0]
+    return loss, fake._metrics["train"]["kl"][0]
 
 
 def ours_kto(case, gather=lambda x: x, **config):
     """The registry's KTO entry on the log-probs the trainer supplies: the examples' sums in the
     chosen slots, the mismatched (KL) sequences' in the rejected slots, the labels."""
     per_token, kl_per_token, mask, kl_mask, ref, ref_kl, labels = case
-    config = dict(dict(name='kto', beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type='kto'),
+    config = dict(dict(name="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto"),
                   **config)
     losses.validate_loss_args(config)
-    spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != 'name'}
+    spec, args = losses.get_loss(config), {k: v for k, v in config.items() if k != "name"}
     logps = losses.BatchLogps(chosen=per_token.sum(1), reference_chosen=ref, rejected=kl_per_token.sum(1),
                               reference_rejected=ref_kl, label=labels)
     loss, metrics = spec.compute(logps, args, spec.init_state(), gather=gather, train=True)
-    return loss, metrics['kto/kl'].item()
+    return loss, metrics["kto/kl"].item()
 
 
 KTO_CASES = [
     ({}, [True, False, True, True, False, False]),
-    ({'beta': 0.5, 'desirable_weight': 1.33, 'undesirable_weight': 0.7}, [True, True, True, False, True]),
-    ({'loss_type': 'apo_zero_unpaired', 'beta': 0.3}, [False, True, False, True]),
+    ({"beta": 0.5, "desirable_weight": 1.33, "undesirable_weight": 0.7}, [True, True, True, False, True]),
+    ({"loss_type": "apo_zero_unpaired", "beta": 0.3}, [False, True, False, True]),
     ({}, [True, True, True]),            # one label only: TRL's empty undesirable side
-    ({'undesirable_weight': 2.0}, [False, False, False, False]),
+    ({"undesirable_weight": 2.0}, [False, False, False, False]),
 ]
 
 
-@pytest.mark.parametrize('config,labels', KTO_CASES, ids=[str(i) for i in range(len(KTO_CASES))])
+@pytest.mark.parametrize("config,labels", KTO_CASES, ids=[str(i) for i in range(len(KTO_CASES))])
 def test_kto_matches_trl(config, labels):
     for seed in (0, 1):
         case = _kto_case(seed, labels)
         expected, expected_kl = trl_kto(case, **config)
         got, kl = ours_kto(case, **config)
         assert kl == pytest.approx(expected_kl, rel=1e-12)
-        if config.get('loss_type') != 'apo_zero_unpaired':
+        if config.get("loss_type") != "apo_zero_unpaired":
             assert kl > 0  # the case was built so; a clamp at 0 would make the check empty
         assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got.item(), expected.item())
         (g_got,) = torch.autograd.grad(got, case[0], retain_graph=True)
@@ -296,5 +296,5 @@ def test_kto_hand_values():
 
 def test_mismatched_order_is_trls_rotation():
     # TRL's add_kl_completion_ids: [completions[-1]] + completions[:-1]
-    completions = ['a', 'b', 'c', 'd']
+    completions = ["a", "b", "c", "d"]
     assert [completions[i] for i in K.mismatched_order(4).tolist()] == [completions[-1]] + completions[:-1]

@@ -3,7 +3,6 @@ Cohere's logit scale, and any other head, which the start-up check sends to the 
 with one warning line. Log-probs must equal those of the model's own forward."""
 import copy
 
-import pytest
 import torch
 
 import logps
@@ -126,7 +125,7 @@ def test_a_custom_head_falls_back_to_full_logits_with_one_warning(tmp_path, toke
     capsys.readouterr()
     trainer = trainers.BasicTrainer(policy, config, seed=0, run_dir=str(tmp_path / "run"),
                                     reference_model=reference, tokenizer=tokenizer)
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(lines) == 1
     assert lines[0].startswith("warning: the policy and the reference model's output layer is not "
                                "a plain linear layer")

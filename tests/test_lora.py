@@ -36,7 +36,6 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tmp_path):
     plain = initial_plain_model(LORA)
     batch = trainer.rank_slice(trainer.eval_batches[0], 0, 1)
     ref = trainer.reference.sequence_logps(batch, "chosen", average=False)
-    import logps
     want = usual_logps(plain, batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                 batch["chosen_labels"], False, 1024)
     torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
@@ -130,7 +129,6 @@ def test_reference_adapter_and_merge_archive(lora_run, tmp_path):
     trainer = make_trainer([*LORA, f"lora.reference_adapter={adapter}"], tmp_path / "a")
     batch = trainer.rank_slice(trainer.eval_batches[0], 0, 1)
     import peft
-    import logps
     want_model = peft.PeftModel.from_pretrained(initial_plain_model(LORA), adapter).merge_and_unload()
     want = usual_logps(want_model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                 batch["chosen_labels"], False, 1024)

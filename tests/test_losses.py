@@ -35,8 +35,8 @@ LN2 = math.log(2.0)
 
 def compute(spec, fields, *args, **kwargs):
     """spec.compute on a losses.BatchLogps made from {field: tensor} ('public.<field>': LD-DPO's)."""
-    public = {k[len('public.'):]: v for k, v in fields.items() if k.startswith('public.')}
-    logps = losses.BatchLogps(**{k: v for k, v in fields.items() if not k.startswith('public.')},
+    public = {k[len("public."):]: v for k, v in fields.items() if k.startswith("public.")}
+    logps = losses.BatchLogps(**{k: v for k, v in fields.items() if not k.startswith("public.")},
                               public=losses.BatchLogps(**public) if public else None)
     return spec.compute(logps, *args, **kwargs)
 
@@ -156,7 +156,7 @@ def test_preference_loss_gradient_hand_value():
     assert close(g[0], [-0.125, 0.0]) and close(g[1], [0.125, 0.0])
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(label_smoothing=0.2), dict(ipo=True), dict(reference_free=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.2), dict(ipo=True), dict(reference_free=True)])
 def test_preference_loss_gradcheck(kw):
     torch.manual_seed(0)
     xs = [torch.randn(3, dtype=D, requires_grad=True) for _ in range(4)]
@@ -279,8 +279,8 @@ def gen(seed=0):
 def _beta_dpo(*args, **kwargs):
     """beta_dpo_loss unpacked as (losses, mask, chosen_rewards, rejected_rewards, beta_used)."""
     losses, cr, rjr, extras = beta_dpo_loss(*args, **kwargs)
-    assert extras['mask_count'].item() == extras['weights'].sum().item()
-    return losses, extras['weights'], cr, rjr, extras['beta_used']
+    assert extras["mask_count"].item() == extras["weights"].sum().item()
+    return losses, extras["weights"], cr, rjr, extras["beta_used"]
 
 
 def test_beta_dpo_hand_values_keep_all():
@@ -386,7 +386,7 @@ def test_beta_dpo_zero_std_policy_equals_reference():
     assert close(cr, [0.0] * 8)
 
 
-@pytest.mark.parametrize('std', [float('nan'), float('inf'), -1.0])
+@pytest.mark.parametrize("std", [float("nan"), float("inf"), -1.0])
 def test_beta_dpo_unusable_std_falls_back_to_uniform(std):
     pc, pr, rc, rr = _beta_inputs([0.5, 1.0, 2.0, 4.0, 8.0])
     out = _beta_dpo(pc, pr, rc, rr, beta=0.1, a=0.6, mode_weight=0.4,
@@ -443,7 +443,7 @@ def test_update_gap_stats_edge_cases():
     assert update_gap_stats(1.0, 2.0, t(7.0, 9.0), gamma=1.0) == (1.0, 2.0)
     assert update_gap_stats(1.0, 2.0, t()) == (1.0, 2.0)
     # NaN left out: gaps (1, 3): mean 2, std sqrt 2
-    m, s = update_gap_stats(0.0, 0.0, t(1.0, float('nan'), 3.0))
+    m, s = update_gap_stats(0.0, 0.0, t(1.0, float("nan"), 3.0))
     assert math.isclose(m, 0.2) and math.isclose(s, 0.1 * math.sqrt(2))
 
 
@@ -469,9 +469,9 @@ def _leaves(*xs):
     return [x.clone().requires_grad_(True) for x in xs]
 
 
-@pytest.mark.parametrize('avg', [False, True])
-@pytest.mark.parametrize('chunk', [1, 4, 1024])
-@pytest.mark.parametrize('use_bias', [True, False])
+@pytest.mark.parametrize("avg", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+@pytest.mark.parametrize("use_bias", [True, False])
 def test_completion_logps_matches_full_logits(avg, chunk, use_bias):
     hidden, weight, bias, labels = _part_b_case()
     h1, w1, b1 = _leaves(hidden, weight, bias)
@@ -490,8 +490,8 @@ def test_completion_logps_matches_full_logits(avg, chunk, use_bias):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('chunk', [7, 1024])
-@pytest.mark.parametrize('use_bias', [True, False])
+@pytest.mark.parametrize("chunk", [7, 1024])
+@pytest.mark.parametrize("use_bias", [True, False])
 def test_completion_logps_kept_rows_span_several_cpu_blocks(chunk, use_bias, monkeypatch):
     # blocks of 2 rows on CPU: with chunk 7 the first 6 of the 14 scored rows are kept, in one
     # buffer written by 3 forward blocks and taken in one piece by backward, and the other 8
@@ -499,7 +499,7 @@ def test_completion_logps_kept_rows_span_several_cpu_blocks(chunk, use_bias, mon
     import logps
     hidden, weight, bias, labels = _part_b_case(B=3, T=7, V=11)
     labels[2, :] = torch.arange(7) % 11  # scored rows: 3 + 5 + 6 = 14
-    monkeypatch.setattr(logps, 'CPU_BLOCK_ELEMENTS', 2 * 11)
+    monkeypatch.setattr(logps, "CPU_BLOCK_ELEMENTS", 2 * 11)
     h1, w1, b1 = _leaves(hidden, weight, bias)
     h2, w2, b2 = _leaves(hidden, weight, bias)
     out = completion_logps(h1, w1, labels, b1 if use_bias else None, chunk_size=chunk)
@@ -519,7 +519,7 @@ def test_completion_logps_half_precision_weights_keep_block_sized_casts(monkeypa
     import logps
     hidden, weight, _, labels = _part_b_case(B=3, T=7, V=11)
     labels[2, :] = torch.arange(7) % 11
-    monkeypatch.setattr(logps, 'CPU_BLOCK_ELEMENTS', 2 * 11)
+    monkeypatch.setattr(logps, "CPU_BLOCK_ELEMENTS", 2 * 11)
     h1, w1 = (x.to(torch.bfloat16).requires_grad_(True) for x in (hidden, weight))
     h2, w2 = (x.to(torch.bfloat16).requires_grad_(True) for x in (hidden, weight))
     out = completion_logps(h1, w1, labels, chunk_size=7)
@@ -530,8 +530,8 @@ def test_completion_logps_half_precision_weights_keep_block_sized_casts(monkeypa
         assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize('avg', [False, True])
-@pytest.mark.parametrize('chunk,vchunk', [(1, 1), (4, 3), (5, 11), (1024, 8192)])
+@pytest.mark.parametrize("avg", [False, True])
+@pytest.mark.parametrize("chunk,vchunk", [(1, 1), (4, 3), (5, 11), (1024, 8192)])
 def test_completion_token_kl_matches_full_logits(avg, chunk, vchunk):
     hidden, weight, bias, labels = _part_b_case()
     ref_hidden, ref_weight, ref_bias, _ = _part_b_case(seed=1)
@@ -664,19 +664,19 @@ def test_chunk_size_must_be_positive():
 # ---------------------------------------------------------------------------
 
 CONFIGS = {
-    'sft': {'name': 'sft'},
-    'dpo': {'name': 'dpo', 'beta': 0.1, 'label_smoothing': 0.0, 'reference_free': False},
-    'ipo': {'name': 'ipo', 'beta': 0.1, 'average_log_prob': True, 'reference_free': False},
-    'tdpo': {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': True},
+    "sft": {"name": "sft"},
+    "dpo": {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0, "reference_free": False},
+    "ipo": {"name": "ipo", "beta": 0.1, "average_log_prob": True, "reference_free": False},
+    "tdpo": {"name": "tdpo", "beta": 0.1, "alpha": 0.5, "if_tdpo2": True},
 }
-BETA_DPO = {'name': 'beta_dpo', 'beta': 0.1, 'reference_free': False, 'mode_weight': 0.2, 'a': 0.6,
-            'gamma': 0.9}
-TRL_LOSS_TYPES = ('sigmoid', 'hinge', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot',
-                  'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm')
+BETA_DPO = {"name": "beta_dpo", "beta": 0.1, "reference_free": False, "mode_weight": 0.2, "a": 0.6,
+            "gamma": 0.9}
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
 def args_of(cfg):
-    return {k: v for k, v in cfg.items() if k != 'name'}
+    return {k: v for k, v in cfg.items() if k != "name"}
 
 
 def identity(x):
@@ -684,80 +684,80 @@ def identity(x):
 
 
 def test_get_loss_resolution():
-    assert get_loss(CONFIGS['sft']) is LOSSES['sft']
-    assert get_loss(CONFIGS['dpo']) is LOSSES['dpo']
-    assert get_loss(dict(CONFIGS['dpo'], label_smoothing=0.2)) is LOSSES['dpo']  # cDPO
+    assert get_loss(CONFIGS["sft"]) is LOSSES["sft"]
+    assert get_loss(CONFIGS["dpo"]) is LOSSES["dpo"]
+    assert get_loss(dict(CONFIGS["dpo"], label_smoothing=0.2)) is LOSSES["dpo"]  # cDPO
     import train  # the beta-DPO repository's command line: an alias of train.py's
-    assert train.rewrite_aliases(['loss=dpo', 'loss.mode_loss=mean']) == ['loss=dpo']  # its default
-    assert train.rewrite_aliases(['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.a=0.5']) == \
-        ['loss=beta_dpo', 'loss.a=0.5']
-    assert get_loss(BETA_DPO) is LOSSES['beta_dpo']
-    assert get_loss(CONFIGS['ipo']) is LOSSES['ipo']
-    assert get_loss(CONFIGS['tdpo']) is LOSSES['tdpo']
-    assert get_loss({'name': 'aot_pair'}) is LOSSES['aot_unpaired']  # TRL's name before 1.0
-    assert get_loss({'name': 'simpo'}) is LOSSES['cpo']  # SimPO: CPO's loss_type simpo (config/loss/simpo.yaml)
+    assert train.rewrite_aliases(["loss=dpo", "loss.mode_loss=mean"]) == ["loss=dpo"]  # its default
+    assert train.rewrite_aliases(["loss=dpo", "loss.mode_loss=beta_DPO", "loss.a=0.5"]) == \
+        ["loss=beta_dpo", "loss.a=0.5"]
+    assert get_loss(BETA_DPO) is LOSSES["beta_dpo"]
+    assert get_loss(CONFIGS["ipo"]) is LOSSES["ipo"]
+    assert get_loss(CONFIGS["tdpo"]) is LOSSES["tdpo"]
+    assert get_loss({"name": "aot_pair"}) is LOSSES["aot_unpaired"]  # TRL's name before 1.0
+    assert get_loss({"name": "simpo"}) is LOSSES["cpo"]  # SimPO: CPO's loss_type simpo (config/loss/simpo.yaml)
     # TRL's DPOTrainer losses, and those of its KTO, CPO and ORPO trainers
-    assert {'sft', 'dpo', 'ipo', 'tdpo', 'beta_dpo', 'mix', 'kto', 'cpo', 'orpo'} | set(TRL_LOSS_TYPES) == set(LOSSES)
+    assert {"sft", "dpo", "ipo", "tdpo", "beta_dpo", "mix", "kto", "cpo", "orpo"} | set(TRL_LOSS_TYPES) == set(LOSSES)
     assert all(isinstance(s, LossSpec) and s.name == k for k, s in LOSSES.items())
 
 
 def test_get_loss_unknown_name_lists_known():
     with pytest.raises(ValueError) as e:
-        get_loss({'name': 'kpo'})
+        get_loss({"name": "kpo"})
     msg = str(e.value)
-    assert "'kpo'" in msg and all(n in msg for n in ('sft', 'dpo', 'ipo', 'tdpo'))
+    assert "'kpo'" in msg and all(n in msg for n in ("sft", "dpo", "ipo", "tdpo"))
     with pytest.raises(ValueError):
         get_loss({})
 
 
 def test_spec_flags_and_functions():
     s = LOSSES
-    assert (s['sft'].paired, s['dpo'].paired, s['tdpo'].paired) == (False, True, True)
-    assert [n for n in s if s[n].token_level] == ['tdpo']
-    assert [n for n in s if s[n].stateful] == ['beta_dpo']
-    assert s['sft'].fn is sft_loss and s['dpo'].fn is s['sigmoid'].fn
-    assert s['tdpo'].fn is tdpo_loss and s['beta_dpo'].fn is beta_dpo_loss
+    assert (s["sft"].paired, s["dpo"].paired, s["tdpo"].paired) == (False, True, True)
+    assert [n for n in s if s[n].token_level] == ["tdpo"]
+    assert [n for n in s if s[n].stateful] == ["beta_dpo"]
+    assert s["sft"].fn is sft_loss and s["dpo"].fn is s["sigmoid"].fn
+    assert s["tdpo"].fn is tdpo_loss and s["beta_dpo"].fn is beta_dpo_loss
 
 
 def test_needs_reference():
     s = LOSSES
-    assert not s['sft'].needs_reference({})
-    assert s['dpo'].needs_reference(args_of(CONFIGS['dpo']))
-    assert not s['dpo'].needs_reference({'beta': 0.1, 'reference_free': True})
-    assert not s['ipo'].needs_reference({'beta': 0.1, 'reference_free': True})
-    assert s['ipo'].needs_reference({'beta': 0.1})
-    assert s['tdpo'].needs_reference(args_of(CONFIGS['tdpo']))
-    assert s['beta_dpo'].needs_reference(dict(args_of(BETA_DPO), reference_free=True))
+    assert not s["sft"].needs_reference({})
+    assert s["dpo"].needs_reference(args_of(CONFIGS["dpo"]))
+    assert not s["dpo"].needs_reference({"beta": 0.1, "reference_free": True})
+    assert not s["ipo"].needs_reference({"beta": 0.1, "reference_free": True})
+    assert s["ipo"].needs_reference({"beta": 0.1})
+    assert s["tdpo"].needs_reference(args_of(CONFIGS["tdpo"]))
+    assert s["beta_dpo"].needs_reference(dict(args_of(BETA_DPO), reference_free=True))
 
 
 def test_average_log_prob():
     s = LOSSES
-    assert s['ipo'].average_log_prob({'beta': 0.1})
-    assert not s['ipo'].average_log_prob({'beta': 0.1, 'average_log_prob': False})
-    for n in ('sft', 'dpo', 'tdpo', 'beta_dpo'):
-        assert not s[n].average_log_prob({'average_log_prob': True})
+    assert s["ipo"].average_log_prob({"beta": 0.1})
+    assert not s["ipo"].average_log_prob({"beta": 0.1, "average_log_prob": False})
+    for n in ("sft", "dpo", "tdpo", "beta_dpo"):
+        assert not s[n].average_log_prob({"average_log_prob": True})
 
 
 def test_init_state():
-    assert LOSSES['beta_dpo'].init_state() == {'gap_mean': 0.0, 'gap_std': 0.0}
-    for n in ('sft', 'dpo', 'ipo', 'tdpo'):
+    assert LOSSES["beta_dpo"].init_state() == {"gap_mean": 0.0, "gap_std": 0.0}
+    for n in ("sft", "dpo", "ipo", "tdpo"):
         assert LOSSES[n].init_state() == {}
-    a, b = LOSSES['beta_dpo'].init_state(), LOSSES['beta_dpo'].init_state()
-    a['gap_mean'] = 5.0
-    assert b['gap_mean'] == 0.0  # fresh dict each time
+    a, b = LOSSES["beta_dpo"].init_state(), LOSSES["beta_dpo"].init_state()
+    a["gap_mean"] = 5.0
+    assert b["gap_mean"] == 0.0  # fresh dict each time
 
 
-@pytest.mark.parametrize('cfg', list(CONFIGS.values()) + [BETA_DPO, dict(CONFIGS['dpo'], label_smoothing=0.3)])
+@pytest.mark.parametrize("cfg", list(CONFIGS.values()) + [BETA_DPO, dict(CONFIGS["dpo"], label_smoothing=0.3)])
 def test_validate_accepts_shipped_configs(cfg):
     validate_loss_args(cfg)
 
 
 def test_validate_accepts_repo_config_files():
-    yaml = pytest.importorskip('yaml')
-    root = os.path.join(os.path.dirname(__file__), '..', 'config', 'loss')
-    files = [f for f in os.listdir(root) if f.endswith('.yaml')] if os.path.isdir(root) else []
+    yaml = pytest.importorskip("yaml")
+    root = os.path.join(os.path.dirname(__file__), "..", "config", "loss")
+    files = [f for f in os.listdir(root) if f.endswith(".yaml")] if os.path.isdir(root) else []
     if not files:
-        pytest.skip('no config/loss/*.yaml')
+        pytest.skip("no config/loss/*.yaml")
     for f in files:
         with open(os.path.join(root, f)) as fh:
             cfg = yaml.safe_load(fh)
@@ -765,55 +765,55 @@ def test_validate_accepts_repo_config_files():
         get_loss(cfg)
 
 
-@pytest.mark.parametrize('cfg,key,value', [
-    (dict(CONFIGS['dpo'], beta=0), 'beta', '0'),
-    (dict(CONFIGS['dpo'], beta=-0.1), 'beta', '-0.1'),
-    (dict(CONFIGS['tdpo'], beta=True), 'beta', 'True'),
-    (dict(CONFIGS['dpo'], beta='0.1'), 'beta', "'0.1'"),
-    (dict(CONFIGS['dpo'], label_smoothing=0.5), 'label_smoothing', '0.5'),
-    (dict(CONFIGS['dpo'], label_smoothing=-0.1), 'label_smoothing', '-0.1'),
-    (dict(BETA_DPO, mode_weight=1.0), 'mode_weight', '1.0'),
-    (dict(BETA_DPO, mode_weight=-0.2), 'mode_weight', '-0.2'),
-    (dict(CONFIGS['tdpo'], alpha=-1), 'alpha', '-1'),
-    (dict(BETA_DPO, a='big'), 'a', "'big'"),
-    (dict(BETA_DPO, a=float('nan')), 'a', 'nan'),
-    (dict(BETA_DPO, gamma=0.0), 'gamma', '0.0'),
-    (dict(BETA_DPO, gamma=1.5), 'gamma', '1.5'),
-    (dict(CONFIGS['dpo'], mode_loss='beta_dpo'), 'mode_loss', "'beta_dpo'"),
-    (dict(CONFIGS['ipo'], label_smoothing=0.0), 'label_smoothing', '0.0'),
-    (dict(CONFIGS['ipo'], average_log_prob='yes'), 'average_log_prob', "'yes'"),
-    (dict(CONFIGS['dpo'], reference_free=1), 'reference_free', '1'),
-    (dict(CONFIGS['tdpo'], if_tdpo2='true'), 'if_tdpo2', "'true'"),
-    (dict(BETA_DPO, label_smoothing=0.1), 'label_smoothing', '0.1'),
+@pytest.mark.parametrize("cfg,key,value", [
+    (dict(CONFIGS["dpo"], beta=0), "beta", "0"),
+    (dict(CONFIGS["dpo"], beta=-0.1), "beta", "-0.1"),
+    (dict(CONFIGS["tdpo"], beta=True), "beta", "True"),
+    (dict(CONFIGS["dpo"], beta="0.1"), "beta", "'0.1'"),
+    (dict(CONFIGS["dpo"], label_smoothing=0.5), "label_smoothing", "0.5"),
+    (dict(CONFIGS["dpo"], label_smoothing=-0.1), "label_smoothing", "-0.1"),
+    (dict(BETA_DPO, mode_weight=1.0), "mode_weight", "1.0"),
+    (dict(BETA_DPO, mode_weight=-0.2), "mode_weight", "-0.2"),
+    (dict(CONFIGS["tdpo"], alpha=-1), "alpha", "-1"),
+    (dict(BETA_DPO, a="big"), "a", "'big'"),
+    (dict(BETA_DPO, a=float("nan")), "a", "nan"),
+    (dict(BETA_DPO, gamma=0.0), "gamma", "0.0"),
+    (dict(BETA_DPO, gamma=1.5), "gamma", "1.5"),
+    (dict(CONFIGS["dpo"], mode_loss="beta_dpo"), "mode_loss", "'beta_dpo'"),
+    (dict(CONFIGS["ipo"], label_smoothing=0.0), "label_smoothing", "0.0"),
+    (dict(CONFIGS["ipo"], average_log_prob="yes"), "average_log_prob", "'yes'"),
+    (dict(CONFIGS["dpo"], reference_free=1), "reference_free", "1"),
+    (dict(CONFIGS["tdpo"], if_tdpo2="true"), "if_tdpo2", "'true'"),
+    (dict(BETA_DPO, label_smoothing=0.1), "label_smoothing", "0.1"),
 ])
 def test_validate_refuses_bad_values(cfg, key, value):
     with pytest.raises(ValueError) as e:
         validate_loss_args(cfg)
     msg = str(e.value)
-    assert '\n' not in msg and f'loss.{key}={value}' in msg
+    assert "\n" not in msg and f"loss.{key}={value}" in msg
 
 
-@pytest.mark.parametrize('cfg,key', [
-    (dict(CONFIGS['dpo'], alpha=0.5), 'alpha'),
-    (dict(CONFIGS['tdpo'], reference_free=False), 'reference_free'),
-    (dict(CONFIGS['sft'], beta=0.1), 'beta'),
-    (dict(CONFIGS['ipo'], mode_loss='dpo'), 'mode_loss'),
-    (dict(CONFIGS['dpo'], average_log_prob=True), 'average_log_prob'),
+@pytest.mark.parametrize("cfg,key", [
+    (dict(CONFIGS["dpo"], alpha=0.5), "alpha"),
+    (dict(CONFIGS["tdpo"], reference_free=False), "reference_free"),
+    (dict(CONFIGS["sft"], beta=0.1), "beta"),
+    (dict(CONFIGS["ipo"], mode_loss="dpo"), "mode_loss"),
+    (dict(CONFIGS["dpo"], average_log_prob=True), "average_log_prob"),
 ])
 def test_validate_refuses_unknown_keys_listing_accepted(cfg, key):
     with pytest.raises(ValueError) as e:
         validate_loss_args(cfg)
     msg = str(e.value)
     spec = get_loss(cfg)
-    assert f'loss.{key}=' in msg and 'accepted keys' in msg
-    assert all(k in msg for k in spec.config_keys | {'name'})
+    assert f"loss.{key}=" in msg and "accepted keys" in msg
+    assert all(k in msg for k in spec.config_keys | {"name"})
 
 
 def test_validate_refuses_missing_beta_and_unknown_name():
-    with pytest.raises(ValueError, match='loss.beta'):
-        validate_loss_args({'name': 'dpo'})
-    with pytest.raises(ValueError, match='known'):
-        validate_loss_args({'name': 'rrhf', 'beta': 0.1})
+    with pytest.raises(ValueError, match="loss.beta"):
+        validate_loss_args({"name": "dpo"})
+    with pytest.raises(ValueError, match="known"):
+        validate_loss_args({"name": "rrhf", "beta": 0.1})
 
 
 def test_config_keys_are_function_parameters_or_config_only():
@@ -825,16 +825,16 @@ def test_config_keys_are_function_parameters_or_config_only():
             own |= set(inspect.signature(spec.update_state).parameters)
         declared = spec.config_only | (set(TRL_OPTIONS) if spec.trl else set())
         assert spec.config_keys - declared <= own, spec.name
-        assert 'beta' in spec.config_keys or not spec.paired, spec.name
+        assert "beta" in spec.config_keys or not spec.paired, spec.name
     # dpo.yaml holds DPO's keys only; beta-DPO's are in beta_dpo.yaml
-    assert LOSSES['dpo'].config_keys <= LOSSES['sigmoid'].config_keys
-    assert LOSSES['beta_dpo'].config_keys == {'beta', 'reference_free', 'mode_weight', 'a', 'gamma'}
+    assert LOSSES["dpo"].config_keys <= LOSSES["sigmoid"].config_keys
+    assert LOSSES["beta_dpo"].config_keys == {"beta", "reference_free", "mode_weight", "a", "gamma"}
 
 
 # --- compute() --------------------------------------------------------------
 
-PAIR_KEYS = {'rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins',
-             'logps/chosen', 'logps/rejected'}
+PAIR_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected"}
 
 
 def _check_metrics(metrics, expected_keys, batch):
@@ -853,72 +853,72 @@ def _seq_logps(batch=4, same=False, seed=0):
     else:
         rc = -torch.rand(batch, dtype=D, generator=g) * 10
         rr = -torch.rand(batch, dtype=D, generator=g) * 10
-    return {'chosen': pc, 'rejected': pr, 'reference_chosen': rc, 'reference_rejected': rr}
+    return {"chosen": pc, "rejected": pr, "reference_chosen": rc, "reference_rejected": rr}
 
 
 def test_compute_sft():
-    spec = get_loss(CONFIGS['sft'])
+    spec = get_loss(CONFIGS["sft"])
     pc = t(-2.0, -4.0, requires_grad=True)
-    loss, metrics = compute(spec, {'chosen': pc}, {}, spec.init_state(), identity, True)
+    loss, metrics = compute(spec, {"chosen": pc}, {}, spec.init_state(), identity, True)
     assert close(loss, 3.0) and loss.requires_grad
-    _check_metrics(metrics, {'logps/chosen'}, 2)
+    _check_metrics(metrics, {"logps/chosen"}, 2)
 
 
 def test_compute_dpo_policy_equals_reference_is_ln2():
-    spec = get_loss(CONFIGS['dpo'])
+    spec = get_loss(CONFIGS["dpo"])
     logps = _seq_logps(same=True)
-    loss, metrics = compute(spec, logps, args_of(CONFIGS['dpo']), spec.init_state(), identity, True)
+    loss, metrics = compute(spec, logps, args_of(CONFIGS["dpo"]), spec.init_state(), identity, True)
     assert close(loss, LN2)
     _check_metrics(metrics, PAIR_KEYS, 4)
-    assert close(metrics['rewards/chosen'], [0.0] * 4) and close(metrics['rewards/accuracies'], [0.0] * 4)
+    assert close(metrics["rewards/chosen"], [0.0] * 4) and close(metrics["rewards/accuracies"], [0.0] * 4)
     loss.backward()
-    assert logps['chosen'].grad is not None
+    assert logps["chosen"].grad is not None
 
 
 def test_compute_dpo_values_and_accuracies():
-    spec = get_loss(CONFIGS['dpo'])
+    spec = get_loss(CONFIGS["dpo"])
     pc, pr, rc, rr = _pref_inputs()
-    logps = {'chosen': pc, 'rejected': pr, 'reference_chosen': rc, 'reference_rejected': rr}
-    loss, metrics = compute(spec, logps, dict(args_of(CONFIGS['dpo']), beta=0.5), {}, identity, True)
+    logps = {"chosen": pc, "rejected": pr, "reference_chosen": rc, "reference_rejected": rr}
+    loss, metrics = compute(spec, logps, dict(args_of(CONFIGS["dpo"]), beta=0.5), {}, identity, True)
     assert close(loss, (math.log(4 / 3) + LN2) / 2)
-    assert close(metrics['rewards/accuracies'], [1.0, 0.0])     # 0.5 > 0.5 - ln 3; 0 == 0
-    assert close(metrics['rewards/margins'], [LN3, 0.0])
-    assert metrics['rewards/accuracies'].dtype == torch.float32
+    assert close(metrics["rewards/accuracies"], [1.0, 0.0])     # 0.5 > 0.5 - ln 3; 0 == 0
+    assert close(metrics["rewards/margins"], [LN3, 0.0])
+    assert metrics["rewards/accuracies"].dtype == torch.float32
 
 
 def test_compute_dpo_reference_free_without_reference():
-    spec = get_loss(dict(CONFIGS['dpo'], reference_free=True))
+    spec = get_loss(dict(CONFIGS["dpo"], reference_free=True))
     pc, pr = t(-1.0), t(-3.0)
-    args = dict(args_of(CONFIGS['dpo']), reference_free=True, beta=0.5)
-    loss, metrics = compute(spec, {'chosen': pc, 'rejected': pr,
-                                  'reference_chosen': None, 'reference_rejected': None}, args, {}, identity, True)
+    args = dict(args_of(CONFIGS["dpo"]), reference_free=True, beta=0.5)
+    loss, metrics = compute(spec, {"chosen": pc, "rejected": pr,
+                                  "reference_chosen": None, "reference_rejected": None}, args, {}, identity, True)
     assert close(loss, softplus_neg(1.0))          # beta h = 0.5 * 2
-    assert close(metrics['rewards/chosen'], [-0.5])  # beta * policy
+    assert close(metrics["rewards/chosen"], [-0.5])  # beta * policy
     with pytest.raises(ValueError):
-        compute(spec, {'chosen': pc, 'rejected': pr}, dict(args, reference_free=False),
+        compute(spec, {"chosen": pc, "rejected": pr}, dict(args, reference_free=False),
                      {}, identity, True)
 
 
 def test_compute_ipo():
-    spec = get_loss(CONFIGS['ipo'])
-    loss, metrics = compute(spec, _seq_logps(same=True), args_of(CONFIGS['ipo']), {}, identity, True)
+    spec = get_loss(CONFIGS["ipo"])
+    loss, metrics = compute(spec, _seq_logps(same=True), args_of(CONFIGS["ipo"]), {}, identity, True)
     assert close(loss, 25.0)  # (0 - 1/(2 * 0.1))^2
     _check_metrics(metrics, PAIR_KEYS, 4)
 
 
 def test_compute_tdpo():
-    spec = get_loss(CONFIGS['tdpo'])
+    spec = get_loss(CONFIGS["tdpo"])
     cm, rm, ckl, rkl = _tdpo_loss_inputs()
-    logps = {'chosen_margin': cm, 'rejected_margin': rm, 'chosen_kl': ckl,
-             'rejected_kl': rkl, 'chosen': t(-3.0), 'rejected': t(-4.0)}
-    loss, metrics = compute(spec, logps, dict(args_of(CONFIGS['tdpo']), beta=0.5), {}, identity, True)
+    logps = {"chosen_margin": cm, "rejected_margin": rm, "chosen_kl": ckl,
+             "rejected_kl": rkl, "chosen": t(-3.0), "rejected": t(-4.0)}
+    loss, metrics = compute(spec, logps, dict(args_of(CONFIGS["tdpo"]), beta=0.5), {}, identity, True)
     assert close(loss, softplus_neg(0.75))
-    _check_metrics(metrics, PAIR_KEYS | {'kl/chosen', 'kl/rejected', 'kl/margin'}, 1)
-    assert close(metrics['kl/margin'], [-1.0])  # chosen - rejected, as the TDPO repo logs it
-    assert close(metrics['rewards/chosen'], [1.25]) and close(metrics['logps/rejected'], [-4.0])
+    _check_metrics(metrics, PAIR_KEYS | {"kl/chosen", "kl/rejected", "kl/margin"}, 1)
+    assert close(metrics["kl/margin"], [-1.0])  # chosen - rejected, as the TDPO repo logs it
+    assert close(metrics["rewards/chosen"], [1.25]) and close(metrics["logps/rejected"], [-4.0])
 
 
-BETA_KEYS = PAIR_KEYS | {'record/gap_mean', 'record/gap_std', 'record/mask_count', 'record/beta_used'}
+BETA_KEYS = PAIR_KEYS | {"record/gap_mean", "record/gap_std", "record/mask_count", "record/beta_used"}
 
 
 def test_compute_beta_dpo_first_step_policy_equals_reference():
@@ -928,18 +928,18 @@ def test_compute_beta_dpo_first_step_policy_equals_reference():
                                  generator=gen())
     assert close(loss, LN2)
     _check_metrics(metrics, BETA_KEYS, 10)
-    for k in ('record/gap_mean', 'record/gap_std', 'record/mask_count', 'record/beta_used'):
+    for k in ("record/gap_mean", "record/gap_std", "record/mask_count", "record/beta_used"):
         assert metrics[k].dim() == 0
-    assert metrics['record/mask_count'].item() == 8
-    assert close(metrics['record/beta_used'], 0.1)
-    assert state == {'gap_mean': 0.0, 'gap_std': 0.0}
+    assert metrics["record/mask_count"].item() == 8
+    assert close(metrics["record/beta_used"], 0.1)
+    assert state == {"gap_mean": 0.0, "gap_std": 0.0}
 
 
 def test_compute_beta_dpo_updates_state_with_gathered_gaps_only_in_train():
     spec = get_loss(BETA_DPO)
     # gaps (1, 3) on this rank; the fake gather duplicates them as if two ranks held the same data
-    logps = {'chosen': t(0.0, 2.0, requires_grad=True), 'rejected': t(-1.0, -1.0),
-             'reference_chosen': t(0.0, 0.0), 'reference_rejected': t(0.0, 0.0)}
+    logps = {"chosen": t(0.0, 2.0, requires_grad=True), "rejected": t(-1.0, -1.0),
+             "reference_chosen": t(0.0, 0.0), "reference_rejected": t(0.0, 0.0)}
     seen = []
 
     def gather(x):
@@ -950,50 +950,50 @@ def test_compute_beta_dpo_updates_state_with_gathered_gaps_only_in_train():
     state = spec.init_state()
     args = dict(args_of(BETA_DPO), mode_weight=0.0, a=0.5)
     _, metrics = compute(spec, logps, args, state, gather, False, generator=gen())
-    assert state == {'gap_mean': 0.0, 'gap_std': 0.0}           # eval: untouched
-    assert close(metrics['record/gap_mean'], exp_mean)           # but this batch used the update
+    assert state == {"gap_mean": 0.0, "gap_std": 0.0}           # eval: untouched
+    assert close(metrics["record/gap_mean"], exp_mean)           # but this batch used the update
     assert seen and not any(x.requires_grad for x in seen)     # only detached values cross ranks
     loss, metrics = compute(spec, logps, args, state, gather, True, generator=gen())
-    assert math.isclose(state['gap_mean'], exp_mean) and math.isclose(state['gap_std'], exp_std)
-    assert close(metrics['record/gap_std'], exp_std)
+    assert math.isclose(state["gap_mean"], exp_mean) and math.isclose(state["gap_std"], exp_std)
+    assert close(metrics["record/gap_std"], exp_std)
     # all kept: mean gap 2; beta_used = 0.1 (1 + 0.5 (2 - 0.2)) = 0.19; loss = mean softplus(-0.19 h)
-    assert close(metrics['record/beta_used'], 0.19)
+    assert close(metrics["record/beta_used"], 0.19)
     assert close(loss, (softplus_neg(0.19) + softplus_neg(0.57)) / 2)
-    assert metrics['record/mask_count'].item() == 4  # kept pairs of the gathered (global) batch
+    assert metrics["record/mask_count"].item() == 4  # kept pairs of the gathered (global) batch
 
 
 def test_compute_beta_dpo_loss_is_mean_over_kept_pairs():
     spec = get_loss(BETA_DPO)
-    state = {'gap_mean': 0.0, 'gap_std': 1.0}
+    state = {"gap_mean": 0.0, "gap_std": 1.0}
     # gaps (0, 0.01, 50, 100) with gamma = 1 (state frozen): weights keep the first two
-    logps = {'chosen': t(0.0, 0.01, 50.0, 100.0, requires_grad=True), 'rejected': t(0., 0., 0., 0.),
-             'reference_chosen': t(0., 0., 0., 0.), 'reference_rejected': t(0., 0., 0., 0.)}
+    logps = {"chosen": t(0.0, 0.01, 50.0, 100.0, requires_grad=True), "rejected": t(0., 0., 0., 0.),
+             "reference_chosen": t(0., 0., 0., 0.), "reference_rejected": t(0., 0., 0., 0.)}
     args = dict(args_of(BETA_DPO), mode_weight=0.5, a=0.0, gamma=1.0)
     loss, metrics = compute(spec, logps, args, state, identity, True, generator=gen())
     assert close(loss, (softplus_neg(0.0) + softplus_neg(0.001)) / 2)
-    assert metrics['record/mask_count'].item() == 2
+    assert metrics["record/mask_count"].item() == 2
     loss.backward()
-    g = logps['chosen'].grad
+    g = logps["chosen"].grad
     assert g[2].item() == 0.0 and g[3].item() == 0.0 and g[0].item() < 0
 
 
 def test_compute_metric_names_for_every_spec():
     cases = {
-        'sft': ({'chosen': t(-1.0, -2.0)}, {}, {'logps/chosen'}),
-        'dpo': (_seq_logps(batch=2), args_of(CONFIGS['dpo']), PAIR_KEYS),
-        'ipo': (_seq_logps(batch=2), args_of(CONFIGS['ipo']), PAIR_KEYS),
-        'tdpo': ({'chosen_margin': t(1.0, 0.0), 'rejected_margin': t(0.0, 0.0),
-                  'chosen_kl': t(0.1, 0.2), 'rejected_kl': t(0.3, 0.1),
-                  'chosen': t(-1.0, -2.0), 'rejected': t(-2.0, -2.0)},
-                 args_of(CONFIGS['tdpo']), PAIR_KEYS | {'kl/chosen', 'kl/rejected', 'kl/margin'}),
-        'beta_dpo': (_seq_logps(batch=2), args_of(BETA_DPO), BETA_KEYS),
+        "sft": ({"chosen": t(-1.0, -2.0)}, {}, {"logps/chosen"}),
+        "dpo": (_seq_logps(batch=2), args_of(CONFIGS["dpo"]), PAIR_KEYS),
+        "ipo": (_seq_logps(batch=2), args_of(CONFIGS["ipo"]), PAIR_KEYS),
+        "tdpo": ({"chosen_margin": t(1.0, 0.0), "rejected_margin": t(0.0, 0.0),
+                  "chosen_kl": t(0.1, 0.2), "rejected_kl": t(0.3, 0.1),
+                  "chosen": t(-1.0, -2.0), "rejected": t(-2.0, -2.0)},
+                 args_of(CONFIGS["tdpo"]), PAIR_KEYS | {"kl/chosen", "kl/rejected", "kl/margin"}),
+        "beta_dpo": (_seq_logps(batch=2), args_of(BETA_DPO), BETA_KEYS),
     }
     for name, (logps, args, keys) in cases.items():
         spec = LOSSES[name]
         loss, metrics = compute(spec, logps, args, spec.init_state(), identity, True, generator=gen())
         assert loss.dim() == 0 and torch.isfinite(loss), name
         _check_metrics(metrics, keys, 2)
-        assert not any(k.startswith('loss') for k in metrics)
+        assert not any(k.startswith("loss") for k in metrics)
 
 
 # --- LD-DPO and WPO parts as the trainer supplies them -------------------------
@@ -1003,23 +1003,23 @@ def _tiny_pair_batch(vocab=50, seed=0):
     of 1-6 tokens, right padding (-100, attention 0)."""
     g = torch.Generator().manual_seed(seed)
     batch = {}
-    for side, lengths in (('chosen', (4, 1, 6)), ('rejected', (2, 5, 6))):
+    for side, lengths in (("chosen", (4, 1, 6)), ("rejected", (2, 5, 6))):
         ids = torch.randint(1, vocab, (3, 10), generator=g)
         mask = torch.zeros(3, 10, dtype=torch.long)
         labels = torch.full((3, 10), -100)
         for i, (prompt, n) in enumerate(zip((2, 3, 2), lengths)):
             mask[i, :prompt + n] = 1
             labels[i, prompt:prompt + n] = ids[i, prompt:prompt + n]
-        batch.update({f'{side}_input_ids': ids, f'{side}_attention_mask': mask, f'{side}_labels': labels})
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
     return batch
 
 
 def _full_logits_parts(model, batch, side, shared):
     """From model(...).logits: sum, public sum (first `shared` completion tokens), WPO log-weight."""
-    logits = model(input_ids=batch[f'{side}_input_ids'],
-                   attention_mask=batch[f'{side}_attention_mask']).logits
+    logits = model(input_ids=batch[f"{side}_input_ids"],
+                   attention_mask=batch[f"{side}_attention_mask"]).logits
     logp = logits[:, :-1].log_softmax(-1)
-    labels = batch[f'{side}_labels'][:, 1:]
+    labels = batch[f"{side}_labels"][:, 1:]
     counted = labels != -100
     token = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]
     public = counted & (counted.cumsum(-1) <= shared[:, None])
@@ -1027,8 +1027,8 @@ def _full_logits_parts(model, batch, side, shared):
     return ((token * counted).sum(-1), (token * public).sum(-1), (wpo * counted).sum(-1), counted.sum(-1))
 
 
-@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize('average', [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("average", [False, True])
 def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average):
     import transformers
     import packing
@@ -1039,22 +1039,22 @@ def test_trainer_supplied_ld_and_wpo_parts_equal_full_logits(dtype, tol, average
     policy = transformers.GPT2LMHeadModel(config).to(dtype).eval()
     ref_model = transformers.GPT2LMHeadModel(config).to(dtype).eval()
     batch = _tiny_pair_batch()
-    spec = get_loss({'name': 'ipo' if average else 'sigmoid'})
-    args = {'beta': 0.1, 'ld_alpha': 0.5, 'use_weighting': True}
-    layouts = [packing.plain_layout(batch, side) for side in ('chosen', 'rejected')]
+    spec = get_loss({"name": "ipo" if average else "sigmoid"})
+    args = {"beta": 0.1, "ld_alpha": 0.5, "use_weighting": True}
+    layouts = [packing.plain_layout(batch, side) for side in ("chosen", "rejected")]
     got = scoring.batch_logps(policy, references.ModelReference(ref_model, 2), batch, layouts, spec,
                               args, 2)
-    counts = [(batch[f'{s}_labels'][:, 1:] != -100).sum(-1) for s in ('chosen', 'rejected')]
+    counts = [(batch[f"{s}_labels"][:, 1:] != -100).sum(-1) for s in ("chosen", "rejected")]
     shared = torch.minimum(*counts)
     assert shared.tolist() == [2, 1, 6]
     with torch.no_grad():
-        for side in ('chosen', 'rejected'):
+        for side in ("chosen", "rejected"):
             total, public, wpo, n = _full_logits_parts(policy, batch, side, shared)
             ref_total, ref_public, _, _ = _full_logits_parts(ref_model, batch, side, shared)
             div = n.to(dtype) if average else torch.ones_like(total)
-            expected = {side: total / div, f'public.{side}': public / div,
-                        f'reference_{side}': ref_total / div, f'public.reference_{side}': ref_public / div,
-                        f'{side}_wpo': wpo, f'{side}_tokens': n.to(dtype)}
+            expected = {side: total / div, f"public.{side}": public / div,
+                        f"reference_{side}": ref_total / div, f"public.reference_{side}": ref_public / div,
+                        f"{side}_wpo": wpo, f"{side}_tokens": n.to(dtype)}
             for key, value in expected.items():
                 assert torch.allclose(got.tensors()[key].to(dtype), value, rtol=tol, atol=tol), key
     assert got.chosen.requires_grad and got.public.chosen.requires_grad
@@ -1096,32 +1096,33 @@ def _on_two_ranks(fn):
 
 def _global_batch(n=8, seed=3):
     g = torch.Generator().manual_seed(seed)
-    keys = ('chosen', 'rejected', 'reference_chosen', 'reference_rejected',
-            'public.chosen', 'public.rejected', 'public.reference_chosen',
-            'public.reference_rejected', 'chosen_wpo', 'rejected_wpo')
+    keys = ("chosen", "rejected", "reference_chosen", "reference_rejected",
+            "public.chosen", "public.rejected", "public.reference_chosen",
+            "public.reference_rejected", "chosen_wpo", "rejected_wpo")
     out = {k: -torch.rand(n, dtype=D, generator=g) * 20 for k in keys}
-    out.update({f'{s}_tokens': torch.randint(1, 30, (n,), generator=g).to(D) for s in ('chosen', 'rejected')})
+    out.update({f"{s}_tokens": torch.randint(1, 30, (n,), generator=g).to(D) for s in ("chosen", "rejected")})
     return out
 
 
 def _loss_and_grads(config, batch, gather, rank, state):
-    spec, args = get_loss(config), {k: v for k, v in config.items() if k != 'name'}
-    leaves = {k: v.clone().requires_grad_(k in ('chosen', 'rejected', 'public.chosen', 'public.rejected')) for k, v in batch.items()}
+    spec, args = get_loss(config), {k: v for k, v in config.items() if k != "name"}
+    scored = ("chosen", "rejected", "public.chosen", "public.rejected")
+    leaves = {k: v.clone().requires_grad_(k in scored) for k, v in batch.items()}
     loss, _ = compute(spec, leaves, args, state, gather, True, generator=torch.Generator().manual_seed(5),
                            rank=rank)
-    grads = torch.autograd.grad(loss, [leaves['chosen'], leaves['rejected']])
+    grads = torch.autograd.grad(loss, [leaves["chosen"], leaves["rejected"]])
     return loss.detach(), torch.cat(grads)
 
 
-@pytest.mark.parametrize('config', [
-    {'name': 'beta_dpo', 'beta': 0.1, 'mode_weight': 0.3, 'a': 0.6, 'gamma': 0.9},
-    {'name': 'aot', 'beta': 0.1, 'label_smoothing': 0.1},
-    {'name': 'aot_unpaired', 'beta': 0.1, 'ld_alpha': 0.5},
-    {'name': 'sigmoid', 'beta': 0.1, 'rpo_alpha': 0.5, 'use_weighting': True},
-    {'name': 'sigmoid_norm', 'beta': 0.1, 'rpo_alpha': 0.5, 'ld_alpha': 0.2},
-    {'name': 'mix', 'beta': 0.1, 'losses': ['sigmoid', 'bco_pair', 'sft'], 'weights': [0.8, 0.2, 1.0],
-     'use_weighting': True},
-], ids=['beta_dpo', 'aot', 'aot_unpaired', 'rpo_wpo', 'sigmoid_norm_rpo_ld', 'mpo_wpo'])
+@pytest.mark.parametrize("config", [
+    {"name": "beta_dpo", "beta": 0.1, "mode_weight": 0.3, "a": 0.6, "gamma": 0.9},
+    {"name": "aot", "beta": 0.1, "label_smoothing": 0.1},
+    {"name": "aot_unpaired", "beta": 0.1, "ld_alpha": 0.5},
+    {"name": "sigmoid", "beta": 0.1, "rpo_alpha": 0.5, "use_weighting": True},
+    {"name": "sigmoid_norm", "beta": 0.1, "rpo_alpha": 0.5, "ld_alpha": 0.2},
+    {"name": "mix", "beta": 0.1, "losses": ["sigmoid", "bco_pair", "sft"], "weights": [0.8, 0.2, 1.0],
+     "use_weighting": True},
+], ids=["beta_dpo", "aot", "aot_unpaired", "rpo_wpo", "sigmoid_norm_rpo_ld", "mpo_wpo"])
 def test_two_data_parallel_ranks_equal_one_process(config):
     # each rank holds 4 of the 8 pairs; averaging the ranks' losses and gradients (what data-parallel
     # training does) must give the single process's loss and gradient on all 8

@@ -1,7 +1,6 @@
 """The router load-balancing loss of mixture-of-experts models (moe.RouterLoss)."""
 import math
 
-import pytest
 import torch
 
 from conftest import FAST, run_subprocess

@@ -565,7 +565,7 @@ def test_trainer_takes_the_layout_unless_its_model_cannot(tmp_path, capsys):
     common = ["loss=dpo", "loss.beta=0.1", "group_by_length=false"]
     trainer = make_trainer(common, tmp_path / "llama")
     assert trainer.uses_layout
-    assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning")]
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     batch = next(iter(trainer.train_iterator()))
     logged = trainer.train_step(batch)
     padding = logged["tokens/padding_fraction"]
@@ -575,7 +575,7 @@ def test_trainer_takes_the_layout_unless_its_model_cannot(tmp_path, capsys):
                              "+model.from_config.sliding_window=16",
                              "model.block_name=MistralDecoderLayer"], tmp_path / "mistral")
     assert not windowed.uses_layout
-    warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning")]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and warnings[0].startswith(
         "warning: share_prompt/packing are off: the policy cannot take it: its sliding window (16)")
     logged_usual = windowed.train_step(batch)

@@ -196,7 +196,7 @@ def test_precomputed_reference_log_probs_train_identically_and_are_reused(tmp_pa
     second = read_metrics(run_in_process([*SHORT, *DPO, "precompute_ref_log_probs=true",
                                           f"local_run_dir={tmp_path}/second"]))
     assert seen["forwards"] == 0  # the cache file was reused
-    assert f"loaded the reference log-probs of" in capsys.readouterr().out
+    assert "loaded the reference log-probs of" in capsys.readouterr().out
     assert [m.get("loss/train") for m in second] == [m.get("loss/train") for m in first]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, ROOT, run_in_process
+from conftest import FAST, run_in_process
 
 import plot
 

@@ -7,7 +7,6 @@ Face model, and a slow test runs SFT then DPO on real HH rows. Everything skips 
 (or, for the slow test, ../shared/data/hh) is absent; the package is located, never imported."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -211,13 +210,13 @@ def test_sft_then_dpo_on_real_hh_rows(tmp_path):
                          env=offline, timeout=600)
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     for run in ("sft", "dpo"):
-        rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items()
                    if k.startswith("loss/"))
     evals = [r for r in rows if "rewards_eval/accuracies" in r]
     assert evals[0]["loss/eval"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
     assert evals[-1]["rewards_eval/accuracies"] > 0.5
-    samples = [json.loads(l) for l in (tmp_path / "dpo" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "dpo" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(looks_english(s["policy"]) for s in samples), samples
     latest = tmp_path / "dpo" / "LATEST"
     model = transformers.AutoModelForCausalLM.from_pretrained(latest)

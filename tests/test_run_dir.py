@@ -300,7 +300,7 @@ def test_resume_from_into_a_new_directory_may_change_settings(finished_run, tmp_
 def test_readme_lists_the_resumable_keys_of_the_code():
     import train
     readme = (ROOT / "README.md").read_text()
-    line = next(l for l in readme.splitlines() if l.startswith("Keys that may change on resume:"))
+    line = next(line for line in readme.splitlines() if line.startswith("Keys that may change on resume:"))
     listed = [k.strip(" `.*") for k in line.split(":", 1)[1].split(",")]
     assert listed == list(train.RESUMABLE_KEYS)
 

@@ -128,11 +128,13 @@ def test_train_metrics_count_truncated_prompts_and_responses(tmp_path):
     trainer = make_trainer(["loss=dpo", "loss.beta=0.1", "max_length=12", "max_prompt_length=8"], tmp_path)
     batch = next(iter(trainer.train_iterator()))
     metrics = trainer.train_step(batch)
-    n_ids = lambda text: len(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def n_ids(text):
+        return len(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
     kept = batch["prompt_attention_mask"].sum(1).tolist()
     cut_prompts = sum(n_ids(p) > k for p, k in zip(batch["prompt"], kept))
     responses = zip(batch["chosen_response_only"], batch["rejected_response_only"],
-                    batch["chosen_attention_mask"].sum(1).tolist(), batch["rejected_attention_mask"].sum(1).tolist(), kept)
+                    batch["chosen_attention_mask"].sum(1).tolist(),
+                    batch["rejected_attention_mask"].sum(1).tolist(), kept)
     cut_responses = sum(n_ids(c) + n_ids(r) + 2 > nc + nr - 2 * k for c, r, nc, nr, k in responses)  # + EOS each
     assert 0 < cut_prompts and 0 < cut_responses
     assert (metrics["data/truncated_prompts"], metrics["data/truncated_responses"]) == (cut_prompts, cut_responses)
@@ -171,7 +173,7 @@ def test_sampling_during_eval_writes_samples(tmp_path):
     run_dir = run_in_process([*FAST, "n_examples=8", "sample_during_eval=true",
                               "n_eval_model_samples=3", f"local_run_dir={tmp_path}/s"])
     import json
-    rows = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(isinstance(r["policy"], str) for r in rows)  # 2 evals x 3
 
 
@@ -254,5 +256,5 @@ def test_user_file_with_split_placeholder_trains_and_evaluates(tmp_path):
     evals = [m for m in read_metrics(run_dir) if "rewards_eval/accuracies" in m]
     assert [m["counters/examples"] for m in evals] == [0, 16]  # first and final evaluation
     # Evaluation read the test file ({split} -> test): its 8 prompts, and no training prompt.
-    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert sorted({s["prompt"] for s in samples}) == sorted(f"Q{i} test" for i in range(8))

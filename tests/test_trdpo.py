@@ -41,7 +41,8 @@ def test_full_reference_is_mixed_with_the_policy(tmp_path):
 
 def test_lora_reference_adapter_is_the_one_synced(tmp_path):
     trainer = make_trainer([*SYNC, "lora.r=4", "lr=1e-2"], tmp_path)
-    ref = lambda: [(n, p) for n, p in trainer.policy.named_parameters() if ".reference." in n]
+    def ref():
+        return [(n, p) for n, p in trainer.policy.named_parameters() if ".reference." in n]
     assert ref() and not any(p.requires_grad for _, p in ref())
     check_sync(trainer, ref, lambda n: n.replace(".reference.", ".default."))
 
