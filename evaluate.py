@@ -40,6 +40,8 @@ import synthetic_data
 import utils
 from utils import ConfigError, is_number, require
 
+utils.register_resolvers()  # --help lists the config groups (config/hydra/help/evaluate.yaml)
+
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 

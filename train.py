@@ -28,10 +28,7 @@ import trainers
 import utils
 from utils import ConfigError
 
-OmegaConf.register_new_resolver("get_local_run_dir", utils.get_local_run_dir, replace=True)
-OmegaConf.register_new_resolver("get_local_dir", utils.get_local_dir, replace=True)
-# --help lists the config groups a program accepts (config/hydra/help/*.yaml)
-OmegaConf.register_new_resolver("config_groups", utils.config_group_options, replace=True)
+utils.register_resolvers()
 # Training frees and re-allocates the same memory every step: keep it in the process instead of
 # page-faulting it back each time (utils.keep_freed_memory; MALLOC_* or GLIBC_TUNABLES opts out).
 utils.keep_freed_memory()

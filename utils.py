@@ -102,6 +102,15 @@ def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
     return str(Path(get_local_dir(local_dirs)) / f"{exp_name}_{stamp}")
 
 
+
+def register_resolvers():
+    """The ${...} functions the configs use: run directories (config.yaml) and the config groups
+    a program's --help lists (config/hydra/help/*.yaml). Called by train.py and evaluate.py."""
+    from omegaconf import OmegaConf
+    OmegaConf.register_new_resolver("get_local_run_dir", get_local_run_dir, replace=True)
+    OmegaConf.register_new_resolver("get_local_dir", get_local_dir, replace=True)
+    OmegaConf.register_new_resolver("config_groups", config_group_options, replace=True)
+
 def rank0_print(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
