@@ -693,13 +693,20 @@ def _flatten(data: PromptData, sft_mode: bool) -> Tuple[Dict[str, List[str]], Li
             pairs = [(entry["sft_target"],) * 2] if entry["sft_target"] is not None else []
         else:
             pairs = [(responses[i], responses[j]) for i, j in entry["pairs"]]
-        for chosen, rejected in pairs:
-            columns["prompt"].append(prompt)
-            columns["chosen_response"].append(chosen)
-            columns["rejected_response"].append(rejected)
-        if pairs:
-            group_sizes.append(len(pairs))
+        _add_group(columns, group_sizes, prompt, pairs)
     return columns, group_sizes
+
+
+def _add_group(columns: Dict[str, list], group_sizes: List[int], prompt: str, rows: List[tuple]):
+    """Append one prompt's rows, (chosen, rejected[, label]) each, in the order of `columns`'
+    keys after "prompt", and record how many rows the prompt owns."""
+    names = list(columns)[1:]
+    for row in rows:
+        columns["prompt"].append(prompt)
+        for name, value in zip(names, row):
+            columns[name].append(value)
+    if rows:
+        group_sizes.append(len(rows))
 
 
 def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
@@ -714,13 +721,8 @@ def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
         examples = [(responses[i], label) for i, label in entry.get("examples", ())]
         for i, j in entry["pairs"]:
             examples += [(responses[i], True), (responses[j], False)]
-        for completion, label in examples:
-            columns["prompt"].append(prompt)
-            columns["chosen_response"].append(completion)
-            columns["rejected_response"].append(completion)
-            columns["label"].append(label)
-        if examples:
-            group_sizes.append(len(examples))
+        _add_group(columns, group_sizes, prompt,
+                   [(completion, completion, label) for completion, label in examples])
     return columns, group_sizes
 
 

@@ -77,28 +77,40 @@ def measure(args, lora: bool, extra=()) -> dict:
             "trainable": trainable, "loss": loss}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """The measured model and batch, shared with reference_free_memory.py."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--hidden", type=int, default=1024, help="multiple of 64")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(measure(args, args.child == "lora")))
-        return
+    return p
+
+
+def run_children(script: str, kinds) -> dict:
+    """kind -> the measurement of `script ARGS --child KIND`, each in a fresh process (printed)."""
     results = {}
-    for kind in ("full", "lora"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", kind],
+    for kind in kinds:
+        out = subprocess.run([sys.executable, script, *sys.argv[1:], "--child", kind],
                              capture_output=True, text=True, cwd=ROOT,
                              env=dict(os.environ, MKL_DYNAMIC="FALSE"))
         if out.returncode:
             sys.exit(f"{kind} run failed:\n{out.stderr[-3000:]}")
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(results[kind]))
+    return results
+
+
+def main():
+    p = model_arguments(__doc__.strip().splitlines()[0])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args, args.child == "lora")))
+        return
+    results = run_children(__file__, ("full", "lora"))
     ratio = results["lora"]["peak_mib"] / results["full"]["peak_mib"]
     print(json.dumps({"lora_over_full_peak": round(ratio, 3)}))
 

@@ -10,8 +10,6 @@ memory before the models were built). Prints one JSON line per loss and the rati
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,30 +21,17 @@ LOSSES = {"dpo": [], "simpo": ["loss=simpo", "loss.beta=2.0"]}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1024, help="multiple of 64")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    import lora_memory
+    p = lora_memory.model_arguments(__doc__.strip().splitlines()[0])
     p.add_argument("--optimizer", default=None, help="e.g. RMSprop, SGD (default: the model preset's)")
     p.add_argument("--child", choices=list(LOSSES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        import lora_memory
         extra = LOSSES[args.child] + ([f"optimizer={args.optimizer}"] if args.optimizer else [])
         result = lora_memory.measure(argparse.Namespace(**vars(args), rank=0), False, extra)
         print(json.dumps(dict(result, config=args.child)))
         return
-    results = {}
-    for loss in LOSSES:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", loss],
-                             capture_output=True, text=True, cwd=ROOT,
-                             env=dict(os.environ, MKL_DYNAMIC="FALSE"))
-        if out.returncode:
-            sys.exit(f"{loss} run failed:\n{out.stderr[-3000:]}")
-        results[loss] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[loss]))
+    results = lora_memory.run_children(__file__, LOSSES)
     print(json.dumps({"simpo_over_dpo_peak": round(results["simpo"]["peak_mib"] / results["dpo"]["peak_mib"], 3)}))
 
 
