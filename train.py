@@ -465,10 +465,22 @@ def check_run_dir(config: DictConfig) -> bool:
                                   "resume_from" if config.resume_from else "checkpoint")
     trained = state["example_counter"]
     if state["finished"] and not trains_further(config, resume / "config.yaml", trained):
+        if not _verifies(resume):  # the trainer skips it with a warning and resumes before it
+            return True
         utils.rank0_print(
             f"{option} is complete: {trained} examples trained, final weights in "
             f"{resume / 'policy.pt'}; to train further, relaunch with more examples, e.g. "
             f"n_examples={2 * trained}")
+        return False
+    return True
+
+
+def _verifies(checkpoint: Path) -> bool:
+    """Whether a finished checkpoint's files match their content hashes (one without a manifest,
+    written before hashes, counts as matching): a damaged one is not reported complete."""
+    try:
+        checkpoints.verify_files(checkpoint)
+    except checkpoints.DamagedCheckpoint:
         return False
     return True
 

@@ -100,6 +100,22 @@ def test_a_damaged_file_of_the_right_size_is_skipped_on_resume(finished_run, tmp
     assert same_weights(policy_state(run_dir / "LATEST"), finished_run[1])
 
 
+def test_a_finished_run_whose_latest_is_damaged_is_not_called_complete(finished_run, tmp_path,
+                                                                         capsys):
+    """A relaunch of a finished run checks LATEST's hashes before saying "complete": a damaged
+    LATEST is skipped and the run ends again from the newest intact step, at the same weights."""
+    import train
+    run_dir = copy_run(finished_run[0], tmp_path / "run")
+    policy = run_dir / "LATEST" / "policy.pt"
+    flip_bytes(policy)
+    train.run(compose([*FINISHED, f"local_run_dir={run_dir}"]))
+    out = capsys.readouterr().out
+    assert "is complete" not in out
+    assert f"warning: skipping damaged checkpoint {run_dir / 'LATEST'}: {policy}" in out
+    assert f"resuming from {run_dir / 'step-24'} at 24 examples" in out
+    assert same_weights(policy_state(run_dir / "LATEST"), finished_run[1])
+
+
 def evaluate_models(checkpoint: Path):
     """evaluate.py's (policy, reference, tokenizer, run config, step) of a checkpoint."""
     import evaluate
