@@ -3,6 +3,8 @@ import math
 
 import torch
 
+import packing
+import scoring
 from conftest import FAST, run_subprocess
 from test_train import make_trainer
 
@@ -14,8 +16,10 @@ def test_aux_loss_equals_the_models_own_and_reaches_the_router(tmp_path):
     trainer = make_trainer([*MIXTRAL, "loss=dpo", "loss.beta=0.1", "router_aux_loss_coef=0.01"],
                            tmp_path)
     batch = trainer.rank_slice(next(iter(trainer.train_iterator())), 0, 1)
+    usual = packing.lay_out(batch, trainer.sides, False, False, None)  # one row per sequence
     with trainer.router_loss.collecting():
-        trainer.policy_logps(trainer.batch_logps, batch)
+        trainer.policy_logps(scoring.batch_logps, trainer.policy, trainer.reference, batch, usual,
+                             trainer.loss, trainer.loss_args, trainer.config.logps_chunk_size)
     collected = list(trainer.router_loss.losses)
     assert len(collected) == 2  # chosen and rejected; the reference model adds none
     own = trainer.policy(input_ids=batch["chosen_input_ids"],
