@@ -35,6 +35,10 @@ class DatasetFormatError(ValueError):
     """A data file or row does not have the expected schema (message names file and line/row)."""
 
 
+class UnpairedDataError(DatasetFormatError):
+    """Unpaired examples (prompt, completion, label) where chosen/rejected pairs are needed."""
+
+
 def data_suffix(path) -> Optional[str]:
     """'.jsonl', '.json', '.parquet' or '.csv' for a (possibly gzipped) data file, else None."""
     name = Path(path).name.lower()

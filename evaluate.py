@@ -454,15 +454,16 @@ def data_settings(cfg: DictConfig, run_config: Optional[DictConfig]) -> dict:
 def load_prompts(settings: dict, tokenizer, split: str, n_prompts: Optional[int]) -> List[dict]:
     """The first n_prompts distinct prompts of the split, in order, each with its (truncated)
     prompt ids, its first pair's chosen completion, and all its pairs as (chosen, rejected)
-    completion ids, tokenised as training tokenises them."""
-    paths = {name: (settings["dataset_paths"] or {}).get(name) for name in settings["datasets"]}
+    completion ids, tokenised as training tokenises them. Unpaired data (prompt, completion,
+    label; what KTO trains on) gives the prompts that have a desirable completion, as the chosen
+    one, and no pairs."""
     try:
-        batches = preference_datasets.get_batch_iterator(
-            list(settings["datasets"]), tokenizer, split=split, batch_size=1, shuffle=False,
-            max_length=settings["max_length"], max_prompt_length=settings["max_prompt_length"],
-            n_epochs=1, silent=True, paths=paths)
-    except ValueError as e:
-        raise ConfigError(str(e))
+        batches = _prompt_batches(settings, tokenizer, split, sft_mode=False)
+    except preference_datasets.UnpairedDataError:
+        print(f"the {split} split holds unpaired examples (prompt, completion, label): each prompt's "
+              "first desirable completion is its chosen one, and the implicit-reward accuracy, which "
+              "ranks pairs, is not measured", flush=True)
+        batches = _prompt_batches(settings, tokenizer, split, sft_mode=True)
     prompts: Dict[str, dict] = {}
     for batch in batches:
         text = batch["prompt"][0]
@@ -471,8 +472,23 @@ def load_prompts(settings: dict, tokenizer, split: str, n_prompts: Optional[int]
                 break
             prompts[text] = {"prompt": text, "prompt_ids": batch["prompt_input_ids"][0].tolist(),
                              "chosen": batch["chosen_response_only"][0], "pairs": []}
-        prompts[text]["pairs"].append(tuple(_response_ids(batch, side) for side in ("chosen", "rejected")))
+        if not batch.get("sft_mode"):
+            prompts[text]["pairs"].append(tuple(_response_ids(batch, side) for side in ("chosen", "rejected")))
     return list(prompts.values())
+
+
+def _prompt_batches(settings: dict, tokenizer, split: str, sft_mode: bool):
+    paths = {name: (settings["dataset_paths"] or {}).get(name) for name in settings["datasets"]}
+    try:
+        batches = preference_datasets.get_batch_iterator(
+            list(settings["datasets"]), tokenizer, split=split, batch_size=1, shuffle=False,
+            max_length=settings["max_length"], max_prompt_length=settings["max_prompt_length"],
+            n_epochs=1, silent=True, paths=paths, sft_mode=sft_mode)
+    except preference_datasets.UnpairedDataError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e))
+    return ({**batch, "sft_mode": sft_mode} for batch in batches)
 
 
 def _response_ids(batch: dict, side: str) -> List[int]:
@@ -519,6 +535,8 @@ def implicit_accuracy(policy, reference, prompts: List[dict], batch_size: int, d
         for chosen, rejected in p["pairs"]:
             prompt_ids += [p["prompt_ids"], p["prompt_ids"]]
             completions += [chosen, rejected]
+    if not completions:  # unpaired data: nothing to rank
+        return {"mean": None, "se": None, "ci95": None, "n": 0}
     stats = score_completions(policy, reference, prompt_ids, completions, batch_size, device)
     rewards = (stats["policy_logps"] - stats["reference_logps"]).view(-1, 2)
     correct = (rewards[:, 0] > rewards[:, 1]).double()
@@ -620,6 +638,8 @@ def write_outputs(cfg: DictConfig, results: dict, prompts: List[dict], texts: di
 def format_table(results: dict) -> str:
     """A short text table of the main numbers (mean ± standard error, [95% interval])."""
     def pm(entry):
+        if entry["mean"] is None:
+            return "not measured (no pairs)"
         se = entry["se"]
         text = f"{entry['mean']:.4f} ± {se:.4f}" if se is not None else f"{entry['mean']:.4f}"
         if "ci95" in entry:

@@ -45,6 +45,7 @@ import data_files
 import utils
 # re-exported: callers and tests import these from here
 from data_files import (ASSISTANT_MARKER, HUMAN_MARKER, SUPPORTED_FORMATS, DatasetFormatError,  # noqa: F401
+                        UnpairedDataError,
                         _field, data_suffix, is_unpaired_row, preference_row_to_text, read_rows,
                         resolve_data_files, html_to_text, split_hh_transcripts, unpaired_row_to_text,
                         unsupported_format_message)
@@ -730,9 +731,9 @@ def _refuse_unpaired(data: PromptData, name: str, split: str) -> None:
     """A paired loss cannot read unpaired examples: refuse rather than drop them."""
     n = sum(len(entry.get("examples", ())) for entry in data.values())
     if n:
-        raise DatasetFormatError(f"{data.source}: the {split} split of {name!r} holds {n:,} unpaired examples "
-                                 "(prompt, completion, label) and this loss trains on chosen/rejected pairs; "
-                                 "use loss=kto for unpaired data, or a file of pairs.")
+        raise UnpairedDataError(f"{data.source}: the {split} split of {name!r} holds {n:,} unpaired examples "
+                                "(prompt, completion, label) and this loss trains on chosen/rejected pairs; "
+                                "use loss=kto for unpaired data, or a file of pairs.")
 
 
 def _labelled_epoch_batches(epoch: int, labels: np.ndarray, batch_size: int, shuffle: bool,

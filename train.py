@@ -35,7 +35,6 @@ utils.keep_freed_memory()
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 TRAINERS = ("BasicTrainer", "FSDPTrainer", "TensorParallelTrainer")
-MIXED_PRECISION = (None, "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -145,8 +144,6 @@ def validate_batch_split(config: DictConfig, world_size: int):
 def validate_model_config(model: DictConfig):
     utils.get_dtype("model.policy_dtype", model.policy_dtype)
     utils.get_dtype("model.reference_dtype", model.reference_dtype)
-    _require(model.fsdp_policy_mp in MIXED_PRECISION,
-             f"model.fsdp_policy_mp={model.fsdp_policy_mp} must be null, bfloat16 or float16")
     _require(model.name_or_path is not None or model.from_config is not None,
              "model.name_or_path is null and model.from_config is null; set one of them")
     if model.from_config is not None:
@@ -173,17 +170,16 @@ def validate_mixed_precision(config: DictConfig):
     allowed = ", ".join(trainers.MIXED_PRECISION_DTYPES)
     _require(mp is None or mp in trainers.MIXED_PRECISION_DTYPES,
              f"mixed_precision={mp} must be null, {allowed.replace(', ', ' or ')}")
+    legacy = model.get("fsdp_policy_mp")  # a model preset written for the DPO repository
+    _require(legacy is None, f"model.fsdp_policy_mp={legacy} in the model preset is the older name of "
+             f"mixed_precision; remove it and set mixed_precision="
+             f"{LEGACY_MIXED_PRECISION.get(str(legacy), 'bf16')}")
     if mp is None:
         return
     _require(model.policy_dtype == "float32",
              f"mixed_precision={mp} keeps float32 master weights, but model.policy_dtype="
              f"{model.policy_dtype}; set model.policy_dtype=float32 (or mixed_precision=null for "
              f"pure {model.policy_dtype})")
-    # model.fsdp_policy_mp (FSDPTrainer only) is the older name of the same setting
-    same = model.fsdp_policy_mp is None or (
-        getattr(torch, model.fsdp_policy_mp) == trainers.MIXED_PRECISION_DTYPES[mp])
-    _require(same, f"mixed_precision={mp} and model.fsdp_policy_mp={model.fsdp_policy_mp} "
-                   "disagree; set only mixed_precision (model.fsdp_policy_mp=null)")
 
 
 def validate_datasets(config: DictConfig):
@@ -690,19 +686,24 @@ def build_and_train(config: DictConfig, rank: int, world_size: int):
 OPEN_MAPPINGS = ("model.from_config", "dataset_paths")
 # Keys the DPO repository's command lines use under another name here.
 KEY_ALIASES = {"model.block": "model.block_name"}
+# The DPO repository's FSDP-only name of mixed precision: `model.fsdp_policy_mp=bfloat16` is
+# mixed_precision=bf16 here (the one spelling every trainer reads).
+LEGACY_MIXED_PRECISION = {"null": None, "bfloat16": "bf16", "float16": "fp16"}
 # The beta-DPO repository's switch: `loss=dpo loss.mode_loss=beta_DPO` is loss=beta_dpo here
 # (config/loss/beta_dpo.yaml); its default 'mean', and 'dpo', are plain DPO.
 MODE_LOSSES = {"dpo": "dpo", "mean": "dpo", "beta_DPO": "beta_dpo"}
 
 
 def rewrite_aliases(args: List[str]) -> List[str]:
-    """The overrides with KEY_ALIASES and the beta-DPO repository's `loss.mode_loss`
-    (MODE_LOSSES) rewritten to this repository's names.
+    """The overrides with KEY_ALIASES, the DPO repository's `model.fsdp_policy_mp`
+    (LEGACY_MIXED_PRECISION) and the beta-DPO repository's `loss.mode_loss` (MODE_LOSSES)
+    rewritten to this repository's names.
 
     Raises:
-        ConfigError: a mode_loss that repository does not have, or with a loss other than dpo.
+        ConfigError: a mode_loss that repository does not have, or with a loss other than dpo;
+            an fsdp_policy_mp that is not a dtype, or that disagrees with mixed_precision.
     """
-    args = [_rewrite_alias(a) for a in args]
+    args = _rewrite_mixed_precision([_rewrite_alias(a) for a in args])
     modes = [a.partition("=")[2] for a in args if a.partition("=")[0] == "loss.mode_loss"]
     if not modes:
         return args
@@ -713,6 +714,22 @@ def rewrite_aliases(args: List[str]) -> List[str]:
                           "loss=beta_dpo (config/loss/beta_dpo.yaml)")
     rest = [a for a in args if a.partition("=")[0] not in ("loss", "loss.mode_loss")]
     return [f"loss={MODE_LOSSES[modes[-1]]}", *rest]
+
+
+def _rewrite_mixed_precision(args: List[str]) -> List[str]:
+    legacy = [a.partition("=")[2] for a in args if a.partition("=")[0] == "model.fsdp_policy_mp"]
+    if not legacy:
+        return args
+    value = legacy[-1]
+    _require(value in LEGACY_MIXED_PRECISION,
+             f"model.fsdp_policy_mp={value} must be null, bfloat16 or float16")
+    given = [a.partition("=")[2] for a in args if a.partition("=")[0] == "mixed_precision"]
+    mp = LEGACY_MIXED_PRECISION[value]
+    _require(mp is None or given[-1:] in ([], [mp]),
+             f"mixed_precision={given[-1:] and given[-1]} and model.fsdp_policy_mp={value} disagree; "
+             "set only mixed_precision (model.fsdp_policy_mp is its older name)")
+    rest = [a for a in args if a.partition("=")[0] != "model.fsdp_policy_mp"]
+    return rest + [f"mixed_precision={mp}"] if mp is not None and not given else rest
 
 
 def check_command_line(args: List[str]) -> Tuple[List[str], List[str]]:
@@ -833,10 +850,15 @@ def main(config: DictConfig):
         sys.exit(128 + signal.SIGINT)
 
 
-if __name__ == "__main__":
+def command_line():
+    """`python train.py KEY=VALUE ...`: the overrides checked and their aliases rewritten, then main()."""
     sys.argv[1:], problems = check_command_line(sys.argv[1:])
     for problem in problems:
         print_error(problem)
     if problems:
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    command_line()

@@ -721,11 +721,7 @@ class FSDPTrainer(ShardedTrainer):
     autocast_dtype = None
 
     def place_policy(self, model):
-        # mixed_precision, or model.fsdp_policy_mp, its older FSDP-only name (train.py refuses
-        # the two when they disagree)
-        legacy = self.config.model.fsdp_policy_mp
-        dtype = (MIXED_PRECISION_DTYPES.get(self.config.mixed_precision)
-                 or (getattr(torch, legacy) if legacy else None))
+        dtype = MIXED_PRECISION_DTYPES.get(self.config.mixed_precision)
         if self.config.activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
         # With several processes only rank 0 built the weights (train.build_models builds the

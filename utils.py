@@ -14,6 +14,7 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import tempfile
 import warnings
 from numbers import Real
@@ -223,6 +224,9 @@ def build_tokenizer(name_or_path: str, trust_remote_code: bool = False, cache_di
     """
     if name_or_path == EMBEDDED_TOKENIZER:
         tokenizer = build_embedded_tokenizer()
+    elif gguf_file and (local := dequantized_gguf(name_or_path, gguf_file)) is not None:
+        from transformers import AutoTokenizer
+        tokenizer = _from_pretrained(AutoTokenizer, local, option, "tokenizer")
     else:
         from transformers import AutoTokenizer
         extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -350,6 +354,9 @@ def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokeni
         settings.setdefault("bos_token_id", tokenizer.bos_token_id)
         config = transformers.AutoConfig.for_model(model_type, **settings)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif gguf_file and (local := dequantized_gguf(name_or_path, gguf_file)) is not None:
+        model = _from_pretrained(transformers.AutoModelForCausalLM, local, "model.name_or_path",
+                                 "model", dtype=dtype)
     else:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         model = _from_pretrained(transformers.AutoModelForCausalLM, name_or_path,
@@ -359,6 +366,52 @@ def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokeni
             model = plain_model_copy(model)
     model.config.use_cache = False
     return model
+
+
+# Bump when the cached copy's layout changes, so older copies are not read.
+GGUF_CACHE_VERSION = 1
+
+
+def gguf_cache_path(name_or_path: str, gguf_file: str) -> Optional[Path]:
+    """Where the dequantised copy of a local GGUF file is cached (None for a file on the hub). The
+    key changes with the file (path, size, modification time) and with transformers' version."""
+    source = os.path.join(name_or_path, gguf_file)
+    if not os.path.isfile(source):
+        return None
+    import transformers
+    stat = os.stat(source)
+    fingerprint = (f"{os.path.realpath(source)}|{stat.st_size}|{stat.st_mtime_ns}|"
+                   f"{transformers.__version__}|v{GGUF_CACHE_VERSION}")
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return default_cache_dir() / f"gguf-{Path(gguf_file).stem}-{key}"
+
+
+def dequantized_gguf(name_or_path: str, gguf_file: str) -> Optional[str]:
+    """A directory holding a local GGUF file's model (float32 safetensors, dequantised) and
+    tokenizer in Hugging Face's format, written on first use. transformers reads a GGUF file in
+    Python, ~20 s for SmolLM2-135M on CPU each time; the copy loads in about a second, to the same
+    weights (a lower model dtype is the same float32 values cast, as the GGUF loader casts them).
+    None for a GGUF file on the hub, which is loaded directly."""
+    import transformers
+    target = gguf_cache_path(name_or_path, gguf_file)
+    if target is None or target.is_dir():
+        return None if target is None else str(target)
+    model = _from_pretrained(transformers.AutoModelForCausalLM, name_or_path, "model.name_or_path",
+                             "model", dtype=torch.float32, gguf_file=gguf_file)
+    tokenizer = _from_pretrained(transformers.AutoTokenizer, name_or_path, "model.name_or_path",
+                                 "tokenizer", gguf_file=gguf_file)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        plain_model_copy(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except OSError:  # an unwritable cache (or a full disk): load from the GGUF file each time
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    try:
+        os.replace(tmp, target)  # whole or not at all; a directory that exists is complete
+    except OSError:  # another process wrote it first: the same files
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def plain_model_config(config):

@@ -179,7 +179,7 @@ def test_single_command_launch_with_bf16_mixed_precision_and_sampling(
         "import train\n"
         "if __name__ == '__main__':\n"
         "    torch.cuda.device_count = lambda: 2\n"
-        "    train.main()\n")
+        "    train.command_line()\n")
     run_dir = tmp_path / "spawned"
     rc, output = run_killable([sys.executable, str(launcher), *COMMON, "trainer=FSDPTrainer",
                                "model.fsdp_policy_mp=bfloat16", "sample_during_eval=true",

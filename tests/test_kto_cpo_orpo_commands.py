@@ -86,6 +86,20 @@ def test_user_files(which, kind, tmp_path):
     run_dir = run_in_process([*FAST, *QUICK, f"datasets=[{path}]", *COMMANDS[which][0].split(),
                               f"local_run_dir={tmp_path}/{which}"])
     check_run(which, _train_rows(run_dir))
+    if kind == "unpaired":  # evaluate.py reads the run's unpaired data: prompts, no pairs to rank
+        check_evaluation_of_unpaired_data(run_dir)
+
+
+def check_evaluation_of_unpaired_data(run_dir):
+    from hydra import compose as compose_eval, initialize_config_dir
+    import evaluate
+    with initialize_config_dir(config_dir=evaluate.CONFIG_DIR, version_base=None):
+        cfg = compose_eval("evaluate", overrides=[f"checkpoint={run_dir}/LATEST", "reward=implicit",
+                                                  "n_prompts=4", "n_samples=2", "max_new_tokens=4"])
+    results = evaluate.evaluate(cfg)
+    assert results["implicit_accuracy"] == {"mean": None, "se": None, "ci95": None, "n": 0}
+    assert results["n_prompts"] == 4 and math.isfinite(results["win_rate_vs_chosen"]["mean"])
+    assert "implicit-reward accuracy    not measured (no pairs)" in evaluate.format_table(results)
 
 
 def test_refusals(tmp_path):

@@ -60,14 +60,22 @@ def test_mixed_precision_settings_are_checked():
             "set model.policy_dtype=float32 (or mixed_precision=null for pure bfloat16)",
         "mixed_precision=fp16 model.fsdp_policy_mp=bfloat16":
             "mixed_precision=fp16 and model.fsdp_policy_mp=bfloat16 disagree; set only "
-            "mixed_precision (model.fsdp_policy_mp=null)",
+            "mixed_precision (model.fsdp_policy_mp is its older name)",
+        "+model.fsdp_policy_mp=float16":  # a DPO-repository model preset that sets it
+            "model.fsdp_policy_mp=float16 in the model preset is the older name of mixed_precision; "
+            "remove it and set mixed_precision=fp16",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError) as e:
             train.validate_config(compose([*FAST, *overrides.split()]), 1)
         assert str(e.value) == message
-    # the older FSDP-only name agreeing with the new one is fine
-    train.validate_config(compose([*FAST, "mixed_precision=bf16", "model.fsdp_policy_mp=bfloat16"]), 1)
+    # the DPO repository's FSDP-only name is one spelling of mixed_precision: the config holds only
+    # the new key, agreeing with an explicit one or alone
+    for extra in (["mixed_precision=bf16"], []):
+        config = compose([*FAST, *extra, "model.fsdp_policy_mp=bfloat16"])
+        train.validate_config(config, 1)
+        assert config.mixed_precision == "bf16" and "fsdp_policy_mp" not in config.model
+    assert compose([*FAST, "model.fsdp_policy_mp=null"]).mixed_precision is None
 
 
 def kernel_inputs(seed=0, n_rows=10, hidden=24, vocab=40):

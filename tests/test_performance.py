@@ -165,6 +165,8 @@ def test_precomputed_reference_log_probs_train_identically_and_are_reused(tmp_pa
                                                                           capsys):
     import ref_cache
     import trainers
+    # a cache of its own: CI shares one cache between concurrent test workers (DPO_TEST_CACHE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cache_dir = ref_cache.reference_cache_dir()
     before = set(cache_dir.glob("ref-logps-*.pt")) if cache_dir.exists() else set()
 

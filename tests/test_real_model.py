@@ -171,6 +171,28 @@ def test_export_of_a_gguf_run_checkpoint_reloads_with_the_real_vocabulary(smollm
         assert torch.equal(loaded.state_dict()[name], value), name
 
 
+@pytest.mark.slow
+def test_the_cached_dequantised_copy_is_the_gguf_file(smollm2, tok):
+    """utils.build_model / build_tokenizer read a GGUF file once and then its dequantised copy in the
+    cache (utils.dequantized_gguf): the same weights, bit for bit, and the same tokenizer as
+    transformers' own GGUF loader gives."""
+    import transformers
+    import utils
+    copy = utils.gguf_cache_path(gguf_dir(), GGUF)
+    assert (copy / "model.safetensors").is_file() and (copy / "tokenizer.json").is_file()
+    direct = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF, dtype=torch.float32)
+    direct_state = direct.state_dict()
+    for name, value in smollm2.state_dict().items():
+        assert torch.equal(value, direct_state[name]), name
+    direct_tok = transformers.AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF)
+    text = "<|im_start|>user\nCafé — 10 naïve 🙂 words<|im_end|>\n"
+    assert tok(text).input_ids == direct_tok(text).input_ids and tok.get_vocab() == direct_tok.get_vocab()
+    assert tok.chat_template == direct_tok.chat_template
+    # another dtype is the float32 copy cast, as the GGUF loader casts it
+    bf16 = utils.build_model(gguf_dir(), None, tok, torch.bfloat16, gguf_file=GGUF)
+    assert torch.equal(bf16.model.norm.weight, direct.model.norm.weight.to(torch.bfloat16))
+
+
 def test_gguf_dtype_is_the_configured_one(tok):
     import utils
     model = utils.build_model(gguf_dir(), None, tok, torch.bfloat16, gguf_file=GGUF)
@@ -196,7 +218,7 @@ def test_sft_then_dpo_on_real_hh_rows(tmp_path):
     data.write_text("".join(HH_FILE.read_text().splitlines(keepends=True)[:16]))
     common = ["model=smollm2", "datasets=[hh]", f"dataset_paths.hh={data}", "batch_size=8",
               "gradient_accumulation_steps=1", "eval_batch_size=8", "n_eval_examples=16",
-              "max_length=96", "max_prompt_length=64", "warmup_steps=0", "wandb.enabled=false",
+              "max_length=64", "max_prompt_length=40", "warmup_steps=0", "wandb.enabled=false",
               "minimum_log_interval_secs=0"]
     offline = {"HF_HUB_OFFLINE": "1"}  # the packaged GGUF, whatever the network
     sft = run_subprocess([*common, "loss=sft", "n_examples=16", "lr=1e-5", "eval_every=16",
@@ -204,8 +226,8 @@ def test_sft_then_dpo_on_real_hh_rows(tmp_path):
                          env=offline, timeout=600)
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert "loads from the GGUF copy" in sft.stdout
-    dpo = run_subprocess([*common, "loss=dpo", "loss.beta=0.1", "n_examples=32", "lr=1e-5",
-                          "eval_every=32", "sample_during_eval=true", "n_eval_model_samples=2",
+    dpo = run_subprocess([*common, "loss=dpo", "loss.beta=0.1", "n_examples=16", "lr=2e-5",
+                          "eval_every=16", "sample_during_eval=true", "n_eval_model_samples=2",
                           f"model.archive={tmp_path}/sft/LATEST", f"local_run_dir={tmp_path}/dpo"],
                          env=offline, timeout=600)
     assert dpo.returncode == 0, dpo.stderr[-3000:]
