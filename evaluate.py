@@ -36,6 +36,7 @@ import checkpoints
 import preference_datasets
 import sampling
 import utils
+import rewards
 from rewards import REWARDS, RewardContext, score_completions
 from utils import ConfigError, is_number, require
 
@@ -284,15 +285,11 @@ def validate_eval_config(cfg: DictConfig):
     require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
     require(isinstance(cfg.trust_remote_code, bool),
              f"trust_remote_code={cfg.trust_remote_code!r} must be true or false")
+    rewards.check_reward_config(OmegaConf.to_container(cfg.reward))
     name = cfg.reward.name
-    require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
     require(not REWARDS[name].pairwise,
             f"reward={name} is a pairwise judge (it ranks several answers to one prompt, for online "
             "training); evaluate.py scores single samples: use reward=synthetic, reward_model or implicit")
-    keys = set(cfg.reward) - {"name"}
-    require(keys == REWARDS[name].config_keys,
-             f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
-             f"{sorted(keys)}; see config/reward/{name}.yaml")
 
 
 def _finite(x: float) -> Optional[float]:

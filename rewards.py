@@ -331,3 +331,14 @@ def tokenize_completions(tokenizer, prompts: Sequence[str], completions: Sequenc
     completion_ids = [ids + [tokenizer.eos_token_id] for ids in
                       tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
     return prompt_ids, completion_ids
+
+
+def check_reward_config(reward: dict) -> None:
+    """Refuse an unknown reward or keys its config/reward/NAME.yaml does not hold (ConfigError)."""
+    name = reward.get("name")
+    if name not in REWARDS:
+        raise ConfigError(f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
+    keys = set(reward) - {"name"}
+    if keys != REWARDS[name].config_keys:
+        raise ConfigError(f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
+                          f"{sorted(keys)}; see config/reward/{name}.yaml")
