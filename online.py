@@ -167,6 +167,7 @@ class OnlineBatches(OfflineBatches):
         self.last = {"online/reward": stats["reward_sum"] / max(stats["answers"], 1),
                      "online/reward_margin": sum(margins) / max(len(margins), 1),
                      "online/ties": stats["ties"] / n, "online/pairs": len(records),
+                     "online/prompts": stats["prompts"],
                      "online/length": stats["tokens"] / max(stats["answers"], 1),
                      "online/tokens_per_second": self.round["tokens_per_second"],
                      "time/generation": self.round["seconds"] if index == self.round["start"] else 0.0}

@@ -112,3 +112,21 @@ def test_killed_mid_round_resumes_bitwise(sft, tmp_path):
     assert len(rows) == sum(m["online/pairs"] for m in steps[:4]) > 0
     assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"} <= set(rows[0])
     assert all(r["chosen_score"] > r["rejected_score"] for r in rows)
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_answer_their_shares(sft, tmp_path):
+    """Two FSDP processes (gloo): each answers its half of every batch's prompts (synced
+    generation), the halves are gathered, and training runs on the pairs of the whole batch."""
+    from test_distributed import torchrun
+    run_dir = tmp_path / "fsdp"
+    rc, output = torchrun(["train.py", *FAST, "save_hf_format=false", *ONLINE, f"model.archive={sft}",
+                           "trainer=FSDPTrainer", "gradient_accumulation_steps=2",
+                           f"local_run_dir={run_dir}"], tmp_path)
+    assert rc == 0, output[-3000:]
+    steps = [m for m in read_metrics(run_dir) if "online/prompts" in m]
+    assert len(steps) == 8 and all(m["online/prompts"] == 8 for m in steps)  # 4 + 4, not 8 + 8
+    # pairs are cut to a multiple of micro-batches x ranks (4); the rest are ties or cut
+    assert all(m["online/pairs"] % 4 == 0 and m["online/pairs"] <= 8 * (1 - m["online/ties"]) for m in steps)
+    assert any(m["online/pairs"] > 0 for m in steps)
+    assert all(torch.isfinite(torch.tensor(m["loss/train"])) for m in steps if "loss/train" in m)
