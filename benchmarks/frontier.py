@@ -43,6 +43,16 @@ OPTIONAL_METHODS = [
     ("robust b=0.1", "TRL robust", "robust", ["loss=robust", "loss.beta=0.1", "loss.label_smoothing=0.1"]),
 ]
 QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
+# --online: DPO on the dataset's pairs against DPO on the policy's own answers ranked by the
+# synthetic reward (online DPO, Guo et al. 2024, arXiv 2402.04792) and iterative DPO in 3 rounds
+# (Xiong et al. 2024, arXiv 2312.11456): one epoch is 187 batches of 32, so rounds of 63 batches,
+# the reference reset to the policy at each round's start. Same SFT model, same prompts seen.
+ONLINE_METHODS = [
+    ("offline DPO b=0.1", "offline DPO", ["loss=dpo", "loss.beta=0.1"]),
+    ("online DPO b=0.1", "online DPO", ["loss=dpo", "loss.beta=0.1", "online.enabled=true"]),
+    ("iterative DPO b=0.1", "iterative DPO", ["loss=dpo", "loss.beta=0.1", "online.enabled=true",
+                                              "online.generate_every=63", "online.reference_follows=true"]),
+]
 
 
 # The tiny preset's training settings when docs/frontier.* were made (issue 28 changed the preset's),
@@ -143,7 +153,9 @@ def table(points) -> str:
     return "\n".join(lines)
 
 
-def methods(quick: bool):
+def methods(quick: bool, online: bool = False):
+    if online:
+        return ONLINE_METHODS
     available = {p.stem for p in (ROOT / "config" / "loss").glob("*.yaml")}
     chosen = [m for m in METHODS if not quick or m[0] in QUICK_METHODS]
     if not quick:
@@ -156,6 +168,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default=str(ROOT / "docs"), help="where frontier.{png,md,json} go")
     parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary directory, removed)")
     parser.add_argument("--quick", action="store_true", help="fewer runs, prompts and examples")
+    parser.add_argument("--online", action="store_true",
+                        help="offline vs online vs iterative DPO instead (writes frontier_online.*)")
     parser.add_argument("--n-prompts", type=int, default=None, help="evaluation prompts (default 128; quick 32)")
     parser.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
@@ -180,7 +194,7 @@ def main(argv=None):
     reference = sft / "LATEST"
     points = [point("SFT", "SFT", reference, evaluate_checkpoint(reference, reference, eval_overrides))]
     log(f"SFT: reward {points[0]['reward']:.3f}")
-    for label, family, overrides in methods(args.quick):
+    for label, family, overrides in methods(args.quick, args.online):
         run_dir = work / label.replace(" ", "_").replace("=", "")
         commands.append(train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log))
         for checkpoint in checkpoints(run_dir):
@@ -189,15 +203,16 @@ def main(argv=None):
     elapsed = time.time() - start
     title = (f"embedded default (synthetic tasks){' --quick' if args.quick else ''}: {n_prompts} held-out "
              f"prompts x {args.n_samples} samples,\nseed {args.seed}, {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
-    draw(points, out_dir / "frontier.png", title)
+    name = "frontier_online" if args.online else "frontier"
+    draw(points, out_dir / f"{name}.png", title)
     commands_md = commands_markdown(script_line, commands, eval_overrides, work)
-    (out_dir / "frontier.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")
-    (out_dir / "frontier.json").write_text(json.dumps({"points": points, "seconds": elapsed,
-                                                       "quick": args.quick, "title": title}, indent=1))
+    (out_dir / f"{name}.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({"points": points, "seconds": elapsed,
+                                                      "quick": args.quick, "title": title}, indent=1))
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(table(points))
-    print(json.dumps({"seconds": round(elapsed, 1), "points": len(points), "out": str(out_dir / "frontier.png")}))
+    print(json.dumps({"seconds": round(elapsed, 1), "points": len(points), "out": str(out_dir / f"{name}.png")}))
 
 
 if __name__ == "__main__":
