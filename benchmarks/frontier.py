@@ -45,14 +45,15 @@ OPTIONAL_METHODS = [
 QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
 # --online: DPO on the dataset's pairs against DPO on the policy's own answers ranked by the
 # synthetic reward (online DPO, Guo et al. 2024, arXiv 2402.04792) and iterative DPO in 3 rounds
-# (Xiong et al. 2024, arXiv 2312.11456): one epoch is 187 batches of 32, so rounds of 63 batches,
-# the reference reset to the policy at each round's start. Same SFT model, same prompts seen.
-ONLINE_METHODS = [
-    ("offline DPO b=0.1", "offline DPO", ["loss=dpo", "loss.beta=0.1"]),
-    ("online DPO b=0.1", "online DPO", ["loss=dpo", "loss.beta=0.1", "online.enabled=true"]),
-    ("iterative DPO b=0.1", "iterative DPO", ["loss=dpo", "loss.beta=0.1", "online.enabled=true",
-                                              "online.generate_every=63", "online.reference_follows=true"]),
-]
+# (Xiong et al. 2024, arXiv 2312.11456): an epoch is 187 batches of 32, so 3 rounds of 63 batches
+# for one epoch (the figure's settings), of 125 for two (--preset), the reference reset to the
+# policy at each round's start. Same SFT model, same prompts seen.
+def online_methods(round_batches: int):
+    return [("offline DPO b=0.1", "offline DPO", ["loss=dpo", "loss.beta=0.1"]),
+            ("online DPO b=0.1", "online DPO", ["loss=dpo", "loss.beta=0.1", "online.enabled=true"]),
+            ("iterative DPO b=0.1", "iterative DPO",
+             ["loss=dpo", "loss.beta=0.1", "online.enabled=true", f"online.generate_every={round_batches}",
+              "online.reference_follows=true"])]
 
 
 # The tiny preset's training settings when docs/frontier.* were made (issue 28 changed the preset's),
@@ -60,11 +61,11 @@ ONLINE_METHODS = [
 FIGURE_SETTINGS = ["lr=1e-3", "warmup_steps=20", "max_grad_norm=10.0", "n_epochs=1", "eval_every=2048"]
 
 
-def train(run_dir: Path, overrides, log) -> str:
+def train(run_dir: Path, overrides, log, preset: bool = False) -> str:
     """`python -u train.py OVERRIDES local_run_dir=RUN_DIR`; stops the benchmark if it fails.
     Returns the command line as a user would type it."""
-    cmd = [sys.executable, "-u", "train.py", *FIGURE_SETTINGS, *overrides, f"local_run_dir={run_dir}",
-           "wandb.enabled=false", "sample_during_eval=false"]
+    cmd = [sys.executable, "-u", "train.py", *([] if preset else FIGURE_SETTINGS), *overrides,
+           f"local_run_dir={run_dir}", "wandb.enabled=false", "sample_during_eval=false"]
     shown = " ".join(["python", *cmd[1:]])
     log(shown)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -153,9 +154,9 @@ def table(points) -> str:
     return "\n".join(lines)
 
 
-def methods(quick: bool, online: bool = False):
+def methods(quick: bool, online: bool = False, preset: bool = False):
     if online:
-        return ONLINE_METHODS
+        return online_methods(125 if preset else 63)
     available = {p.stem for p in (ROOT / "config" / "loss").glob("*.yaml")}
     chosen = [m for m in METHODS if not quick or m[0] in QUICK_METHODS]
     if not quick:
@@ -170,6 +171,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer runs, prompts and examples")
     parser.add_argument("--online", action="store_true",
                         help="offline vs online vs iterative DPO instead (writes frontier_online.*)")
+    parser.add_argument("--preset", action="store_true",
+                        help="with --online: the tiny preset's own training settings, not the figure's "
+                             "(writes frontier_online_preset.*)")
     parser.add_argument("--n-prompts", type=int, default=None, help="evaluation prompts (default 128; quick 32)")
     parser.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
@@ -182,28 +186,31 @@ def main(argv=None):
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="frontier-"))
+    script_line = script_line.replace(str(args.work_dir), "WORK") if args.work_dir else script_line
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_prompts = args.n_prompts or (32 if args.quick else 128)
     length = ["n_examples=2048", "eval_every=1024"] if args.quick else ["eval_every=2048"]
+    length = [] if args.preset else length
     eval_overrides = [f"n_prompts={n_prompts}", f"n_samples={args.n_samples}", "max_new_tokens=16",
                       f"seed={args.seed}", "batch_size=128"]
     seed = [f"seed={args.seed}"]
     sft = work / "sft"
-    commands = [train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log)]
+    commands = [train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log, args.preset)]
     reference = sft / "LATEST"
     points = [point("SFT", "SFT", reference, evaluate_checkpoint(reference, reference, eval_overrides))]
     log(f"SFT: reward {points[0]['reward']:.3f}")
-    for label, family, overrides in methods(args.quick, args.online):
+    for label, family, overrides in methods(args.quick, args.online, args.preset):
         run_dir = work / label.replace(" ", "_").replace("=", "")
-        commands.append(train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log))
+        commands.append(train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log,
+                              args.preset))
         for checkpoint in checkpoints(run_dir):
             points.append(point(label, family, checkpoint, evaluate_checkpoint(checkpoint, reference, eval_overrides)))
             log(f"{label} {checkpoint.name}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}")
     elapsed = time.time() - start
     title = (f"embedded default (synthetic tasks){' --quick' if args.quick else ''}: {n_prompts} held-out "
              f"prompts x {args.n_samples} samples,\nseed {args.seed}, {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
-    name = "frontier_online" if args.online else "frontier"
+    name = ("frontier_online" + ("_preset" if args.preset else "")) if args.online else "frontier"
     draw(points, out_dir / f"{name}.png", title)
     commands_md = commands_markdown(script_line, commands, eval_overrides, work)
     (out_dir / f"{name}.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")

@@ -90,7 +90,7 @@ def step_share(args) -> dict:
                f"online.samples_per_prompt={args.samples}", f"online.max_new_tokens={args.max_new_tokens}",
                f"batch_size={args.prompts}", f"n_examples={args.train_examples}", "eval_every=1000000",
                "sample_during_eval=false", "save_hf_format=false", "minimum_log_interval_secs=0",
-               f"local_run_dir={work}/run"] + ([f"model.archive={args.archive}"] if args.archive else [])
+               *([f"model.archive={args.archive}"] if args.archive else []), f"local_run_dir={work}/run"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"training failed: {result.stderr[-2000:]}")
