@@ -113,19 +113,37 @@ def _build_reward_model(args: dict, ctx: RewardContext) -> Scorer:
 
 
 def _build_implicit(args: dict, ctx: RewardContext) -> Scorer:
+    policy, reference, run_loss = ctx.policy, ctx.reference, ctx.run_loss
+    if args["checkpoint"] is not None:
+        policy, reference, run_loss = _checkpoint_models(args["checkpoint"], ctx)
     beta = args["beta"]
     if beta is None:
-        beta = (ctx.run_loss or {}).get("beta")
+        beta = (run_loss or {}).get("beta")
         if beta is None:
             raise ConfigError("reward=implicit needs a beta and the run's loss has none; "
                               "pass reward.beta=0.1")
 
     def score(prompts, completions):
         prompt_ids, completion_ids = tokenize_completions(ctx.tokenizer, prompts, completions)
-        stats = score_completions(ctx.policy, ctx.reference, prompt_ids, completion_ids,
+        stats = score_completions(policy, reference, prompt_ids, completion_ids,
                                   ctx.score_batch_size, ctx.device)
         return implicit_reward(stats["policy_logps"], stats["reference_logps"], beta)
     return score
+
+
+def _checkpoint_models(checkpoint: str, ctx: RewardContext):
+    """(policy, reference, the run's loss settings) of a checkpoint of train.py, loaded as
+    evaluate.py loads the checkpoint it scores (imported here: evaluate.py imports this module)."""
+    import evaluate
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"checkpoint": checkpoint, "reference": None,
+                            "trust_remote_code": ctx.trust_remote_code})
+    policy, reference, _, run_config, _ = evaluate.load_models(cfg)
+    if run_config is None:
+        raise ConfigError(f"reward.checkpoint={checkpoint} is not a checkpoint of train.py (a step-N/ or "
+                          "LATEST/ directory with policy.pt and config.yaml)")
+    run_loss = OmegaConf.to_container(run_config.loss)
+    return policy.to(ctx.device).eval(), reference.to(ctx.device).eval(), run_loss
 
 
 # The pairwise question, after MT-Bench's pairwise judge (Zheng et al. 2023, arXiv 2306.05685,
@@ -239,7 +257,7 @@ REWARDS: Dict[str, RewardSpec] = {
                             frozenset({"partial_credit"}), datasets=("synthetic",)),
     "reward_model": RewardSpec("reward_model", reward_model_scores, _build_reward_model,
                                frozenset({"name_or_path", "label_index", "batch_size", "max_length"})),
-    "implicit": RewardSpec("implicit", implicit_reward, _build_implicit, frozenset({"beta"})),
+    "implicit": RewardSpec("implicit", implicit_reward, _build_implicit, frozenset({"beta", "checkpoint"})),
     "judge": RewardSpec("judge", judge_scores, _build_judge,
                         frozenset({"name_or_path", "batch_size", "max_length"}), pairwise=True),
 }

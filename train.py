@@ -313,10 +313,10 @@ def validate_online(config: DictConfig):
                      (o.reference_follows and not spec.needs_reference(args), "online.reference_follows"
                       f"=true with loss={config.loss.name}, which uses no reference")):
         _require(not bad, f"online.enabled=true is not supported with {why}")
-    validate_judge(config, spec.needs_reference(args))
+    validate_judge(config)
 
 
-def validate_judge(config: DictConfig, has_reference: bool):
+def validate_judge(config: DictConfig):
     """The `reward` judge exists, has its keys, and can score the datasets' prompts."""
     try:
         rewards.check_reward_config(OmegaConf.to_container(config.reward))
@@ -326,9 +326,10 @@ def validate_judge(config: DictConfig, has_reference: bool):
     others = [str(d) for d in config.datasets if spec.datasets is not None and d not in spec.datasets]
     _require(not others, f"reward={spec.name} scores only the prompts of {', '.join(spec.datasets or ())}, "
              f"not those of {', '.join(others)}: use reward=reward_model, judge or implicit for them")
-    _require(spec.name != "implicit" or (has_reference and config.lora.r is None),
-             f"reward=implicit needs a reference model; loss={config.loss.name} with lora.r={config.lora.r} "
-             "has none (use a loss with a reference, without LoRA, or another reward)")
+    _require(spec.name != "implicit" or config.reward.checkpoint is not None,
+             "reward=implicit judges online answers with a trained DPO checkpoint's implicit reward: pass "
+             "reward.checkpoint=RUN/LATEST (the policy being trained, against its own start, scores all "
+             "its answers alike)")
 
 
 # ----------------------------------------------------------------------------- building

@@ -58,6 +58,8 @@ ONLINE = ["loss=dpo", "loss.beta=0.1", "online.enabled=true"]
     ([*ONLINE, "datasets=[hh]"], "reward=synthetic scores only the prompts of synthetic, not those of hh"),
     ([*ONLINE, "online.max_new_tokens=100"], "online.max_new_tokens=100 does not fit"),
     ([*ONLINE, "online.reference_follows=true", "sync_ref_model=true"], "two ways to move the reference"),
+    ([*ONLINE, "reward=implicit"], "pass reward.checkpoint=RUN/LATEST"),
+    ([*ONLINE, "reward=judge"], "missing required value.*reward.name_or_path"),
 ])
 def test_online_refusals_in_one_line_before_any_model(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
