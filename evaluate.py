@@ -101,6 +101,8 @@ def build_initial_model(run_config: DictConfig, tokenizer):
     import train
     config = copy.deepcopy(run_config)
     config.loss = OmegaConf.create({"name": "sft"})  # a loss without a reference: build one model
+    # whole, in this process: also when it runs among ranks (rewards: an online run's judge)
+    config.trainer = "BasicTrainer"
     policy, _ = train.build_models(config, tokenizer)
     return policy
 
