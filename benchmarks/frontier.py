@@ -154,6 +154,31 @@ def table(points) -> str:
     return "\n".join(lines)
 
 
+ONLINE_SECTION = "\n## Online and iterative DPO, added by `python benchmarks/frontier.py --online`\n"
+
+
+def add_to_frontier(out_dir: Path, points) -> bool:
+    """Add --online's online and iterative DPO points to frontier.{json,png,md}, only when its SFT
+    model scored exactly as the figure's (the same SFT checkpoint, so the same reference and axes);
+    a previous --online addition is replaced. Returns whether they were added."""
+    path = out_dir / "frontier.json"
+    if not path.is_file():
+        return False
+    base = json.loads(path.read_text())
+    sft = [p for p in base["points"] if p["family"] == "SFT"]
+    if not sft or sft[0]["reward"] != points[0]["reward"] or sft[0]["kl"] != points[0]["kl"]:
+        return False
+    online = ("online DPO", "iterative DPO")
+    added = [p for p in points if p["family"] in online]
+    base["points"] = [p for p in base["points"] if p["family"] not in online] + added
+    path.write_text(json.dumps(base, indent=1))
+    draw(base["points"], out_dir / "frontier.png", base["title"])
+    md = (out_dir / "frontier.md").read_text().split(ONLINE_SECTION)[0]
+    (out_dir / "frontier.md").write_text(md + ONLINE_SECTION + "\nFrom the same SFT model (see frontier_online.md "
+                                         "for its commands):\n\n" + table(added) + "\n")
+    return True
+
+
 def methods(quick: bool, online: bool = False, preset: bool = False):
     if online:
         return online_methods(125 if preset else 63)
@@ -216,6 +241,8 @@ def main(argv=None):
     (out_dir / f"{name}.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")
     (out_dir / f"{name}.json").write_text(json.dumps({"points": points, "seconds": elapsed,
                                                       "quick": args.quick, "title": title}, indent=1))
+    if args.online and not args.preset and not args.quick and add_to_frontier(out_dir, points):
+        log("added the online and iterative DPO points to frontier.{json,png,md}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(table(points))
