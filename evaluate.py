@@ -25,9 +25,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import hydra
 import torch
@@ -36,140 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import preference_datasets
 import sampling
-import synthetic_data
 import utils
+import rewards
+from rewards import REWARDS, RewardContext, score_completions
 from utils import ConfigError, is_number, require
 
 utils.register_resolvers()  # --help lists the config groups (config/hydra/help/evaluate.yaml)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
-
-# ----------------------------------------------------------------------------- rewards
-
-def synthetic_reward(prompts: Sequence[str], completions: Sequence[str],
-                     partial_credit: bool = True) -> torch.Tensor:
-    """The ground-truth reward of the synthetic tasks (synthetic_data.completion_credit).
-
-    Returns: (N,) float64 in [0, 1].
-    Raises:
-        ConfigError: a prompt is not one of the embedded synthetic tasks.
-    """
-    return torch.tensor([_synthetic_credit(p, c, partial_credit) for p, c in zip(prompts, completions)],
-                        dtype=torch.float64)
-
-
-def _synthetic_credit(prompt: str, completion: str, partial_credit: bool) -> float:
-    try:
-        return synthetic_data.completion_credit(prompt, completion, partial_credit)
-    except ValueError:  # raised only for a prompt no synthetic task asks
-        raise ConfigError(f"reward=synthetic scores only the embedded synthetic tasks, and the prompt "
-                          f"{prompt!r} is not one; use reward=reward_model reward.name_or_path=DIR or "
-                          "reward=implicit for other data") from None
-
-
-def reward_model_scores(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int,
-                        label_index: Optional[int], device) -> torch.Tensor:
-    """The reward model's score of each text (prompt + completion), in batches. Returns (N,)."""
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_length).to(device)
-        with torch.no_grad():
-            logits = model(**enc).logits.float()
-        scores.append(logits[:, 0 if label_index is None else label_index].cpu())
-    return torch.cat(scores).double()
-
-
-def implicit_reward(policy_logps: torch.Tensor, reference_logps: torch.Tensor,
-                    beta: float) -> torch.Tensor:
-    """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) (arXiv 2305.18290, eq. 5).
-
-    Args: policy_logps, reference_logps: (N,) summed log-probs of the completions.
-    Returns: (N,).
-    """
-    return beta * (policy_logps - reference_logps)
-
-
-@dataclass
-class RewardContext:
-    """What a reward may need besides its own arguments."""
-    policy: torch.nn.Module
-    reference: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    run_loss: Optional[dict]
-    score_batch_size: int
-    trust_remote_code: bool
-
-
-Scorer = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
-
-
-def _build_synthetic(args: dict, ctx: RewardContext) -> Scorer:
-    return lambda prompts, completions: synthetic_reward(prompts, completions, args["partial_credit"])
-
-
-def _build_reward_model(args: dict, ctx: RewardContext) -> Scorer:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    path = args["name_or_path"]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=ctx.trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=ctx.trust_remote_code).to(ctx.device).eval()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"reward.name_or_path={path} is not a loadable sequence-classification "
-                          f"model: {str(e).splitlines()[0]}")
-    if args["label_index"] is None and model.config.num_labels != 1:
-        raise ConfigError(f"reward.name_or_path={path} has {model.config.num_labels} outputs; pass "
-                          "reward.label_index=I to say which logit is the reward")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id
-    # The classifier reads the last non-pad token; it finds it through the config's pad id.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.truncation_side = "left"  # keep the completion when a text is too long
-    return lambda prompts, completions: reward_model_scores(
-        model, tokenizer, [p + c for p, c in zip(prompts, completions)], args["batch_size"],
-        args["max_length"], args["label_index"], ctx.device)
-
-
-def _build_implicit(args: dict, ctx: RewardContext) -> Scorer:
-    beta = args["beta"]
-    if beta is None:
-        beta = (ctx.run_loss or {}).get("beta")
-        if beta is None:
-            raise ConfigError("reward=implicit needs a beta and the run's loss has none; "
-                              "pass reward.beta=0.1")
-
-    def score(prompts, completions):
-        prompt_ids, completion_ids = tokenize_completions(ctx.tokenizer, prompts, completions)
-        stats = score_completions(ctx.policy, ctx.reference, prompt_ids, completion_ids,
-                                  ctx.score_batch_size, ctx.device)
-        return implicit_reward(stats["policy_logps"], stats["reference_logps"], beta)
-    return score
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """A reward: `build(args, context)` returns scorer(prompts, completions) -> (N,) rewards.
-
-    Attributes: name: registry key; fn: the pure reward function; config_keys: the keys its
-    config/reward/NAME.yaml holds besides `name`.
-    """
-    name: str
-    fn: Callable
-    build: Callable[[dict, RewardContext], Scorer]
-    config_keys: frozenset
-
-
-REWARDS: Dict[str, RewardSpec] = {
-    "synthetic": RewardSpec("synthetic", synthetic_reward, _build_synthetic,
-                            frozenset({"partial_credit"})),
-    "reward_model": RewardSpec("reward_model", reward_model_scores, _build_reward_model,
-                               frozenset({"name_or_path", "label_index", "batch_size", "max_length"})),
-    "implicit": RewardSpec("implicit", implicit_reward, _build_implicit, frozenset({"beta"})),
-}
-
 
 # ----------------------------------------------------------------------------- estimators
 
@@ -214,94 +88,6 @@ def proportion_summary(scores: torch.Tensor) -> Dict[str, object]:
     return summary
 
 
-def kl_terms(policy_token_logps: torch.Tensor, reference_token_logps: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-token terms of two Monte-Carlo estimators of KL(pi || pi_ref) on tokens sampled from pi.
-
-    With log r = log pi_ref(y_t | y_<t) - log pi(y_t | y_<t):
-    - k1 = -log r: its sum over a sequence is log pi(y) - log pi_ref(y), unbiased for the sequence KL;
-    - k3 = (r - 1) - log r >= 0: also unbiased, since E_pi[r - 1] = 0 at every position, and with
-      far less variance when pi is close to pi_ref (J. Schulman, "Approximating KL Divergence",
-      2020, http://joschu.net/blog/kl-approx.html).
-    Args: (T,) log-probs of the sampled tokens under each model. Returns {'k1': (T,), 'k3': (T,)}.
-    """
-    log_r = reference_token_logps - policy_token_logps
-    return {"k1": -log_r, "k3": torch.expm1(log_r) - log_r}
-
-
-def position_kl(policy_logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
-    """The exact KL(pi(.|y_<t) || pi_ref(.|y_<t)) at each position. Summed over a sequence sampled
-    from pi it is the Rao-Blackwellised (lowest-variance) estimate of the sequence KL; TDPO's
-    sequential KL is the same quantity on dataset completions.
-
-    Args: (T, V) log-softmax of each model at the same positions. Returns (T,).
-    """
-    return (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(-1)
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def _right_padded(prompt_ids, completion_ids, pad_id: int):
-    """input ids, attention mask and labels (-100 off the completion), each (B, T)."""
-    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (row, p) in enumerate(zip(rows, prompt_ids)):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
-        labels[i, len(p):len(row)] = ids[i, len(p):len(row)]
-    return ids, mask, labels
-
-
-def _completion_logprobs(model, ids, mask, labels):
-    """log-softmax (N, V) at the N completion positions of the batch, and the label there (N,)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return torch.log_softmax(logits[keep].float(), dim=-1), targets[keep]
-
-
-def score_completions(policy, reference, prompt_ids: Sequence[Sequence[int]],
-                      completion_ids: Sequence[Sequence[int]], batch_size: int,
-                      device) -> Dict[str, torch.Tensor]:
-    """Summed log-probs and KL terms of each completion under the policy and the reference.
-
-    Args: token ids of N prompts and of their N completions (each completion non-empty).
-    Returns: {'policy_logps', 'reference_logps', 'k1', 'k3', 'position_kl', 'length'}, each (N,)
-        float64: sums over the completion's tokens.
-    """
-    out = {k: [] for k in ("policy_logps", "reference_logps", "k1", "k3", "position_kl")}
-    pad = 0
-    for start in range(0, len(prompt_ids), batch_size):
-        ids, mask, labels = _right_padded(prompt_ids[start:start + batch_size],
-                                          completion_ids[start:start + batch_size], pad)
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        with torch.no_grad():
-            pol, targets = _completion_logprobs(policy, ids, mask, labels)
-            ref, _ = _completion_logprobs(reference, ids, mask, labels)
-        row = (labels[:, 1:] != -100).nonzero()[:, 0]  # the sequence of each completion position
-        pol_tok = pol.gather(-1, targets[:, None])[:, 0]
-        ref_tok = ref.gather(-1, targets[:, None])[:, 0]
-        terms = dict(kl_terms(pol_tok, ref_tok), policy_logps=pol_tok, reference_logps=ref_tok,
-                     position_kl=position_kl(pol, ref))
-        for key in out:
-            sums = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
-            out[key].append(sums.index_add_(0, row, terms[key].double()).cpu())
-    result = {k: torch.cat(v) for k, v in out.items()}
-    result["length"] = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
-    return result
-
-
-def tokenize_completions(tokenizer, prompts: Sequence[str], completions: Sequence[str]):
-    """Token ids of prompts and of completions followed by EOS, tokenised separately without
-    special tokens, as training tokenises responses (preference_datasets.tokenize_batch_element)."""
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    completion_ids = [ids + [tokenizer.eos_token_id] for ids in
-                      tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
-    return prompt_ids, completion_ids
-
-
 def content_length(completion: Sequence[int], eos_id: int) -> int:
     """Tokens before the EOS."""
     return len(completion) - (1 if completion and completion[-1] == eos_id else 0)
@@ -315,6 +101,8 @@ def build_initial_model(run_config: DictConfig, tokenizer):
     import train
     config = copy.deepcopy(run_config)
     config.loss = OmegaConf.create({"name": "sft"})  # a loss without a reference: build one model
+    # whole, in this process: also when it runs among ranks (rewards: an online run's judge)
+    config.trainer = "BasicTrainer"
     policy, _ = train.build_models(config, tokenizer)
     return policy
 
@@ -515,12 +303,11 @@ def validate_eval_config(cfg: DictConfig):
     require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} must be a non-negative integer")
     require(isinstance(cfg.trust_remote_code, bool),
              f"trust_remote_code={cfg.trust_remote_code!r} must be true or false")
+    rewards.check_reward_config(OmegaConf.to_container(cfg.reward))
     name = cfg.reward.name
-    require(name in REWARDS, f"reward={name} is unknown; use one of {', '.join(REWARDS)}")
-    keys = set(cfg.reward) - {"name"}
-    require(keys == REWARDS[name].config_keys,
-             f"reward={name} takes exactly the keys {sorted(REWARDS[name].config_keys)}, got "
-             f"{sorted(keys)}; see config/reward/{name}.yaml")
+    require(not REWARDS[name].pairwise,
+            f"reward={name} is a pairwise judge (it ranks several answers to one prompt, for online "
+            "training); evaluate.py scores single samples: use reward=synthetic, reward_model or implicit")
 
 
 def _finite(x: float) -> Optional[float]:

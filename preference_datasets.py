@@ -509,10 +509,10 @@ def _token_ids(tokenizer, texts: List[str]) -> List[List[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], chosen_ids: List[int],
+def assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], chosen_ids: List[int],
               rejected_ids: List[int], eos_token_id: int, truncation_mode: str, max_length: int,
               max_prompt_length: int) -> Dict:
-    """Truncate and label one tokenised (prompt, chosen, rejected) triple."""
+    """Truncate and label one tokenised (prompt, chosen, rejected) triple (also online.py's pairs)."""
     # a chat template may already end the turn with EOS; a second one would be trained on
     chosen_ids = chosen_ids if chosen_ids[-1:] == [eos_token_id] else chosen_ids + [eos_token_id]
     rejected_ids = rejected_ids if rejected_ids[-1:] == [eos_token_id] else rejected_ids + [eos_token_id]
@@ -559,7 +559,7 @@ def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_m
     _check_truncation_mode(truncation_mode)
     _check_lengths(max_length, max_prompt_length)
     prompt_ids, chosen_ids, rejected_ids = _token_ids(tokenizer, [prompt, chosen, rejected])
-    return _assemble(prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids,
+    return assemble(prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids,
                      _eos_id(tokenizer), truncation_mode, max_length, max_prompt_length)
 
 
@@ -584,7 +584,7 @@ def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, m
     eos = _eos_id(tokenizer)
     out: Dict[str, list] = {}
     for row in zip(*texts, *ids):
-        element = _assemble(*row, eos, truncation_mode, max_length, max_prompt_length)
+        element = assemble(*row, eos, truncation_mode, max_length, max_prompt_length)
         element["length"] = len(element["chosen_input_ids"]) + len(element["rejected_input_ids"])
         for key, value in element.items():
             out.setdefault(key, []).append(value)

@@ -60,20 +60,24 @@ def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context
 
 
 def sample_token_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
-                     generation: dict, batch_size: int, device) -> List[List[int]]:
+                     generation: dict, batch_size: int, device, synced_gpus: bool = False,
+                     progress: bool = True) -> List[List[int]]:
     """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
-    each ending at and including the first EOS, or max_new_tokens long if none came)."""
+    each ending at and including the first EOS, or max_new_tokens long if none came). Batched,
+    left-padded, with the KV cache. synced_gpus: the model is sharded over ranks (FSDP), which
+    must run the same number of forwards, so each keeps stepping until every rank's rows ended."""
     from transformers import GenerationConfig
     # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
     config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
     samples = []
-    for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False):
+    for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False,
+                           disable=not progress):
         ids, mask = left_padded(rows[start:start + batch_size], tokenizer.pad_token_id)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
+                                 generation_config=config, synced_gpus=synced_gpus)
         samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id)
                        for seq in out[:, ids.shape[1]:])
     return samples

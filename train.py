@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import losses
 import preference_datasets
+import rewards
 import trainers
 import utils
 from utils import ConfigError
@@ -119,6 +120,7 @@ def validate_config(config: DictConfig, world_size: int):
         raise ConfigError(str(e))
     validate_loss_combination(config)
     validate_reference_options(config)
+    validate_online(config)
     _require(config.checkpoint_format in ("full", "sharded") and (
         config.checkpoint_format == "full" or config.trainer == "FSDPTrainer"),
         f"checkpoint_format={config.checkpoint_format} must be full, or sharded with "
@@ -277,6 +279,55 @@ def validate_reference_options(config: DictConfig):
         _number(config, "router_aux_loss_coef", 0)
 
 
+def validate_online(config: DictConfig):
+    """online.* and the `reward` judge (docs/online.md), refused before any model loads."""
+    _flag(config, "online.enabled")
+    if not config.online.enabled:
+        return
+    o, args = config.online, OmegaConf.to_container(config.loss)
+    spec = losses.get_loss(args)
+    _require(spec.paired and spec.unpaired_weights(args) is None,
+             f"online.enabled=true trains on pairs of the policy's answers; loss={config.loss.name} is "
+             "not a paired loss: use a paired one (e.g. loss=dpo), or online.enabled=false")
+    _require(isinstance(o.samples_per_prompt, int) and not isinstance(o.samples_per_prompt, bool)
+             and o.samples_per_prompt >= 2, f"online.samples_per_prompt={o.samples_per_prompt!r} must be "
+             "an integer >= 2 (a best and a worst answer per prompt)")
+    for key in ("online.max_new_tokens", "online.generate_every"):
+        _positive_int(config, key)
+    _number(config, "online.temperature", 0, strict_low=True)
+    _number(config, "online.top_p", 0, strict_low=True)
+    _require(o.top_p <= 1, f"online.top_p={o.top_p} must be in (0, 1]")
+    room = config.max_length - config.max_prompt_length
+    _require(o.max_new_tokens <= room, f"online.max_new_tokens={o.max_new_tokens} does not fit in max_length - "
+             f"max_prompt_length = {room}; lower it or raise max_length")
+    _flag(config, "online.reference_follows")
+    for bad, why in ((config.trainer == "TensorParallelTrainer", "trainer=TensorParallelTrainer"),
+                     (config.precompute_ref_log_probs, "precompute_ref_log_probs=true (new answers "
+                      "every step: nothing to cache)"),
+                     (o.reference_follows and config.sync_ref_model, "online.reference_follows=true "
+                      "with sync_ref_model=true (two ways to move the reference; pick one)"),
+                     (o.reference_follows and not spec.needs_reference(args), "online.reference_follows"
+                      f"=true with loss={config.loss.name}, which uses no reference")):
+        _require(not bad, f"online.enabled=true is not supported with {why}")
+    validate_judge(config)
+
+
+def validate_judge(config: DictConfig):
+    """The `reward` judge exists, has its keys, and can score the datasets' prompts."""
+    try:
+        rewards.check_reward_config(OmegaConf.to_container(config.reward))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the judge of online.enabled=true)")
+    spec = rewards.REWARDS[config.reward.name]
+    others = [str(d) for d in config.datasets if spec.datasets is not None and d not in spec.datasets]
+    _require(not others, f"reward={spec.name} scores only the prompts of {', '.join(spec.datasets or ())}, "
+             f"not those of {', '.join(others)}: use reward=reward_model, judge or implicit for them")
+    _require(spec.name != "implicit" or config.reward.checkpoint is not None,
+             "reward=implicit judges online answers with a trained DPO checkpoint's implicit reward: pass "
+             "reward.checkpoint=RUN/LATEST (the policy being trained, against its own start, scores all "
+             "its answers alike)")
+
+
 # ----------------------------------------------------------------------------- building
 
 def build_models(config: DictConfig, tokenizer):
@@ -412,7 +463,8 @@ def build_lora_policy(config: DictConfig, policy, spec):
                            OmegaConf.to_container(lo.target_modules) if lo.target_modules else None,
                            OmegaConf.to_container(lo.modules_to_save) if lo.modules_to_save else None,
                            lo.reference_adapter,
-                           copy_as_reference=config.sync_ref_model and needs_reference)
+                           copy_as_reference=trainers.reference_sync(config) is not None
+                           and needs_reference)
 
 
 # ----------------------------------------------------------------------------- run directories

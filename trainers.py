@@ -27,12 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import losses
 import moe
+import online
 import optim
 import packing
 import parallel
 import preference_datasets
 import ref_cache
 import references
+import rewards
 import sampling
 import scoring
 from utils import rank0_print, save_hf_format, start_wandb
@@ -232,6 +234,7 @@ class BasicTrainer(SingleProcessPlacement):
         self.eval_batches = self.build_eval_batches()
         self.uses_layout = False  # set by check_models
         self.check_models()
+        self.batch_source = self.build_batch_source()
 
     def check_models(self):
         """Before training: score each model from its full logits where the chunked output layer
@@ -269,9 +272,26 @@ class BasicTrainer(SingleProcessPlacement):
         return references.build_reference(
             self.policy, model, self.place_reference, c.logps_chunk_size,
             c.precompute_ref_log_probs, fingerprint, self.ranks,
-            (c.ref_model_mixup_alpha, c.ref_model_sync_steps) if c.sync_ref_model else None,
+            reference_sync(c),
             {**base_model_source(c.model), "archive": c.model.archive,
              "merge_archive": c.lora.merge_archive})
+
+    def build_batch_source(self):
+        """The data's batches as they are, or (online.enabled) batches of the policy's own answers
+        ranked by the `reward` judge (online.OnlineBatches)."""
+        c = self.config
+        if not c.online.enabled:
+            return online.OfflineBatches()
+        reward = OmegaConf.to_container(c.reward)
+        context = rewards.RewardContext(self.policy, self.reference.model, self.tokenizer, self.device,
+                                        OmegaConf.to_container(c.loss), c.eval_batch_size,
+                                        c.model.trust_remote_code)
+        scorer = rewards.REWARDS[reward.pop("name")].build(reward, context)
+        return online.OnlineBatches(
+            self.policy, self.tokenizer, scorer, OmegaConf.to_container(c.online),
+            lambda batch: self.rank_slice(batch, 0, 1), self.ranks, self.autocast,
+            c.gradient_accumulation_steps * self.ranks.data_parallel_size,
+            (c.max_length, c.max_prompt_length), self.seed, self.run_dir)
 
     # -- data --------------------------------------------------------------------------------------
 
@@ -363,6 +383,8 @@ class BasicTrainer(SingleProcessPlacement):
             self.loss.compute(log-probs) -> loss and metrics (losses.py)
         """
         start = time.time()
+        if batch_size_of(batch) == 0:
+            return self.no_update(batch)
         self.policy.train()
         n_micro = self.config.gradient_accumulation_steps
         metrics = defaultdict(list)
@@ -379,18 +401,25 @@ class BasicTrainer(SingleProcessPlacement):
                                                           run_dir=self.run_dir))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.reference.after_step(self.policy)
-        self.batch_counter += 1
-        self.example_counter += batch_size_of(batch)
         out = mean_metrics(metrics)
-        out.update({"grad_norm": grad_norm,
+        out.update({"grad_norm": grad_norm, **self.count_batch(batch),
                     "examples_per_second": batch_size_of(batch) / (time.time() - start),
-                    "counters/examples": self.example_counter,
-                    "counters/updates": self.batch_counter,
                     # examples of this batch whose prompt / responses tokenisation cut short
                     "data/truncated_prompts": sum(batch["prompt_truncated"]),
                     "data/truncated_responses": sum(batch["response_truncated"])})
         return out
+
+    def count_batch(self, batch: Dict) -> Dict[str, int]:
+        """After a batch: the reference follows (TR-DPO), the counters advance; returns them."""
+        self.reference.after_step(self.policy)
+        self.batch_counter += 1
+        self.example_counter += self.batch_source.examples_in(batch)
+        return {"counters/examples": self.example_counter, "counters/updates": self.batch_counter}
+
+    def no_update(self, batch: Dict) -> Dict[str, float]:
+        """A batch of no pairs (online: every prompt's answers tied): nothing to learn, no
+        optimizer step; the data and the counters move on."""
+        return self.count_batch(batch)
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -479,7 +508,8 @@ class BasicTrainer(SingleProcessPlacement):
         return {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
                 "next_eval": self.next_eval, "finished": finished, "rng": rng,
                 "loss_generator": self.loss_generator.get_state(),
-                "loss_state": dict(self.loss_state), "wandb_run_id": self.run_log.wandb_run_id}
+                "loss_state": dict(self.loss_state), "wandb_run_id": self.run_log.wandb_run_id,
+                "batch_source": self.batch_source.state()}
 
     def restore(self, path: Path) -> bool:
         """Load a checkpoint written by `save`; returns whether that run had already finished.
@@ -495,6 +525,7 @@ class BasicTrainer(SingleProcessPlacement):
         self.loss_state.update(state["loss_state"])
         self.loss_generator.set_state(state["loss_generator"])
         self.run_log.wandb_run_id = state["wandb_run_id"]
+        self.batch_source.load_state(state.get("batch_source"))  # absent before online training
         return state["finished"]
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -542,18 +573,19 @@ class BasicTrainer(SingleProcessPlacement):
             return
         with InterruptFlag() as interrupt:
             last_log = 0.0
-            progress = tqdm.tqdm(self.train_iterator(), desc="Training", disable=self.rank != 0,
+            batches = self.batch_source.wrap(self.train_iterator(), self.batch_counter)
+            progress = tqdm.tqdm(batches, desc="Training", disable=self.rank != 0,
                                  initial=self.batch_counter)
             for batch in progress:
                 if self.example_counter >= self.next_eval:
                     eval_metrics = self.evaluate()
                     if self.example_counter > 0:  # the first evaluation has nothing new to save
                         self.save(f"step-{self.example_counter}", eval_metrics)
-                metrics = self.train_step(batch)
+                metrics = {**self.train_step(batch), **self.batch_source.metrics()}
                 if time.time() - last_log >= self.config.minimum_log_interval_secs:
                     self.run_log.metrics(metrics, self.example_counter)
                     last_log = time.time()
-                    progress.set_postfix(loss=f"{metrics['loss/train']:.4f}")
+                    progress.set_postfix(loss=f"{metrics.get('loss/train', math.nan):.4f}")
                 if self.ranks.any_rank(interrupt.signum is not None):
                     self.stop_interrupted(interrupt.signum or signal.SIGTERM)
             eval_metrics = self.evaluate()
@@ -669,6 +701,16 @@ class RunLog:
                           OmegaConf.to_container(self.config, resolve=True), self.run_dir,
                           self.config.exp_name, self.wandb_run_id)
         self.wandb_run_id = run.id
+
+
+def reference_sync(c: DictConfig):
+    """(alpha, optimizer steps) of a reference that follows the policy, or None: TR-DPO's
+    (sync_ref_model), or iterative DPO's hard copy at each round's start (online.reference_follows)."""
+    if c.sync_ref_model:
+        return c.ref_model_mixup_alpha, c.ref_model_sync_steps
+    if c.online.enabled and c.online.reference_follows:
+        return 1.0, c.online.generate_every
+    return None
 
 
 # mixed_precision: the dtype forward and backward compute in (master weights stay float32)

@@ -43,6 +43,17 @@ OPTIONAL_METHODS = [
     ("robust b=0.1", "TRL robust", "robust", ["loss=robust", "loss.beta=0.1", "loss.label_smoothing=0.1"]),
 ]
 QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
+# --online: DPO on the dataset's pairs against DPO on the policy's own answers ranked by the
+# synthetic reward (online DPO, Guo et al. 2024, arXiv 2402.04792) and iterative DPO in 3 rounds
+# (Xiong et al. 2024, arXiv 2312.11456): an epoch is 187 batches of 32, so 3 rounds of 63 batches
+# for one epoch (the figure's settings), of 125 for two (--preset), the reference reset to the
+# policy at each round's start. Same SFT model, same prompts seen.
+def online_methods(round_batches: int):
+    return [("offline DPO b=0.1", "offline DPO", ["loss=dpo", "loss.beta=0.1"]),
+            ("online DPO b=0.1", "online DPO", ["loss=dpo", "loss.beta=0.1", "online.enabled=true"]),
+            ("iterative DPO b=0.1", "iterative DPO",
+             ["loss=dpo", "loss.beta=0.1", "online.enabled=true", f"online.generate_every={round_batches}",
+              "online.reference_follows=true"])]
 
 
 # The tiny preset's training settings when docs/frontier.* were made (issue 28 changed the preset's),
@@ -50,11 +61,11 @@ QUICK_METHODS = ("DPO b=0.1", "DPO b=1", "TDPO2 b=0.1")
 FIGURE_SETTINGS = ["lr=1e-3", "warmup_steps=20", "max_grad_norm=10.0", "n_epochs=1", "eval_every=2048"]
 
 
-def train(run_dir: Path, overrides, log) -> str:
+def train(run_dir: Path, overrides, log, preset: bool = False) -> str:
     """`python -u train.py OVERRIDES local_run_dir=RUN_DIR`; stops the benchmark if it fails.
     Returns the command line as a user would type it."""
-    cmd = [sys.executable, "-u", "train.py", *FIGURE_SETTINGS, *overrides, f"local_run_dir={run_dir}",
-           "wandb.enabled=false", "sample_during_eval=false"]
+    cmd = [sys.executable, "-u", "train.py", *([] if preset else FIGURE_SETTINGS), *overrides,
+           f"local_run_dir={run_dir}", "wandb.enabled=false", "sample_during_eval=false"]
     shown = " ".join(["python", *cmd[1:]])
     log(shown)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -143,7 +154,34 @@ def table(points) -> str:
     return "\n".join(lines)
 
 
-def methods(quick: bool):
+ONLINE_SECTION = "\n## Online and iterative DPO, added by `python benchmarks/frontier.py --online`\n"
+
+
+def add_to_frontier(out_dir: Path, points) -> bool:
+    """Add --online's online and iterative DPO points to frontier.{json,png,md}, only when its SFT
+    model scored exactly as the figure's (the same SFT checkpoint, so the same reference and axes);
+    a previous --online addition is replaced. Returns whether they were added."""
+    path = out_dir / "frontier.json"
+    if not path.is_file():
+        return False
+    base = json.loads(path.read_text())
+    sft = [p for p in base["points"] if p["family"] == "SFT"]
+    if not sft or sft[0]["reward"] != points[0]["reward"] or sft[0]["kl"] != points[0]["kl"]:
+        return False
+    online = ("online DPO", "iterative DPO")
+    added = [p for p in points if p["family"] in online]
+    base["points"] = [p for p in base["points"] if p["family"] not in online] + added
+    path.write_text(json.dumps(base, indent=1))
+    draw(base["points"], out_dir / "frontier.png", base["title"])
+    md = (out_dir / "frontier.md").read_text().split(ONLINE_SECTION)[0]
+    (out_dir / "frontier.md").write_text(md + ONLINE_SECTION + "\nFrom the same SFT model (see frontier_online.md "
+                                         "for its commands):\n\n" + table(added) + "\n")
+    return True
+
+
+def methods(quick: bool, online: bool = False, preset: bool = False):
+    if online:
+        return online_methods(125 if preset else 63)
     available = {p.stem for p in (ROOT / "config" / "loss").glob("*.yaml")}
     chosen = [m for m in METHODS if not quick or m[0] in QUICK_METHODS]
     if not quick:
@@ -156,6 +194,11 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default=str(ROOT / "docs"), help="where frontier.{png,md,json} go")
     parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary directory, removed)")
     parser.add_argument("--quick", action="store_true", help="fewer runs, prompts and examples")
+    parser.add_argument("--online", action="store_true",
+                        help="offline vs online vs iterative DPO instead (writes frontier_online.*)")
+    parser.add_argument("--preset", action="store_true",
+                        help="with --online: the tiny preset's own training settings, not the figure's "
+                             "(writes frontier_online_preset.*)")
     parser.add_argument("--n-prompts", type=int, default=None, help="evaluation prompts (default 128; quick 32)")
     parser.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
@@ -168,36 +211,42 @@ def main(argv=None):
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="frontier-"))
+    script_line = script_line.replace(str(args.work_dir), "WORK") if args.work_dir else script_line
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_prompts = args.n_prompts or (32 if args.quick else 128)
     length = ["n_examples=2048", "eval_every=1024"] if args.quick else ["eval_every=2048"]
+    length = [] if args.preset else length
     eval_overrides = [f"n_prompts={n_prompts}", f"n_samples={args.n_samples}", "max_new_tokens=16",
                       f"seed={args.seed}", "batch_size=128"]
     seed = [f"seed={args.seed}"]
     sft = work / "sft"
-    commands = [train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log)]
+    commands = [train(sft, [*seed, *(["n_examples=4096"] if args.quick else [])], log, args.preset)]
     reference = sft / "LATEST"
     points = [point("SFT", "SFT", reference, evaluate_checkpoint(reference, reference, eval_overrides))]
     log(f"SFT: reward {points[0]['reward']:.3f}")
-    for label, family, overrides in methods(args.quick):
+    for label, family, overrides in methods(args.quick, args.online, args.preset):
         run_dir = work / label.replace(" ", "_").replace("=", "")
-        commands.append(train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log))
+        commands.append(train(run_dir, [*seed, *overrides, *length, f"model.archive={reference}/policy.pt"], log,
+                              args.preset))
         for checkpoint in checkpoints(run_dir):
             points.append(point(label, family, checkpoint, evaluate_checkpoint(checkpoint, reference, eval_overrides)))
             log(f"{label} {checkpoint.name}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}")
     elapsed = time.time() - start
     title = (f"embedded default (synthetic tasks){' --quick' if args.quick else ''}: {n_prompts} held-out "
              f"prompts x {args.n_samples} samples,\nseed {args.seed}, {elapsed / 60:.1f} min on {os.cpu_count()} CPUs")
-    draw(points, out_dir / "frontier.png", title)
+    name = ("frontier_online" + ("_preset" if args.preset else "")) if args.online else "frontier"
+    draw(points, out_dir / f"{name}.png", title)
     commands_md = commands_markdown(script_line, commands, eval_overrides, work)
-    (out_dir / "frontier.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")
-    (out_dir / "frontier.json").write_text(json.dumps({"points": points, "seconds": elapsed,
-                                                       "quick": args.quick, "title": title}, indent=1))
+    (out_dir / f"{name}.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{commands_md}\n{table(points)}\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({"points": points, "seconds": elapsed,
+                                                      "quick": args.quick, "title": title}, indent=1))
+    if args.online and not args.preset and not args.quick and add_to_frontier(out_dir, points):
+        log("added the online and iterative DPO points to frontier.{json,png,md}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(table(points))
-    print(json.dumps({"seconds": round(elapsed, 1), "points": len(points), "out": str(out_dir / "frontier.png")}))
+    print(json.dumps({"seconds": round(elapsed, 1), "points": len(points), "out": str(out_dir / f"{name}.png")}))
 
 
 if __name__ == "__main__":

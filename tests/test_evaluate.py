@@ -10,6 +10,7 @@ import torch
 from conftest import FAST, ROOT, read_metrics, run_in_process
 
 import evaluate
+import rewards
 from utils import ConfigError
 
 EVAL_FAST = ["n_prompts=8", "n_samples=3", "max_new_tokens=12", "batch_size=24", "score_batch_size=8"]
@@ -44,8 +45,8 @@ SORT = "\n\nHuman: Sort the digits: 3 9 1\n\nAssistant:"
     ("\n\nHuman: What is 8 + 6?\n\nAssistant:", " 13", 0.0),
 ])
 def test_synthetic_reward_on_hand_written_answers(prompt, completion, expected):
-    assert evaluate.synthetic_reward([prompt], [completion])[0].item() == pytest.approx(expected)
-    exact = evaluate.synthetic_reward([prompt], [completion], partial_credit=False)[0].item()
+    assert rewards.synthetic_reward([prompt], [completion])[0].item() == pytest.approx(expected)
+    exact = rewards.synthetic_reward([prompt], [completion], partial_credit=False)[0].item()
     assert exact == (1.0 if expected == 1.0 else 0.0)
 
 
@@ -55,13 +56,13 @@ def test_synthetic_reward_knows_every_test_prompt():
     prompts = list(data)
     right = [data[p]["responses"][data[p]["pairs"][0][0]] for p in prompts]
     wrong = [data[p]["responses"][data[p]["pairs"][0][1]] for p in prompts]
-    assert evaluate.synthetic_reward(prompts, right).eq(1).all()
-    assert evaluate.synthetic_reward(prompts, wrong).lt(1).all()
+    assert rewards.synthetic_reward(prompts, right).eq(1).all()
+    assert rewards.synthetic_reward(prompts, wrong).lt(1).all()
 
 
 def test_synthetic_reward_refuses_other_prompts():
     with pytest.raises(ConfigError, match="not one; use reward=reward_model"):
-        evaluate.synthetic_reward(["\n\nHuman: Tell me a joke\n\nAssistant:"], [" no"])
+        rewards.synthetic_reward(["\n\nHuman: Tell me a joke\n\nAssistant:"], [" no"])
 
 
 def test_reward_model_scores_in_batches_as_one_at_a_time(tmp_path, tokenizer):
@@ -72,9 +73,9 @@ def test_reward_model_scores_in_batches_as_one_at_a_time(tmp_path, tokenizer):
                                       pad_token_id=tokenizer.pad_token_id)
     transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    ctx = evaluate.RewardContext(None, None, tokenizer, torch.device("cpu"), None, 4, False)
+    ctx = rewards.RewardContext(None, None, tokenizer, torch.device("cpu"), None, 4, False)
     args = {"name_or_path": str(tmp_path / "rm"), "label_index": None, "batch_size": 3, "max_length": 64}
-    scorer = evaluate.REWARDS["reward_model"].build(args, ctx)
+    scorer = rewards.REWARDS["reward_model"].build(args, ctx)
     prompts = [SORT, "\n\nHuman: What is 1 + 2?\n\nAssistant:", SORT, SORT, SORT]
     completions = [" 1 3 9", " 3", " 1 3 9", " 9 3 1 1 1 1 1", ""]
     batched = scorer(prompts, completions)  # batches of 3 and 2, padded differently
@@ -89,10 +90,10 @@ def test_reward_model_with_two_outputs_needs_a_label_index(tmp_path, tokenizer):
                                       num_hidden_layers=1, num_attention_heads=2, num_labels=2)
     transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    ctx = evaluate.RewardContext(None, None, tokenizer, torch.device("cpu"), None, 4, False)
+    ctx = rewards.RewardContext(None, None, tokenizer, torch.device("cpu"), None, 4, False)
     args = {"name_or_path": str(tmp_path / "rm"), "label_index": None, "batch_size": 3, "max_length": 64}
     with pytest.raises(ConfigError, match="has 2 outputs; pass reward.label_index"):
-        evaluate.REWARDS["reward_model"].build(args, ctx)
+        rewards.REWARDS["reward_model"].build(args, ctx)
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -133,7 +134,7 @@ def test_kl_estimators_on_two_categoricals():
     gen = torch.Generator().manual_seed(0)
     completions = torch.multinomial(torch.tensor(p), n * length, replacement=True, generator=gen)
     completions = completions.view(n, length).tolist()
-    stats = evaluate.score_completions(Categorical(p), Categorical(q), [[0, 1]] * n, completions,
+    stats = rewards.score_completions(Categorical(p), Categorical(q), [[0, 1]] * n, completions,
                                        batch_size=500, device="cpu")
     # the exact per-position KL is the same for every sequence: length x KL
     torch.testing.assert_close(stats["position_kl"], torch.full((n,), length * exact, dtype=torch.float64))
@@ -148,10 +149,10 @@ def test_kl_estimators_on_two_categoricals():
 
 def test_kl_terms_vanish_for_equal_models():
     logps = torch.log(torch.tensor([0.2, 0.7, 0.1]))
-    terms = evaluate.kl_terms(logps, logps.clone())
+    terms = rewards.kl_terms(logps, logps.clone())
     assert terms["k1"].abs().max() == 0 and terms["k3"].abs().max() == 0
     full = torch.log_softmax(torch.randn(5, 7), -1)
-    assert evaluate.position_kl(full, full.clone()).abs().max() == 0
+    assert rewards.position_kl(full, full.clone()).abs().max() == 0
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -234,6 +235,8 @@ def test_bad_settings_are_refused_with_one_line(tmp_path):
         evaluate.evaluate(compose_eval([f"checkpoint={tmp_path}", "+reward.beta=1"]))
     with pytest.raises(ConfigError, match="holds neither policy.pt"):
         evaluate.evaluate(compose_eval([f"checkpoint={tmp_path}"]))
+    with pytest.raises(ConfigError, match="reward=judge is a pairwise judge"):
+        evaluate.evaluate(compose_eval([f"checkpoint={tmp_path}", "reward=judge", "reward.name_or_path=x"]))
 
 
 def test_command_line_error_is_one_line(tmp_path):

@@ -34,7 +34,7 @@ SETTINGS = [(True, False, None), (False, True, None), (True, True, None), (True,
 # ----------------------------------------------------------------------------- batches
 
 def element(prompt, chosen, rejected, rejected_prompt=None):
-    """One tokenised pair as preference_datasets._assemble lays it out (labels -100 on the prompt);
+    """One tokenised pair as preference_datasets.assemble lays it out (labels -100 on the prompt);
     `rejected_prompt` gives the rejected sequence other prompt tokens (of the same length)."""
     out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
     for side, head, response in (("chosen", prompt, chosen),

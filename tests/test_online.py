@@ -1,0 +1,164 @@
+"""online.py and reward=judge: online and iterative DPO (docs/online.md).
+
+One SFT run of the embedded default (module fixture) is shared by the runs below."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import FAST, ROOT, WALL_CLOCK_KEYS, compose, logged_values, read_metrics, run_in_process
+
+import online
+import rewards
+import train
+from utils import ConfigError
+
+
+# ----------------------------------------------------------------------------- judge and pairs
+
+def test_a_judge_that_always_answers_a_ties_everything():
+    """Position swap: a judge that always prefers the first answer shown prefers none (0.5 each)."""
+    always_a = lambda texts: torch.tensor([[3.0, 0.0]] * len(texts))  # noqa: E731
+    scores = rewards.judge_scores(always_a, ["p", "p", "q", "q", "q"], ["a", "b", "c", "d", "e"])
+    torch.testing.assert_close(scores, torch.full((5,), 0.5, dtype=torch.float64))
+
+
+def test_a_judge_ranks_by_its_preference_in_both_orders():
+    """Answer "good" beats "bad" whichever position it is shown in: p = sigmoid(2) both times."""
+    def logits(texts):
+        first = [t.split("Answer A: ")[1].startswith("good") for t in texts]
+        return torch.tensor([[1.0, -1.0] if f else [-1.0, 1.0] for f in first])
+    scores = rewards.judge_scores(logits, ["p", "p"], ["bad", "good"])
+    p = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(scores, torch.stack([1 - p, p]))
+    with pytest.raises(ConfigError, match="single answer"):
+        rewards.judge_scores(logits, ["p", "q"], ["bad", "good"])
+
+
+def test_best_against_worst_and_ties_dropped():
+    rewards_ = torch.tensor([[0.2, 0.9, 0.5], [0.4, 0.4, 0.4], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    answers = [[i] for i in range(9)]
+    records = online.pair_records(["a", "b", "c"], [[1], [2], [3]], answers,
+                                  [str(i) for i in range(9)], rewards_)
+    assert [(r["prompt"], r["chosen_ids"], r["rejected_ids"]) for r in records] == [
+        ("a", [1], [0]), ("c", [6], [7])]  # "b" tied; "c": the first best and worst
+    assert (records[0]["chosen_score"], records[0]["rejected_score"]) == (0.9, 0.2)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+ONLINE = ["loss=dpo", "loss.beta=0.1", "online.enabled=true"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=sft", "online.enabled=true"], "loss=sft is not a paired loss"),
+    (["loss=kto", "online.enabled=true"], "loss=kto is not a paired loss"),
+    ([*ONLINE, "online.samples_per_prompt=1"], "online.samples_per_prompt=1 must be an integer >= 2"),
+    ([*ONLINE, "datasets=[hh]"], "reward=synthetic scores only the prompts of synthetic, not those of hh"),
+    ([*ONLINE, "online.max_new_tokens=100"], "online.max_new_tokens=100 does not fit"),
+    ([*ONLINE, "online.reference_follows=true", "sync_ref_model=true"], "two ways to move the reference"),
+    ([*ONLINE, "reward=implicit"], "pass reward.checkpoint=RUN/LATEST"),
+    ([*ONLINE, "reward=judge"], "missing required value.*reward.name_or_path"),
+])
+def test_online_refusals_in_one_line_before_any_model(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        train.validate_config(compose(overrides), 1)
+    assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """The embedded default's SFT (the README's first command; ~20 CPU-seconds)."""
+    run_dir = tmp_path_factory.mktemp("online") / "sft"
+    run_in_process(["sample_during_eval=false", "save_hf_format=false", f"local_run_dir={run_dir}"])
+    return run_dir / "LATEST" / "policy.pt"
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory, tokenizer):
+    """A tiny causal LM (the embedded default's seeded initial weights) saved as a Hugging Face
+    directory: a reward=judge whose preferences are arbitrary but never tied, so that runs from
+    the untrained tiny model get pairs without an SFT run."""
+    path = tmp_path_factory.mktemp("judge")
+    policy, _ = train.build_models(compose(["seed=7"]), tokenizer)
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Iterative: rounds of 4 batches of 8 prompts, the reference reset to the policy at each round's
+# start; checkpoints after 3 and 6 batches, both in the middle of a round.
+ITERATIVE = [*FAST, "eval_every=24", "save_hf_format=false", *ONLINE, "online.generate_every=4",
+             "online.reference_follows=true"]
+ONLINE_WALL_CLOCK = (*WALL_CLOCK_KEYS, "online/tokens_per_second", "time/generation", "time/train_step")
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state"]
+
+
+def test_killed_mid_round_resumes_bitwise(judge_dir, tmp_path):
+    """A run stopped right after its mid-round checkpoint step-24 (the round's pairs, made before,
+    come back from it) and relaunched ends bitwise where the uninterrupted run ends."""
+    args = [*ITERATIVE, "reward=judge", f"reward.name_or_path={judge_dir}"]
+    whole = run_in_process([*args, f"local_run_dir={tmp_path / 'whole'}"])
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    for later in ("LATEST", "step-48"):  # as if killed right after step-24 was saved
+        shutil.rmtree(killed / later)
+    for round_file in (killed / "online").glob("round-00000[4-9].jsonl"):
+        round_file.unlink()
+    run_in_process([*args, f"local_run_dir={killed}"])
+    for name in ("policy.pt", "reference.pt"):
+        a, b = weights(whole / "LATEST" / name), weights(killed / "LATEST" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (logged_values(whole, ONLINE_WALL_CLOCK) == logged_values(killed, ONLINE_WALL_CLOCK))
+    rounds = sorted(p.name for p in (whole / "online").glob("*.jsonl"))
+    assert rounds == ["round-000000.jsonl", "round-000004.jsonl"]
+    for name in rounds:
+        assert (whole / "online" / name).read_text() == (killed / "online" / name).read_text()
+    # each round file holds the pairs its 4 steps trained on, as a standard preference file
+    steps = [m for m in read_metrics(whole) if "online/pairs" in m]
+    rows = [json.loads(line) for line in (whole / "online" / rounds[0]).read_text().splitlines()]
+    assert len(rows) == sum(m["online/pairs"] for m in steps[:4]) > 0
+    assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"} <= set(rows[0])
+    assert all(r["chosen_score"] > r["rejected_score"] for r in rows)
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_answer_their_shares(judge_dir, tmp_path):
+    """Two FSDP processes (gloo): each answers its half of every batch's prompts (synced
+    generation), the halves are gathered, and training runs on the pairs of the whole batch."""
+    from test_distributed import torchrun
+    run_dir = tmp_path / "fsdp"
+    rc, output = torchrun(["train.py", *FAST, "save_hf_format=false", *ONLINE, "reward=judge",
+                           f"reward.name_or_path={judge_dir}",
+                           "trainer=FSDPTrainer", "gradient_accumulation_steps=2",
+                           f"local_run_dir={run_dir}"], tmp_path)
+    assert rc == 0, output[-3000:]
+    steps = [m for m in read_metrics(run_dir) if "online/prompts" in m]
+    assert len(steps) == 8 and all(m["online/prompts"] == 8 for m in steps)  # 4 + 4, not 8 + 8
+    assert all(m["online/ties"] == 0 and m["online/pairs"] == 8 for m in steps)  # the judge never ties
+    assert all(torch.isfinite(torch.tensor(m["loss/train"])) for m in steps if "loss/train" in m)
+
+
+@pytest.mark.slow
+def test_online_dpo_beats_its_sft_reference(sft, tmp_path):
+    """The claim in miniature: online DPO with its own defaults on the embedded default wins
+    against its SFT reference, judged by the synthetic tasks' ground truth (evaluate.py, the
+    frontier's settings), with a 95% interval above one half. Measured 0.615 [0.572, 0.656];
+    the margin over 0.5 is ~3 standard errors, not a float-rounding accident."""
+    import evaluate
+    from hydra import compose as hydra_compose, initialize_config_dir
+    run_dir = run_in_process([*ONLINE, f"model.archive={sft}", "sample_during_eval=false",
+                              "save_hf_format=false", f"local_run_dir={tmp_path / 'online'}"])
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = hydra_compose("evaluate", overrides=[f"checkpoint={run_dir / 'LATEST'}", "reward=synthetic",
+                                                   "n_prompts=128", "n_samples=4", "max_new_tokens=16",
+                                                   "seed=0", "batch_size=128"])
+    results = evaluate.evaluate(cfg)
+    assert results["win_rate_vs_reference"]["ci95"][0] > 0.5, results["win_rate_vs_reference"]
+    assert results["reward_policy"]["mean"] > results["reward_reference"]["mean"]
