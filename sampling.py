@@ -7,6 +7,8 @@ from typing import Callable, Dict, Iterable, List, Sequence
 import torch
 import tqdm
 
+import vision
+
 
 def left_padded(rows: Sequence[Sequence[int]], pad_token_id: int):
     """(input_ids, attention_mask), each (B, W) int64: token rows left-padded to the longest."""
@@ -53,9 +55,11 @@ def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context
                                                   batch["prompt_attention_mask"])]
     ids, mask = left_padded(rows, tokenizer.pad_token_id)
     with context(), torch.no_grad():
+        # a vision-language model's prompts with their images (one prompt per row, in order)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_length=max_length, do_sample=True,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id,
+                             **vision.batch_inputs(batch, device=device))
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -1,0 +1,238 @@
+"""Vision-language preference training (vision.py, docs/vision.md): the tiny VLM preset, images
+reaching the model through the one scoring path, image datasets, training from the command line."""
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import packing
+import train
+import vision
+from conftest import compose
+
+
+def image_bytes(seed: int, size=(20, 24)) -> bytes:
+    """A small random RGB PNG (distinct per seed)."""
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    """(config, tokenizer, processor, policy) of model=tiny_vlm, built as train.py builds it."""
+    config = compose(["model=tiny_vlm", "loss=dpo", "loss.beta=0.1"])
+    tokenizer, processor = train.build_tokenizer(config.model)
+    policy, reference = train.build_models(config, tokenizer)
+    return config, tokenizer, processor, policy, reference
+
+
+def pair_batch(tokenizer, processor, images, prompt="Describe the picture.", chosen=" A cat.",
+               rejected=" A dog."):
+    """A collated batch of one pair per image list, the same texts in every row."""
+    import preference_datasets
+    rendered = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        tokenize=False, add_generation_prompt=True)
+    elements = []
+    for pictures in images:
+        ids, blob = vision.encode_prompt(processor, rendered, pictures)
+        c_ids, r_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (chosen, rejected))
+        element = preference_datasets._assemble(rendered, chosen, rejected, ids, c_ids, r_ids,
+                                                tokenizer.eos_token_id, "keep_end", 128, 64)
+        elements.append(dict(element, image_inputs=blob))
+    return preference_datasets.collate(elements, tokenizer.pad_token_id)
+
+
+def test_tiny_vlm_preset_builds_a_llava_with_a_frozen_vision_tower(tiny_vlm):
+    _, tokenizer, processor, policy, reference = tiny_vlm
+    assert type(policy).__name__ == "LlavaForConditionalGeneration"
+    assert policy.config.image_token_id == tokenizer.convert_tokens_to_ids(vision.IMAGE_TOKEN)
+    frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}
+    assert frozen and all("vision_tower" in n or "multi_modal_projector" in n for n in frozen)
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+    # 16x16 images, 8x8 patches: 4 image tokens per image in the prompt
+    ids, blob = vision.encode_prompt(processor, "look: <image>", [image_bytes(0)])
+    assert ids.count(policy.config.image_token_id) == 4
+    assert vision.decode(blob)["pixel_values"].shape == (1, 3, 16, 16)
+
+
+def test_the_same_text_with_other_images_scores_differently(tiny_vlm):
+    """The images reach the model on the one path (Layout -> model_logps): the same tokens with
+    two different images give different log-probs; the same images, the same log-probs in the
+    usual layout and with the prompt shared and pairs packed (images follow their prompts)."""
+    _, tokenizer, processor, policy, _ = tiny_vlm
+    batch = pair_batch(tokenizer, processor, [[image_bytes(1)], [image_bytes(2)], [image_bytes(1)]])
+    assert torch.equal(batch["chosen_input_ids"][0], batch["chosen_input_ids"][1])
+    with torch.no_grad():
+        usual = {side: packing.model_logps(policy, packing.plain_layout(batch, side), False, 64)[side].logps
+                 for side in ("chosen", "rejected")}
+        packed = packing.model_logps(policy, packing.build_layout(batch, ("chosen", "rejected"), True, True, None),
+                                     False, 64)
+    for side in ("chosen", "rejected"):
+        assert (usual[side][0] - usual[side][1]).abs() > 1e-3  # the image changes the response's logps
+        assert torch.allclose(usual[side][0], usual[side][2], atol=1e-5)
+        # float32 sums of ~5 tokens: rounding of differently shaped matmuls stays far below 1e-4
+        torch.testing.assert_close(packed[side].logps, usual[side], atol=1e-4, rtol=0)
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
+
+
+def colour_png(colour: str, seed: int) -> bytes:
+    """A 20x24 PNG of one colour with a little noise."""
+    from PIL import Image
+    noise = np.random.default_rng(seed).integers(-20, 21, (20, 24, 3))
+    pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def colour_rows(n: int, image):
+    """n rows of TRL's vision format: which colour is the picture? chosen names it; `image(colour,
+    k)` gives the row's image value (a path or an Image feature)."""
+    names = list(COLOURS)
+    rows = []
+    for k in range(n):
+        colour, wrong = names[k % 4], names[(k + 1 + k // 4) % 4]
+        wrong = wrong if wrong != colour else names[(k + 2) % 4]
+        rows.append({"images": [image(colour, k)],
+                     "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                             {"type": "text", "text": "Which colour is it?"}]}],
+                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f" It is {colour}."}]}],
+                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f" It is {wrong}."}]}]})
+    return rows
+
+
+def write_jsonl(directory, n=32):
+    """A JSON Lines file whose images are PNG paths relative to it (in images/)."""
+    import json
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+
+    def image(colour, k):
+        (directory / "images" / f"{k}.png").write_bytes(colour_png(colour, k))
+        return f"images/{k}.png"
+    path = directory / "colours.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in colour_rows(n, image)))
+    return path
+
+
+def write_parquet(directory, n=32):
+    """A parquet file with a Hugging Face Image feature column (bytes), as datasets writes it."""
+    import datasets
+    rows = colour_rows(n, lambda colour, k: {"bytes": colour_png(colour, k), "path": None})
+    table = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    path = directory / "colours.parquet"
+    table.to_parquet(str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_parquet_and_jsonl_images_give_the_same_batches(tiny_vlm, tmp_path):
+    """An HF Image column (bytes) and JSONL paths relative to the file read the same pixels; the
+    prompt's image tokens are expanded and each example carries its image tensors."""
+    import preference_datasets
+    _, tokenizer, processor, _, _ = tiny_vlm
+    batches = [next(preference_datasets.get_batch_iterator(
+        [str(path)], tokenizer, batch_size=4, n_epochs=1, shuffle=False, silent=True,
+        processor=processor)) for path in (write_parquet(tmp_path, 8), write_jsonl(tmp_path, 8))]
+    for key in ("chosen_input_ids", "rejected_labels", "prompt_input_ids"):
+        assert torch.equal(batches[0][key], batches[1][key])
+    image_token = tokenizer.convert_tokens_to_ids(vision.IMAGE_TOKEN)
+    assert ((batches[0]["prompt_input_ids"] == image_token).sum(1) == 4).all()
+    for a, b in zip(batches[0]["image_inputs"], batches[1]["image_inputs"]):
+        assert a["pixel_values"].shape == (1, 3, 16, 16) and torch.equal(a["pixel_values"], b["pixel_values"])
+    # rows differing in their image only stay apart (the prompt key holds the images)
+    assert len({p.tobytes() for p in (e["pixel_values"].numpy() for e in batches[0]["image_inputs"])}) == 4
+
+
+def test_bad_images_are_refused_in_one_line(tiny_vlm, tmp_path):
+    """A corrupt image, a missing image file, too few placeholders and a text-only model: one line
+    naming the file and row."""
+    import json
+    import preference_datasets
+    _, tokenizer, processor, _, _ = tiny_vlm
+    path = write_jsonl(tmp_path, 4)
+    (tmp_path / "images" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines = path.read_text().splitlines()
+    missing = json.loads(lines[1]) | {"images": ["images/nowhere.png"]}
+    two = json.loads(lines[0]) | {"images": ["images/0.png", "images/1.png"]}
+    cases = [(lines, processor, f"{path}, line 3: image 1 (images/2.png) cannot be read (UnidentifiedImageError"),
+             ([lines[0], json.dumps(missing)], processor,
+              f"{path}, line 2: image 1 (images/nowhere.png) cannot be read (FileNotFoundError"),
+             ([json.dumps(two)], processor, f"{path}, line 1: the prompt holds 1 image placeholders but the row "
+                                            "has 2 images"),
+             (lines[:1], None, f"{path}, line 1: the row has images, and this model reads text only")]
+    for rows, proc, expected in cases:
+        path.write_text("\n".join(rows) + "\n")
+        with pytest.raises(preference_datasets.DatasetFormatError) as error:
+            preference_datasets.get_dataset(str(path), "train", silent=True, tokenizer=tokenizer, processor=proc)
+        assert str(error.value).startswith(expected) and "\n" not in str(error.value), str(error.value)
+
+
+def test_a_prompt_with_images_is_never_cut(tiny_vlm, tmp_path):
+    """Responses are cut to fit max_length; a prompt too long for any response is refused."""
+    import preference_datasets
+    _, tokenizer, processor, _, _ = tiny_vlm
+    path = str(write_jsonl(tmp_path, 4))
+    kwargs = dict(batch_size=4, n_epochs=1, shuffle=False, silent=True, processor=processor)
+    batch = next(preference_datasets.get_batch_iterator([path], tokenizer, max_length=30,
+                                                        max_prompt_length=8, **kwargs))
+    assert batch["prompt_attention_mask"].sum(1).tolist() == [27] * 4  # whole, 4 image tokens included
+    assert batch["chosen_attention_mask"].sum(1).max() == 30 and batch["response_truncated"] == [1] * 4
+    with pytest.raises(preference_datasets.DatasetFormatError, match="a prompt with images takes 27 tokens"):
+        preference_datasets.get_batch_iterator([path], tokenizer, max_length=20, max_prompt_length=8, **kwargs)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def vlm_run(tmp_path_factory):
+    """DPO on model=tiny_vlm from the command line, on a parquet and a JSONL image dataset mixed."""
+    from conftest import run_subprocess
+    data = tmp_path_factory.mktemp("vlm-data")
+    run_dir = tmp_path_factory.mktemp("vlm-run") / "run"
+    args = ["model=tiny_vlm", "loss=dpo", "loss.beta=0.1", f"local_run_dir={run_dir}",
+            f"datasets=[{write_parquet(data)},{write_jsonl(data)}]", "n_examples=64", "eval_every=64",
+            "n_eval_examples=16", "lr=1e-3"]
+    result = run_subprocess(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_dpo_trains_the_tiny_vlm_from_the_command_line(vlm_run):
+    from conftest import read_metrics
+    run_dir, result = vlm_run
+    evals = [row for row in read_metrics(run_dir) if "loss/eval" in row]
+    assert evals[0]["loss/eval"] == pytest.approx(np.log(2), abs=1e-6)  # policy = reference at the start
+    assert evals[-1]["loss/eval"] < evals[0]["loss/eval"] - 0.02
+    assert "vision parameters frozen" in result.stdout
+    assert "share_prompt/packing are off" not in result.stdout + result.stderr  # the layout took the images
+    samples = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert samples and "<image>" in samples[0]
+
+
+def test_the_exported_model_loads_with_its_processor(vlm_run):
+    """LATEST/ is a Hugging Face model directory: AutoModelForImageTextToText and AutoProcessor
+    load it, with the trained weights, and it scores an image prompt."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from safetensors.torch import load_file
+    run_dir, _ = vlm_run
+    model = AutoModelForImageTextToText.from_pretrained(run_dir / "LATEST")
+    processor = AutoProcessor.from_pretrained(run_dir / "LATEST")
+    trained = torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)["state"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+    assert load_file(run_dir / "LATEST" / "model.safetensors").keys() <= state.keys()
+    from PIL import Image
+    inputs = processor(text=["\n\nHuman: <image>Which colour is it?\n\nAssistant:"],
+                       images=[[Image.open(io.BytesIO(colour_png("red", 0)))]], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
