@@ -236,3 +236,69 @@ def test_the_exported_model_loads_with_its_processor(vlm_run):
                        images=[[Image.open(io.BytesIO(colour_png("red", 0)))]], return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def vlm_trainer(overrides, tmp_path):
+    """A BasicTrainer of model=tiny_vlm on a JSONL image dataset, built as train.py builds it."""
+    import trainers
+    from omegaconf import OmegaConf
+    config = compose(["model=tiny_vlm", "loss=dpo", "loss.beta=0.1", f"local_run_dir={tmp_path}/run",
+                      f"datasets=[{write_jsonl(tmp_path / 'data', 16)}]", "sample_during_eval=false",
+                      *overrides])
+    OmegaConf.resolve(config)
+    train.validate_config(config, 1)
+    tokenizer, processor = train.build_tokenizer(config.model)
+    policy, reference = train.build_models(config, tokenizer)
+    trainer = trainers.BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference,
+                                    tokenizer=tokenizer, processor=processor)
+    trainer.build_optimizer()
+    return trainer
+
+
+def test_lora_adapts_the_language_model_only(tmp_path):
+    """lora.target_modules=null on a VLM: peft's projections of the language model, none in the
+    vision tower (whose CLIP layers have q_proj/v_proj too); the adapter-off reference sees the
+    images, and only the adapter moves."""
+    trainer = vlm_trainer(["lora.r=4", "lora.alpha=8", "lr=1e-2"], tmp_path)
+    trainable = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and "language_model" in n for n in trainable)
+    assert any("vision_tower" in n and "q_proj" in n for n, _ in trainer.policy.named_parameters())
+    assert {n.rpartition(".lora_")[0].rpartition(".")[2] for n in trainable} == {"q_proj", "v_proj"}
+    base = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n}
+    batch = trainer.rank_slice(trainer.eval_batches[0], 0, 1)
+    before = trainer.reference.sequence_logps(batch, "chosen", average=False)
+    trainer.train_step(next(trainer.train_iterator()))
+    assert all(torch.equal(p, base[n]) for n, p in trainer.policy.named_parameters() if "lora_" not in n)
+    torch.testing.assert_close(trainer.reference.sequence_logps(batch, "chosen", average=False), before,
+                               rtol=0, atol=1e-5)  # the reference is the untouched base
+    with torch.no_grad():
+        policy = packing.model_logps(trainer.policy, packing.plain_layout(batch, "chosen"), False, 64)
+    assert (policy["chosen"].logps - before).abs().max() > 1e-4
+
+
+def test_the_reference_cache_keys_on_the_images(tiny_vlm):
+    """precompute_ref_log_probs: the same tokens with other images are another cache entry."""
+    import ref_cache
+    _, tokenizer, processor, _, _ = tiny_vlm
+    batch = pair_batch(tokenizer, processor, [[image_bytes(1)], [image_bytes(2)], [image_bytes(1)]])
+    for side in ("chosen", "rejected"):
+        keys = ref_cache.sequence_keys(batch, side)
+        assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_basic(tmp_path):
+    """FSDP over 2 gloo processes trains the tiny VLM as one BasicTrainer process does: the image
+    inputs follow each rank's rows, the frozen vision tower sits in the root shard group."""
+    from conftest import run_in_process
+    from test_distributed import LOSS_RTOL_FP32, WEIGHT_ATOL, assert_same_losses, max_weight_diff, torchrun
+    args = ["model=tiny_vlm", "loss=dpo", "loss.beta=0.1", f"datasets=[{write_jsonl(tmp_path / 'data', 32)}]",
+            "n_examples=32", "batch_size=8", "gradient_accumulation_steps=2", "eval_batch_size=8",
+            "n_eval_examples=8", "eval_every=16", "sample_during_eval=false", "max_grad_norm=0.2",
+            "warmup_steps=0", "minimum_log_interval_secs=0"]
+    basic = run_in_process([*args, f"local_run_dir={tmp_path}/basic"])
+    rc, output = torchrun(["train.py", *args, "trainer=FSDPTrainer", f"local_run_dir={tmp_path}/fsdp"], tmp_path)
+    assert rc == 0, output[-4000:]
+    assert_same_losses(tmp_path / "fsdp", basic, LOSS_RTOL_FP32)
+    a, b = (torch.load(run / "LATEST" / "policy.pt", weights_only=True)["state"] for run in (basic, tmp_path / "fsdp"))
+    assert max_weight_diff(a, b) <= WEIGHT_ATOL
