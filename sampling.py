@@ -2,7 +2,7 @@
 reference's) and evaluate.py's win-rate samples. Prompts are left-padded, so that every row of a
 batch continues at the same column.
 """
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import tqdm
@@ -64,20 +64,24 @@ def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context
 
 
 def sample_token_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
-                     generation: dict, batch_size: int, device) -> List[List[int]]:
+                     generation: dict, batch_size: int, device,
+                     images: Optional[Sequence[dict]] = None) -> List[List[int]]:
     """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
-    each ending at and including the first EOS, or max_new_tokens long if none came)."""
+    each ending at and including the first EOS, or max_new_tokens long if none came); a VLM's
+    prompts with their `images` (each prompt's image inputs, vision.py)."""
     from transformers import GenerationConfig
     # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
     config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
+    pictures = [one for one in images for _ in range(n_samples)] if images else []
     samples = []
     for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False):
         ids, mask = left_padded(rows[start:start + batch_size], tokenizer.pad_token_id)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
+                                 generation_config=config,
+                                 **vision.concat(pictures[start:start + batch_size], device))
         samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id)
                        for seq in out[:, ids.shape[1]:])
     return samples

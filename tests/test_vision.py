@@ -302,3 +302,38 @@ def test_fsdp_two_processes_equal_basic(tmp_path):
     assert_same_losses(tmp_path / "fsdp", basic, LOSS_RTOL_FP32)
     a, b = (torch.load(run / "LATEST" / "policy.pt", weights_only=True)["state"] for run in (basic, tmp_path / "fsdp"))
     assert max_weight_diff(a, b) <= WEIGHT_ATOL
+
+
+def test_evaluate_samples_and_scores_with_the_images(vlm_run, tmp_path, monkeypatch):
+    """evaluate.py on the VLM run: prompts of the same text with other images stay distinct, and
+    generation and the implicit reward's scoring get each prompt's images."""
+    import evaluate
+    import sampling
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from conftest import ROOT
+    run_dir, _ = vlm_run
+    seen = []
+    generate = sampling.sample_token_ids
+    monkeypatch.setattr(sampling, "sample_token_ids",
+                        lambda *args: seen.append(args[-1]) or generate(*args))
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = hydra_compose("evaluate", overrides=[f"checkpoint={run_dir / 'LATEST'}", "reward=implicit",
+                                                   "n_prompts=4", "n_samples=2", "max_new_tokens=4",
+                                                   f"out={tmp_path / 'eval.json'}"])
+    results = evaluate.evaluate(cfg)
+    assert results["n_prompts"] == 4 and results["implicit_accuracy"]["n"] == 4
+    assert len(seen) == 2 and all(len(images) == 4 and images[0]["pixel_values"].shape == (1, 3, 16, 16)
+                                  for images in seen)
+    # the run's own evaluation of the same pairs (summed log-probs; beta does not change the sign)
+    assert results["implicit_accuracy"]["mean"] >= 0.75
+
+
+def test_export_hf_writes_the_vlm_with_its_processor(vlm_run, tmp_path):
+    import export_hf
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    run_dir, _ = vlm_run
+    out = export_hf.export(str(run_dir), str(tmp_path / "hf"))
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert AutoProcessor.from_pretrained(out).image_token == vision.IMAGE_TOKEN
+    trained = torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)["state"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
