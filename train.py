@@ -172,10 +172,11 @@ def validate_model_config(model: DictConfig):
     if model.vision:
         _require(model.gguf_file is None, "model.vision=true: GGUF files hold language models only; set "
                  "model.gguf_file=null")
-        _require(model.from_config is None or model.from_config.model_type == "llava",
-                 f"model.vision=true with model.from_config.model_type={model.from_config.model_type}: "
-                 "a processor is built from a config for llava only; load another family with "
-                 "model.name_or_path (see docs/vision.md)")
+        model_type = model.from_config.model_type if model.from_config is not None else "llava"
+        _require(model_type == "llava",
+                 f"model.vision=true with model.from_config.model_type={model_type}: a processor is "
+                 "built from a config for llava only; load another family with model.name_or_path "
+                 "(see docs/vision.md)")
 
 
 def validate_mixed_precision(config: DictConfig):

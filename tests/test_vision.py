@@ -31,16 +31,18 @@ def tiny_vlm():
 
 
 def pair_batch(tokenizer, processor, images, prompt="Describe the picture.", chosen=" A cat.",
-               rejected=" A dog."):
-    """A collated batch of one pair per image list, the same texts in every row."""
+               rejected=" A dog.", longer=()):
+    """A collated batch of one pair per image list, the same texts in every row but for
+    `longer[i]` more words in row i's chosen response."""
     import preference_datasets
     rendered = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
         tokenize=False, add_generation_prompt=True)
     elements = []
-    for pictures in images:
+    for i, pictures in enumerate(images):
         ids, blob = vision.encode_prompt(processor, rendered, pictures)
-        c_ids, r_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (chosen, rejected))
+        words = chosen + " It sits." * (longer[i] if i < len(longer) else 0)
+        c_ids, r_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (words, rejected))
         element = preference_datasets._assemble(rendered, chosen, rejected, ids, c_ids, r_ids,
                                                 tokenizer.eos_token_id, "keep_end", 128, 64)
         elements.append(dict(element, image_inputs=blob))
@@ -63,15 +65,19 @@ def test_tiny_vlm_preset_builds_a_llava_with_a_frozen_vision_tower(tiny_vlm):
 def test_the_same_text_with_other_images_scores_differently(tiny_vlm):
     """The images reach the model on the one path (Layout -> model_logps): the same tokens with
     two different images give different log-probs; the same images, the same log-probs in the
-    usual layout and with the prompt shared and pairs packed (images follow their prompts)."""
+    usual layout and with the prompt shared and pairs packed, where packing puts the longest
+    pair first (the images follow their prompts into the packed rows)."""
     _, tokenizer, processor, policy, _ = tiny_vlm
-    batch = pair_batch(tokenizer, processor, [[image_bytes(1)], [image_bytes(2)], [image_bytes(1)]])
+    batch = pair_batch(tokenizer, processor, [[image_bytes(1)], [image_bytes(2)], [image_bytes(1)],
+                                              [image_bytes(3)]], longer=(0, 0, 0, 2))
     assert torch.equal(batch["chosen_input_ids"][0], batch["chosen_input_ids"][1])
+    layout = packing.build_layout(batch, ("chosen", "rejected"), True, True, 200)
+    assert layout.input_ids.shape[0] == 1  # every pair in one row, the longest (pair 3) first
+    assert torch.equal(layout.image_inputs["pixel_values"][0], batch["image_inputs"][3]["pixel_values"][0])
     with torch.no_grad():
         usual = {side: packing.model_logps(policy, packing.plain_layout(batch, side), False, 64)[side].logps
                  for side in ("chosen", "rejected")}
-        packed = packing.model_logps(policy, packing.build_layout(batch, ("chosen", "rejected"), True, True, None),
-                                     False, 64)
+        packed = packing.model_logps(policy, layout, False, 64)
     for side in ("chosen", "rejected"):
         assert (usual[side][0] - usual[side][1]).abs() > 1e-3  # the image changes the response's logps
         assert torch.allclose(usual[side][0], usual[side][2], atol=1e-5)
@@ -242,7 +248,8 @@ def vlm_trainer(overrides, tmp_path):
     """A BasicTrainer of model=tiny_vlm on a JSONL image dataset, built as train.py builds it."""
     import trainers
     from omegaconf import OmegaConf
-    config = compose(["model=tiny_vlm", "loss=dpo", "loss.beta=0.1", f"local_run_dir={tmp_path}/run",
+    loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=dpo", "loss.beta=0.1"]
+    config = compose(["model=tiny_vlm", *loss, f"local_run_dir={tmp_path}/run",
                       f"datasets=[{write_jsonl(tmp_path / 'data', 16)}]", "sample_during_eval=false",
                       *overrides])
     OmegaConf.resolve(config)
@@ -337,3 +344,14 @@ def test_export_hf_writes_the_vlm_with_its_processor(vlm_run, tmp_path):
     assert AutoProcessor.from_pretrained(out).image_token == vision.IMAGE_TOKEN
     trained = torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)["state"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+
+
+@pytest.mark.parametrize("loss", ["ipo", "tdpo", "kto", "orpo", "simpo", "bco_pair", "sft"])
+def test_every_kind_of_loss_trains_on_images(loss, tmp_path):
+    """A reference-based, a token-level (TDPO: per-token KL on the layout), an unpaired (KTO), a
+    prompt-NLL (ORPO: the prompts' own forward), a reference-free and an SFT loss: one step each,
+    on the shared-prompt packed layout the start-up check kept for the images."""
+    trainer = vlm_trainer([f"loss={loss}"], tmp_path)
+    assert trainer.uses_layout
+    metrics = trainer.train_step(next(trainer.train_iterator()))
+    assert np.isfinite(metrics["loss/train"]) and metrics["grad_norm"] > 0
