@@ -28,8 +28,10 @@ from data_files import DatasetFormatError, _render_chat, _strip_shared_prompt
 
 # the processor's outputs that are text, not image inputs
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-# where families keep their vision tower and projector (LLaVA, Idefics/SmolVLM, Qwen2-VL)
-VISION_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "connector")
+# where families keep their vision encoder (LLaVA, Idefics/SmolVLM, Qwen2-VL) and projector (LLaVA,
+# Idefics/SmolVLM; Qwen2-VL's is inside `visual`)
+VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+VISION_MODULES = (*VISION_TOWERS, "multi_modal_projector", "connector")
 IMAGE_TOKEN = "<image>"
 # model=tiny_vlm's chat template: HH-style turns (as the embedded tokenizer's), an image block
 # rendered as the image token
@@ -236,17 +238,13 @@ def model_config(from_config: dict, tokenizer):
     return transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
-def vision_parts(model) -> List[torch.nn.Module]:
-    """The model's vision tower and projector (the modules VISION_MODULES names)."""
-    return [module for name, module in model.named_modules()
-            if name.rpartition(".")[2] in VISION_MODULES]
-
-
 def freeze(model) -> int:
-    """Freeze the vision tower and projector (TRL's VLM examples train the language model);
-    returns the number of parameters frozen."""
+    """Freeze the vision encoder (the modules VISION_TOWERS names), as LLaVA's fine-tuning and
+    TRL's VLM examples do; the projector and the language model train. Returns the number of
+    parameters frozen."""
     n = 0
-    for part in vision_parts(model):
+    towers = [module for name, module in model.named_modules() if name.rpartition(".")[2] in VISION_TOWERS]
+    for part in towers:
         for param in part.parameters():
             n += param.numel() if param.requires_grad else 0
             param.requires_grad_(False)
@@ -278,3 +276,62 @@ def images_keys(column: Sequence[Sequence[bytes]]) -> List[str]:
             h.update(len(data).to_bytes(8, "little") + data)
         out.append(h.hexdigest())
     return out
+
+
+# ----------------------------------------------------------------------------- a toy dataset
+
+# the colours of write_example's pictures
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
+
+
+def colour_png(colour: str, seed: int) -> bytes:
+    """A 20x24 PNG of one colour with a little noise (seeded)."""
+    import numpy as np
+    from PIL import Image
+    noise = np.random.default_rng(seed).integers(-20, 21, (20, 24, 3))
+    pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def colour_rows(n: int, image) -> List[dict]:
+    """n rows of TRL's vision format asking which colour a picture is: chosen names it, rejected
+    another colour; image(colour, k) gives row k's image value (a path or an Image feature)."""
+    names = list(COLOURS)
+    rows = []
+    for k in range(n):
+        colour, wrong = names[k % 4], names[(k + 1 + k // 4 % 3) % 4]
+        turn = lambda role, content: [{"role": role, "content": content}]  # noqa: E731
+        rows.append({"images": [image(colour, k)],
+                     "prompt": turn("user", [{"type": "image"}, {"type": "text", "text": "Which colour is it?"}]),
+                     "chosen": turn("assistant", [{"type": "text", "text": f" It is {colour}."}]),
+                     "rejected": turn("assistant", [{"type": "text", "text": f" It is {wrong}."}])})
+    return rows
+
+
+def write_example(directory, n: int = 64) -> Tuple[Path, Path]:
+    """A toy image preference dataset in `directory`, offline: colours.jsonl (its PNGs in images/,
+    paths relative to the file) and colours.parquet (the same rows, images in an HF Image
+    column). Returns the two paths."""
+    import json
+    import datasets
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+
+    def path(colour, k):
+        (directory / "images" / f"{k}.png").write_bytes(colour_png(colour, k))
+        return f"images/{k}.png"
+    jsonl = directory / "colours.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in colour_rows(n, path)))
+    rows = colour_rows(n, lambda colour, k: {"bytes": colour_png(colour, k), "path": None})
+    table = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    parquet = directory / "colours.parquet"
+    table.to_parquet(str(parquet))
+    return jsonl, parquet
+
+
+if __name__ == "__main__":  # python vision.py DIR [N]: write the toy dataset (docs/vision.md)
+    import sys
+    for written in write_example(sys.argv[1], *(int(a) for a in sys.argv[2:3])):
+        print(f"wrote {written}")

@@ -49,12 +49,12 @@ def pair_batch(tokenizer, processor, images, prompt="Describe the picture.", cho
     return preference_datasets.collate(elements, tokenizer.pad_token_id)
 
 
-def test_tiny_vlm_preset_builds_a_llava_with_a_frozen_vision_tower(tiny_vlm):
+def test_tiny_vlm_preset_builds_a_llava_with_a_frozen_vision_encoder(tiny_vlm):
     _, tokenizer, processor, policy, reference = tiny_vlm
     assert type(policy).__name__ == "LlavaForConditionalGeneration"
     assert policy.config.image_token_id == tokenizer.convert_tokens_to_ids(vision.IMAGE_TOKEN)
     frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}
-    assert frozen and all("vision_tower" in n or "multi_modal_projector" in n for n in frozen)
+    assert frozen == {n for n, _ in policy.named_parameters() if "vision_tower" in n}  # the projector trains
     assert reference is not None and not any(p.requires_grad for p in reference.parameters())
     # 16x16 images, 8x8 patches: 4 image tokens per image in the prompt
     ids, blob = vision.encode_prompt(processor, "look: <image>", [image_bytes(0)])
@@ -85,57 +85,15 @@ def test_the_same_text_with_other_images_scores_differently(tiny_vlm):
         torch.testing.assert_close(packed[side].logps, usual[side], atol=1e-4, rtol=0)
 
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
-
-
-def colour_png(colour: str, seed: int) -> bytes:
-    """A 20x24 PNG of one colour with a little noise."""
-    from PIL import Image
-    noise = np.random.default_rng(seed).integers(-20, 21, (20, 24, 3))
-    pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def colour_rows(n: int, image):
-    """n rows of TRL's vision format: which colour is the picture? chosen names it; `image(colour,
-    k)` gives the row's image value (a path or an Image feature)."""
-    names = list(COLOURS)
-    rows = []
-    for k in range(n):
-        colour, wrong = names[k % 4], names[(k + 1 + k // 4) % 4]
-        wrong = wrong if wrong != colour else names[(k + 2) % 4]
-        rows.append({"images": [image(colour, k)],
-                     "prompt": [{"role": "user", "content": [{"type": "image"},
-                                                             {"type": "text", "text": "Which colour is it?"}]}],
-                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f" It is {colour}."}]}],
-                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f" It is {wrong}."}]}]})
-    return rows
-
 
 def write_jsonl(directory, n=32):
-    """A JSON Lines file whose images are PNG paths relative to it (in images/)."""
-    import json
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-
-    def image(colour, k):
-        (directory / "images" / f"{k}.png").write_bytes(colour_png(colour, k))
-        return f"images/{k}.png"
-    path = directory / "colours.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in colour_rows(n, image)))
-    return path
+    """A JSON Lines file whose images are PNG paths relative to it (vision.write_example)."""
+    return vision.write_example(directory, n)[0]
 
 
 def write_parquet(directory, n=32):
     """A parquet file with a Hugging Face Image feature column (bytes), as datasets writes it."""
-    import datasets
-    rows = colour_rows(n, lambda colour, k: {"bytes": colour_png(colour, k), "path": None})
-    table = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
-    path = directory / "colours.parquet"
-    table.to_parquet(str(path))
-    return path
-
+    return vision.write_example(directory, n)[1]
 
 # ----------------------------------------------------------------------------- data
 
@@ -239,7 +197,7 @@ def test_the_exported_model_loads_with_its_processor(vlm_run):
     assert load_file(run_dir / "LATEST" / "model.safetensors").keys() <= state.keys()
     from PIL import Image
     inputs = processor(text=["\n\nHuman: <image>Which colour is it?\n\nAssistant:"],
-                       images=[[Image.open(io.BytesIO(colour_png("red", 0)))]], return_tensors="pt")
+                       images=[[Image.open(io.BytesIO(vision.colour_png("red", 0)))]], return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
 
