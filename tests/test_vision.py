@@ -313,3 +313,43 @@ def test_every_kind_of_loss_trains_on_images(loss, tmp_path):
     assert trainer.uses_layout
     metrics = trainer.train_step(next(trainer.train_iterator()))
     assert np.isfinite(metrics["loss/train"]) and metrics["grad_norm"] > 0
+
+
+def test_idefics3_images_of_any_count_follow_their_prompts(tokenizer):
+    """SmolVLM's architecture (Idefics3, tiny, from a config, with a local processor): examples
+    with one and with two images (padded with all-zero images, which Idefics3 skips) score the
+    same in the usual layout and packed, and their images change the log-probs."""
+    import copy
+    import transformers
+    import preference_datasets
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    images = transformers.Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                                    max_image_size={"longest_edge": 32})
+    processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4)
+    config = transformers.AutoConfig.for_model(
+        "idefics3", scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tok)},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    elements = []
+    for k, pictures in enumerate([[image_bytes(1)], [image_bytes(2)], [image_bytes(3), image_bytes(4)]]):
+        prompt = "\n\nHuman: " + "<image>" * len(pictures) + "Describe.\n\nAssistant:"
+        ids, blob = vision.encode_prompt(processor, prompt, pictures)
+        chosen, rejected = (tok(t, add_special_tokens=False)["input_ids"] for t in (" A cat." + " Yes." * k, " A dog."))
+        element = preference_datasets._assemble(prompt, "", "", ids, chosen, rejected, tok.eos_token_id,
+                                                "keep_end", 256, 128, keep_prompt=True)
+        elements.append(dict(element, image_inputs=blob))
+    batch = preference_datasets.collate(elements, tok.pad_token_id)
+    assert vision.batch_inputs(batch)["pixel_values"].shape == (3, 2, 3, 32, 32)
+    with torch.no_grad():
+        usual = {side: packing.model_logps(model, packing.plain_layout(batch, side), False, 64)[side].logps
+                 for side in ("chosen", "rejected")}
+        packed = packing.model_logps(model, packing.build_layout(batch, ("chosen", "rejected"), True, True, 512),
+                                     False, 64)
+    assert (usual["rejected"][0] - usual["rejected"][1]).abs() > 1e-4  # same tokens, other image
+    for side in usual:  # float32 sums of a few tokens: far below 1e-4 whatever the rounding
+        torch.testing.assert_close(packed[side].logps, usual[side], atol=1e-4, rtol=0)
