@@ -262,7 +262,8 @@ def _right_padded(prompt_ids, completion_ids, pad_id: int):
 
 def _completion_logprobs(model, ids, mask, labels, image_inputs: dict):
     """log-softmax (N, V) at the N completion positions of the batch, and the label there (N,)."""
-    logits = model(input_ids=ids, attention_mask=mask, **image_inputs).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=mask, **image_inputs,
+                   **vision.token_inputs(model, ids, image_inputs)).logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != -100
     return torch.log_softmax(logits[keep].float(), dim=-1), targets[keep]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+import vision
+
 IGNORE_INDEX = -100
 
 
@@ -633,8 +635,8 @@ def hidden_states(model, input_ids, attention_mask, position_ids=None, **image_i
     `image_inputs` a vision-language model's pixel_values etc. (vision.py)."""
     backbone = getattr(model, model.base_model_prefix)
     extra = {} if position_ids is None else {"position_ids": position_ids}
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra,
-                      **image_inputs).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra, **image_inputs,
+                      **vision.token_inputs(model, input_ids, image_inputs)).last_hidden_state
     scale = logit_scale(model)
     # (s h) W^T = s (h W^T) without a bias; with one, has_logit_transform sends the model to the
     # full-logits path instead
@@ -672,7 +674,8 @@ def has_logit_transform(model) -> bool:
 def full_logits(model, input_ids, attention_mask, position_ids=None, **image_inputs) -> torch.Tensor:
     """(B, T, V) float32 logits from the model's own forward (every transform of its head)."""
     extra = {} if position_ids is None else {"position_ids": position_ids}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **extra, **image_inputs).logits.float()
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra, **image_inputs,
+                 **vision.token_inputs(model, input_ids, image_inputs)).logits.float()
 
 
 class SideLogps(NamedTuple):

@@ -182,6 +182,19 @@ def batch_inputs(batch: Dict, order: Optional[Sequence[int]] = None, device=None
     return concat([examples[i] for i in order], device)
 
 
+def token_inputs(model, input_ids: torch.Tensor, image_inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per-token inputs a family needs beside the ids, derived from them: Qwen2-VL's
+    mm_token_type_ids (1 at image tokens, 2 at video tokens), from which it computes its
+    multimodal rotary positions. {} for other models and for rows without images."""
+    import inspect
+    backbone = getattr(model, model.base_model_prefix, model)
+    if not image_inputs or "mm_token_type_ids" not in inspect.signature(type(backbone).forward).parameters:
+        return {}
+    types = (input_ids == model.config.image_token_id).long()
+    video = getattr(model.config, "video_token_id", None)
+    return {"mm_token_type_ids": types if video is None else types + 2 * (input_ids == video).long()}
+
+
 def digest(inputs: Dict[str, torch.Tensor]) -> bytes:
     """A hash of one example's image tensors (b"" without images): keys the reference cache."""
     if not inputs:

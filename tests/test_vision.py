@@ -353,3 +353,49 @@ def test_idefics3_images_of_any_count_follow_their_prompts(tokenizer):
     assert (usual["rejected"][0] - usual["rejected"][1]).abs() > 1e-4  # same tokens, other image
     for side in usual:  # float32 sums of a few tokens: far below 1e-4 whatever the rounding
         torch.testing.assert_close(packed[side].logps, usual[side], atol=1e-4, rtol=0)
+
+
+def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
+    """Qwen2-VL (tiny, from a config): its image_grid_thw travels with pixel_values, its
+    mm_token_type_ids are derived from the ids (vision.token_inputs), and as it computes M-RoPE
+    positions itself, the start-up check keeps the usual layout with one line saying why. (Its
+    processor needs torchvision, absent here: the prompt ids are built by hand.)"""
+    import copy
+    import transformers
+    import preference_datasets
+    import scoring
+    from PIL import Image
+    from safetensors.torch import save
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]})
+    token = tok.convert_tokens_to_ids
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8,
+                                                   merge_size=2, temporal_patch_size=2)
+    config = transformers.AutoConfig.for_model(
+        "qwen2_vl", image_token_id=token("<|image_pad|>"), vision_start_token_id=token("<|vision_start|>"),
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tok), "bos_token_id": 0, "eos_token_id": 0,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 8,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    elements = []
+    for seed in (1, 2, 1):
+        pixels = images(images=[Image.open(io.BytesIO(image_bytes(seed))).convert("RGB")], return_tensors="pt")
+        n = int(pixels["image_grid_thw"].prod()) // 4  # patches merged 2x2 into one token
+        text = [token("<|vision_start|>")] + [token("<|image_pad|>")] * n + [token("<|vision_end|>")]
+        prompt = tok("\n\nHuman: Describe.", add_special_tokens=False)["input_ids"] + text
+        chosen, rejected = (tok(t, add_special_tokens=False)["input_ids"] for t in (" A cat.", " A dog."))
+        element = preference_datasets._assemble("", "", "", prompt, chosen, rejected, tok.eos_token_id,
+                                                "keep_end", 256, 128, keep_prompt=True)
+        elements.append(dict(element, image_inputs=save({k: torch.as_tensor(v) for k, v in pixels.items()})))
+    batch = preference_datasets.collate(elements, tok.pad_token_id)
+    with torch.no_grad():
+        logps = packing.model_logps(model, packing.plain_layout(batch, "chosen"), False, 64)["chosen"].logps
+    assert (logps[0] - logps[1]).abs() > 1e-4 and torch.allclose(logps[0], logps[2], atol=1e-5)
+    build = lambda b: packing.build_layout(b, ("chosen", "rejected"), True, True, None)  # noqa: E731
+    assert not scoring.check_layout(model, None, scoring._call, batch, ("chosen", "rejected"), build, 256, 64,
+                                    lambda bad: bad, False)
+    assert "share_prompt/packing are off: the policy cannot take it: its image tokens take multimodal rotary " \
+           "positions (M-RoPE)" in capsys.readouterr().out
