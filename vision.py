@@ -56,7 +56,7 @@ def is_image_row(row: dict) -> bool:
 def _image_bytes(value, where: str, k: int, base_dir: Path) -> bytes:
     """One image's file bytes, checked to decode: a path (relative to base_dir), an HF Image
     feature {"bytes", "path"}, or bytes."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     name = f"image {k}"
@@ -72,9 +72,11 @@ def _image_bytes(value, where: str, k: int, base_dir: Path) -> bytes:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
     except OSError as e:  # a missing file, or bytes PIL cannot decode (UnidentifiedImageError)
-        raise DatasetFormatError(f"{where}: {name} cannot be read ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}); fix or remove the "
-                                 "row (image paths are relative to the data file).") from None
+        reason = (f"no such file: {base_dir / value}" if isinstance(e, FileNotFoundError)
+                  else "not an image file PIL can decode" if isinstance(e, UnidentifiedImageError)
+                  else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise DatasetFormatError(f"{where}: {name} cannot be read ({reason}); fix or remove the row "
+                                 "(image paths are relative to the data file).") from None
     return data
 
 

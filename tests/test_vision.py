@@ -127,9 +127,11 @@ def test_bad_images_are_refused_in_one_line(tiny_vlm, tmp_path):
     lines = path.read_text().splitlines()
     missing = json.loads(lines[1]) | {"images": ["images/nowhere.png"]}
     two = json.loads(lines[0]) | {"images": ["images/0.png", "images/1.png"]}
-    cases = [(lines, processor, f"{path}, line 3: image 1 (images/2.png) cannot be read (UnidentifiedImageError"),
+    cases = [(lines, processor, f"{path}, line 3: image 1 (images/2.png) cannot be read (not an image file PIL "
+                                "can decode); fix or remove the row"),
              ([lines[0], json.dumps(missing)], processor,
-              f"{path}, line 2: image 1 (images/nowhere.png) cannot be read (FileNotFoundError"),
+              f"{path}, line 2: image 1 (images/nowhere.png) cannot be read (no such file: "
+              f"{tmp_path / 'images' / 'nowhere.png'})"),
              ([json.dumps(two)], processor, f"{path}, line 1: the prompt holds 1 image placeholders but the row "
                                             "has 2 images"),
              (lines[:1], None, f"{path}, line 1: the row has images, and this model reads text only")]
@@ -138,6 +140,14 @@ def test_bad_images_are_refused_in_one_line(tiny_vlm, tmp_path):
         with pytest.raises(preference_datasets.DatasetFormatError) as error:
             preference_datasets.get_dataset(str(path), "train", silent=True, tokenizer=tokenizer, processor=proc)
         assert str(error.value).startswith(expected) and "\n" not in str(error.value), str(error.value)
+    import datasets  # a parquet Image column with damaged bytes in its second row
+    rows = vision.colour_rows(2, lambda colour, k: {"bytes": b"junk" if k else vision.colour_png(colour, k),
+                                                    "path": None})
+    parquet = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image())).to_parquet(parquet)
+    with pytest.raises(preference_datasets.DatasetFormatError, match=f"^{parquet}, row 2: image 1 cannot be read "
+                       r"\(not an image file PIL can decode\)"):
+        preference_datasets.get_dataset(str(parquet), "train", silent=True, tokenizer=tokenizer, processor=processor)
 
 
 def test_a_prompt_with_images_is_never_cut(tiny_vlm, tmp_path):
