@@ -947,8 +947,7 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_
             data becomes unpaired examples (pairs are unpaired), every batch holds both labels,
             the rejected side of each row is its KL sequence (`mismatched_pairs`) and batches
             carry a bool 'label' tensor; the label counts and TRL's weights advice are printed.
-        processor: a vision-language model's processor, for files with images (vision.py);
-            their batches carry ``image_inputs``, one {name: tensor} per example.
+        processor: a VLM's, for files with images; batches then carry ``image_inputs`` (vision.py).
 
     Yields:
         dict of right-padded LongTensors ``{chosen,rejected}_{input_ids,attention_mask,labels}``
