@@ -409,3 +409,17 @@ def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
                                     lambda bad: bad, False)
     assert "share_prompt/packing are off: the policy cannot take it: its image tokens take multimodal rotary " \
            "positions (M-RoPE)" in capsys.readouterr().out
+
+
+def test_a_turn_ending_in_eos_gets_no_second_one(tiny_vlm):
+    """Rendered with a processor whose template ends each turn with EOS and a newline (as
+    SmolVLM's ends it with <end_of_utterance>), the response ends at its EOS: none is added."""
+    import copy
+    import data_files
+    _, tokenizer, processor, _, _ = tiny_vlm
+    processor = copy.deepcopy(processor)
+    processor.chat_template = vision.TINY_CHAT_TEMPLATE.replace(
+        "{% endfor %}{% endif %}{% endfor %}", "{% endfor %}{% endif %}" + tokenizer.eos_token + "\n{% endfor %}")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
+    reply = [{"role": "assistant", "content": [{"type": "text", "text": " Red."}]}]
+    assert data_files._render_chat(processor, prompt, reply, "row")[1] == "  Red." + tokenizer.eos_token
