@@ -593,22 +593,23 @@ def _pad_id(tokenizer) -> int:
 
 def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, max_length: int,
                       max_prompt_length: int, processor=None) -> Dict[str, list]:
-    """``datasets.map`` function (batched): tokenise the flattened pairs column-wise; prompts with
-    images through the processor (their image tensors in an ``image_inputs`` column)."""
+    """``datasets.map`` function (batched): tokenise the flattened pairs column-wise; a prompt
+    with images through the processor, which expands its image tokens (the image files are kept
+    in an ``images`` column: collate makes their tensors, as TRL's collator does, so that the
+    cache holds no pixel tensors)."""
     texts = [batch["prompt"], batch["chosen_response"], batch["rejected_response"]]
     ids = [_token_ids(tokenizer, column) for column in texts]
     images = batch.get("images") or [[]] * len(texts[0])
-    blobs = [b""] * len(images)
     for i, pictures in enumerate(images):
         if pictures:
-            ids[0][i], blobs[i] = vision.encode_prompt(processor, texts[0][i], pictures)
+            ids[0][i] = vision.encode_prompt(processor, texts[0][i], pictures)[0]
     eos = _eos_id(tokenizer)
     out: Dict[str, list] = {}
-    for row, pictures, blob in zip(zip(*texts, *ids), images, blobs):
+    for row, pictures in zip(zip(*texts, *ids), images):
         element = _assemble(*row, eos, truncation_mode, max_length, max_prompt_length,
                             keep_prompt=bool(pictures))
         if "images" in batch:
-            element["image_inputs"] = blob
+            element["images"] = pictures
         element["length"] = len(element["chosen_input_ids"]) + len(element["rejected_input_ids"])
         for key, value in element.items():
             out.setdefault(key, []).append(value)
@@ -682,11 +683,13 @@ def _pad_value(key: str, pad_token_id: int) -> int:
     return 0  # attention masks
 
 
-def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
+def collate(elements: Sequence[Dict], pad_token_id: int, processor=None) -> Dict:
     """Stack elements into a batch: token lists become right-padded LongTensors.
 
     Each key is padded to its own longest sequence, so chosen and rejected (run as two
-    forward passes) are not padded to the longer of the two.  Text fields stay lists.
+    forward passes) are not padded to the longer of the two.  Text fields stay lists.  Image
+    files (``images``) become ``image_inputs``, each example's {name: tensor} ({} for none),
+    made by the VLM's `processor` from the prompt and its images as at tokenisation.
     """
     batch = {}
     for key in elements[0]:
@@ -696,8 +699,9 @@ def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
                                       batch_first=True, padding_value=_pad_value(key, pad_token_id))
         elif key == "label":  # unpaired examples: True for desirable
             batch[key] = torch.tensor(values, dtype=torch.bool)
-        elif key == "image_inputs":  # each example's image tensors (vision.py), {} for none
-            batch[key] = [vision.decode(v) for v in values]
+        elif key == "images":
+            batch["image_inputs"] = [vision.encode_prompt(processor, element["prompt"], images)[1]
+                                     for element, images in zip(elements, values)]
         else:
             batch[key] = values
     return batch
@@ -971,7 +975,7 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_
                                n_epochs, n_examples, labels)
     columns = [c for c in tokenized.column_names if c != "length"]
     return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id,
-                     max_length if unpaired else None)
+                     max_length if unpaired else None, processor)
 
 
 def _checked_labels(tokenized: datasets.Dataset, names: List[str], split: str, batch_size: int,
@@ -1031,7 +1035,7 @@ def _too_small_message(names: List[str], split: str, n_elements: int, batch_size
 
 
 def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_batches: int,
-              pad_token_id: int, mismatch_length: Optional[int] = None) -> Iterator[Dict]:
+              pad_token_id: int, mismatch_length: Optional[int] = None, processor=None) -> Iterator[Dict]:
     # the schedule holds only index arrays, so skipping costs no row reads or padding
     for indices in itertools.islice(schedule, skip_batches, None):
         rows = tokenized[indices.tolist()]
@@ -1039,4 +1043,4 @@ def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_
         elements = [dict(zip(keys, values)) for values in zip(*rows.values())]
         if mismatch_length is not None:
             elements = mismatched_pairs(elements, mismatch_length)
-        yield collate(elements, pad_token_id)
+        yield collate(elements, pad_token_id, processor)

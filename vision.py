@@ -8,12 +8,13 @@ placeholders (or plain text, the images then going before the first user turn's 
 ``Image`` feature (``{"bytes", "path"}``) or raw bytes; it is read here and kept as its file's
 bytes, so the prompt of a table row is ``(prompt text, image bytes)``.
 
-At tokenisation the processor expands the prompt's image tokens and computes the image tensors
-(``pixel_values`` and the model's other image inputs: ``pixel_attention_mask``,
-``image_grid_thw``, ...), kept per example as one safetensors blob. A batch carries them as
-``image_inputs``, a list of {name: tensor} per example; a layout hands the model the examples'
-tensors concatenated along dim 0 in the order their prompts appear in the layout's rows
-(``concat``). Every supported family (LLaVA, Idefics2/3, SmolVLM, Qwen2-VL) scatters image
+At tokenisation the processor expands the prompt's image tokens; the image files are kept beside
+the tokens, and collating a batch runs the processor on the prompt and its images again for the
+image tensors (``pixel_values`` and the model's other image inputs: ``pixel_attention_mask``,
+``image_grid_thw``, ...), as TRL's vision collator does: the tokenised-data cache holds no pixel
+tensors. A batch carries them as ``image_inputs``, a list of {name: tensor} per example; a
+layout hands the model the examples' tensors concatenated along dim 0 in the order their prompts
+appear in the layout's rows (``concat``). Every supported family (LLaVA, Idefics2/3, SmolVLM, Qwen2-VL) scatters image
 features into the image tokens of the whole batch in row-major order, so this works for the
 usual layout and for shared prompts and packed rows alike.
 """
@@ -140,23 +141,16 @@ def image_row_to_text(row: dict, where: str, processor, base_dir: Path):
 
 # ----------------------------------------------------------------------------- image tensors
 
-def encode_prompt(processor, prompt: str, images: Sequence[bytes]) -> Tuple[List[int], bytes]:
-    """(prompt token ids with the image tokens expanded, the image tensors as a safetensors
-    blob); b"" and plain token ids for a prompt without images."""
+def encode_prompt(processor, prompt: str, images: Sequence[bytes]) -> Tuple[List[int], Dict[str, torch.Tensor]]:
+    """(prompt token ids with the image tokens expanded, the image tensors {name: tensor});
+    plain token ids and {} for a prompt without images."""
     from PIL import Image
-    from safetensors.torch import save
     if not images:
-        return processor.tokenizer(prompt, add_special_tokens=False)["input_ids"], b""
+        return processor.tokenizer(prompt, add_special_tokens=False)["input_ids"], {}
     pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
     out = processor(text=[prompt], images=[pictures], add_special_tokens=False, return_tensors="pt")
-    tensors = {k: torch.as_tensor(v).contiguous() for k, v in out.items() if k not in _TEXT_KEYS}
-    return out["input_ids"][0].tolist(), save(tensors)
-
-
-def decode(blob: bytes) -> Dict[str, torch.Tensor]:
-    """An example's image tensors ({} for none)."""
-    from safetensors.torch import load
-    return load(blob) if blob else {}
+    tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and torch.is_tensor(v)}
+    return out["input_ids"][0].tolist(), tensors
 
 
 def concat(inputs: Sequence[Dict[str, torch.Tensor]], device=None) -> Dict[str, torch.Tensor]:

@@ -40,13 +40,13 @@ def pair_batch(tokenizer, processor, images, prompt="Describe the picture.", cho
         tokenize=False, add_generation_prompt=True)
     elements = []
     for i, pictures in enumerate(images):
-        ids, blob = vision.encode_prompt(processor, rendered, pictures)
+        ids = vision.encode_prompt(processor, rendered, pictures)[0]
         words = chosen + " It sits." * (longer[i] if i < len(longer) else 0)
         c_ids, r_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (words, rejected))
         element = preference_datasets._assemble(rendered, chosen, rejected, ids, c_ids, r_ids,
-                                                tokenizer.eos_token_id, "keep_end", 128, 64)
-        elements.append(dict(element, image_inputs=blob))
-    return preference_datasets.collate(elements, tokenizer.pad_token_id)
+                                                tokenizer.eos_token_id, "keep_end", 128, 64, keep_prompt=True)
+        elements.append(dict(element, images=pictures))
+    return preference_datasets.collate(elements, tokenizer.pad_token_id, processor)
 
 
 def test_tiny_vlm_preset_builds_a_llava_with_a_frozen_vision_encoder(tiny_vlm):
@@ -57,9 +57,9 @@ def test_tiny_vlm_preset_builds_a_llava_with_a_frozen_vision_encoder(tiny_vlm):
     assert frozen == {n for n, _ in policy.named_parameters() if "vision_tower" in n}  # the projector trains
     assert reference is not None and not any(p.requires_grad for p in reference.parameters())
     # 16x16 images, 8x8 patches: 4 image tokens per image in the prompt
-    ids, blob = vision.encode_prompt(processor, "look: <image>", [image_bytes(0)])
+    ids, tensors = vision.encode_prompt(processor, "look: <image>", [image_bytes(0)])
     assert ids.count(policy.config.image_token_id) == 4
-    assert vision.decode(blob)["pixel_values"].shape == (1, 3, 16, 16)
+    assert tensors["pixel_values"].shape == (1, 3, 16, 16)
 
 
 def test_the_same_text_with_other_images_scores_differently(tiny_vlm):
@@ -112,6 +112,9 @@ def test_parquet_and_jsonl_images_give_the_same_batches(tiny_vlm, tmp_path):
     assert ((batches[0]["prompt_input_ids"] == image_token).sum(1) == 4).all()
     for a, b in zip(batches[0]["image_inputs"], batches[1]["image_inputs"]):
         assert a["pixel_values"].shape == (1, 3, 16, 16) and torch.equal(a["pixel_values"], b["pixel_values"])
+    tokenized, _ = preference_datasets._load_tokenized([str(tmp_path / "colours.jsonl")], tokenizer, "train", False,
+                                                       128, 64, True, None, None, processor=processor)
+    assert "images" in tokenized.column_names and "image_inputs" not in tokenized.column_names  # files, not pixels
     # rows differing in their image only stay apart (the prompt key holds the images)
     assert len({p.tobytes() for p in (e["pixel_values"].numpy() for e in batches[0]["image_inputs"])}) == 4
 
@@ -348,12 +351,12 @@ def test_idefics3_images_of_any_count_follow_their_prompts(tokenizer):
     elements = []
     for k, pictures in enumerate([[image_bytes(1)], [image_bytes(2)], [image_bytes(3), image_bytes(4)]]):
         prompt = "\n\nHuman: " + "<image>" * len(pictures) + "Describe.\n\nAssistant:"
-        ids, blob = vision.encode_prompt(processor, prompt, pictures)
+        ids = vision.encode_prompt(processor, prompt, pictures)[0]
         chosen, rejected = (tok(t, add_special_tokens=False)["input_ids"] for t in (" A cat." + " Yes." * k, " A dog."))
         element = preference_datasets._assemble(prompt, "", "", ids, chosen, rejected, tok.eos_token_id,
                                                 "keep_end", 256, 128, keep_prompt=True)
-        elements.append(dict(element, image_inputs=blob))
-    batch = preference_datasets.collate(elements, tok.pad_token_id)
+        elements.append(dict(element, images=pictures))
+    batch = preference_datasets.collate(elements, tok.pad_token_id, processor)
     assert vision.batch_inputs(batch)["pixel_values"].shape == (3, 2, 3, 32, 32)
     with torch.no_grad():
         usual = {side: packing.model_logps(model, packing.plain_layout(batch, side), False, 64)[side].logps
@@ -375,7 +378,6 @@ def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
     import preference_datasets
     import scoring
     from PIL import Image
-    from safetensors.torch import save
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]})
     token = tok.convert_tokens_to_ids
@@ -390,7 +392,7 @@ def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
                        "spatial_merge_size": 2, "temporal_patch_size": 2})
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config).eval()
-    elements = []
+    elements, tensors = [], []
     for seed in (1, 2, 1):
         pixels = images(images=[Image.open(io.BytesIO(image_bytes(seed))).convert("RGB")], return_tensors="pt")
         n = int(pixels["image_grid_thw"].prod()) // 4  # patches merged 2x2 into one token
@@ -399,8 +401,9 @@ def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
         chosen, rejected = (tok(t, add_special_tokens=False)["input_ids"] for t in (" A cat.", " A dog."))
         element = preference_datasets._assemble("", "", "", prompt, chosen, rejected, tok.eos_token_id,
                                                 "keep_end", 256, 128, keep_prompt=True)
-        elements.append(dict(element, image_inputs=save({k: torch.as_tensor(v) for k, v in pixels.items()})))
-    batch = preference_datasets.collate(elements, tok.pad_token_id)
+        elements.append(element)
+        tensors.append({k: torch.as_tensor(v) for k, v in pixels.items()})
+    batch = dict(preference_datasets.collate(elements, tok.pad_token_id), image_inputs=tensors)
     with torch.no_grad():
         logps = packing.model_logps(model, packing.plain_layout(batch, "chosen"), False, 64)["chosen"].logps
     assert (logps[0] - logps[1]).abs() > 1e-4 and torch.allclose(logps[0], logps[2], atol=1e-5)
