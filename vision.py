@@ -183,8 +183,10 @@ def token_inputs(model, input_ids: torch.Tensor, image_inputs: Dict[str, torch.T
     mm_token_type_ids (1 at image tokens, 2 at video tokens), from which it computes its
     multimodal rotary positions. {} for other models and for rows without images."""
     import inspect
+    if not image_inputs:
+        return {}
     backbone = getattr(model, model.base_model_prefix, model)
-    if not image_inputs or "mm_token_type_ids" not in inspect.signature(type(backbone).forward).parameters:
+    if "mm_token_type_ids" not in inspect.signature(type(backbone).forward).parameters:
         return {}
     types = (input_ids == model.config.image_token_id).long()
     video = getattr(model.config, "video_token_id", None)
