@@ -34,6 +34,7 @@ _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_id
 VISION_TOWERS = ("vision_tower", "vision_model", "visual")
 VISION_MODULES = (*VISION_TOWERS, "multi_modal_projector", "connector")
 IMAGE_TOKEN = "<image>"
+IMAGE_DATA_VERSION = 1  # bump when the tokenised columns of image data change (keys their cache)
 # model=tiny_vlm's chat template: HH-style turns (as the embedded tokenizer's), an image block
 # rendered as the image token
 TINY_CHAT_TEMPLATE = (
@@ -273,9 +274,10 @@ def processor_fingerprint(processor) -> str:
     """What in a processor changes tokenised image data (keys the tokenised-data cache)."""
     if processor is None:
         return ""
-    return type(processor).__name__ + processor.image_processor.to_json_string() + str(
-        {k: getattr(processor, k, None) for k in ("patch_size", "num_additional_image_tokens",
-                                                  "vision_feature_select_strategy", "image_seq_len")})
+    settings = {k: getattr(processor, k, None) for k in ("patch_size", "num_additional_image_tokens",
+                                                         "vision_feature_select_strategy", "image_seq_len")}
+    return (f"images-v{IMAGE_DATA_VERSION}|{type(processor).__name__}|{settings}|"
+            + processor.image_processor.to_json_string())
 
 
 def images_keys(column: Sequence[Sequence[bytes]]) -> List[str]:
