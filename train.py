@@ -113,6 +113,9 @@ def validate_config(config: DictConfig, world_size: int):
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "
              "(e.g. RMSprop, Adam, AdamW, SGD)")
     validate_model_config(config.model)
+    _require(not (config.model.vision and config.trainer == "TensorParallelTrainer"),
+             "model.vision=true with trainer=TensorParallelTrainer is not supported (its plans shard "
+             "language models only); use BasicTrainer or FSDPTrainer")
     validate_mixed_precision(config)
     validate_datasets(config)
     try:

@@ -153,6 +153,20 @@ def test_bad_images_are_refused_in_one_line(tiny_vlm, tmp_path):
         preference_datasets.get_dataset(str(parquet), "train", silent=True, tokenizer=tokenizer, processor=processor)
 
 
+def test_bad_vision_settings_are_refused_in_one_line(tmp_path):
+    from omegaconf import OmegaConf
+    cases = [(["trainer=TensorParallelTrainer"], "model.vision=true with trainer=TensorParallelTrainer is not "
+              "supported (its plans shard language models only); use BasicTrainer or FSDPTrainer"),
+             (["model.from_config.model_type=idefics3"], "model.vision=true with model.from_config.model_type="
+              "idefics3: a processor is built from a config for llava only"),
+             (["model.freeze_vision=maybe"], "model.freeze_vision='maybe' must be true or false")]
+    for overrides, expected in cases:
+        config = compose(["model=tiny_vlm", f"local_run_dir={tmp_path}/run", *overrides])
+        OmegaConf.resolve(config)
+        with pytest.raises(train.ConfigError, match="^" + expected.replace("(", r"\(").replace(")", r"\)")):
+            train.validate_config(config, 2 if "Tensor" in overrides[0] else 1)
+
+
 def test_a_prompt_with_images_is_never_cut(tiny_vlm, tmp_path):
     """Responses are cut to fit max_length; a prompt too long for any response is refused."""
     import preference_datasets
