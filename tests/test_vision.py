@@ -23,7 +23,7 @@ def image_bytes(seed: int, size=(20, 24)) -> bytes:
 
 @pytest.fixture(scope="module")
 def tiny_vlm():
-    """(config, tokenizer, processor, policy) of model=tiny_vlm, built as train.py builds it."""
+    """(config, tokenizer, processor, policy, reference) of model=tiny_vlm, built as train.py builds them."""
     config = compose(["model=tiny_vlm", "loss=dpo", "loss.beta=0.1"])
     tokenizer, processor = train.build_tokenizer(config.model)
     policy, reference = train.build_models(config, tokenizer)
