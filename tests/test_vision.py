@@ -278,6 +278,22 @@ def test_the_reference_cache_keys_on_the_images(tiny_vlm):
         assert keys[0] != keys[1] and keys[0] == keys[2]
 
 
+def test_precomputed_reference_log_probs_are_scored_with_the_images(tmp_path):
+    """The cache holds what the live reference gives with each row's images (the same weights:
+    the same seed builds them)."""
+    cached = vlm_trainer(["precompute_ref_log_probs=true"], tmp_path / "cached")
+    cached.prepare_reference()
+    live = vlm_trainer([], tmp_path / "live")
+    batch = live.rank_slice(live.eval_batches[0], 0, 1)
+    # rows 0 and 4 of the toy data: the same chosen tokens ("It is red."), other red pictures
+    assert torch.equal(batch["chosen_input_ids"][0], batch["chosen_input_ids"][4])
+    for side in ("chosen", "rejected"):
+        want = live.reference.sequence_logps(batch, side, average=False)
+        assert side == "rejected" or (want[0] - want[4]).abs() > 1e-6
+        torch.testing.assert_close(cached.reference.sequence_logps(batch, side, average=False), want,
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_basic(tmp_path):
     """FSDP over 2 gloo processes trains the tiny VLM as one BasicTrainer process does: the image
