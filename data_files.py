@@ -410,7 +410,8 @@ def _split_implicit_text(chosen: str, rejected: str) -> Tuple[str, str, str]:
 
 
 def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: str) -> Tuple[str, str]:
-    """Render (prompt text, completion text) with the tokenizer's chat template.
+    """Render (prompt text, completion text) with the chat template of `tokenizer` (or of a
+    vision-language model's processor).
 
     The prompt is rendered with the generation prompt; the completion is the rendering of
     the whole conversation minus that prefix.
@@ -430,8 +431,8 @@ def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: s
     completion_text = full_text[len(prompt_text):]
     # Templates such as ChatML end a turn with EOS and a newline ('<|im_end|>\n'): the turn's
     # EOS is the response's end, so drop what follows it rather than append a second EOS.
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos and completion_text.rstrip().endswith(eos):
+    eos = getattr(tokenizer, "eos_token", None) or getattr(getattr(tokenizer, "tokenizer", None), "eos_token", None)
+    if eos and completion_text.rstrip().endswith(eos):  # (a VLM's processor: its tokenizer's EOS)
         completion_text = completion_text.rstrip()
     return prompt_text, completion_text
 

@@ -36,6 +36,7 @@ import checkpoints
 import preference_datasets
 import sampling
 import utils
+import vision
 import rewards
 from rewards import REWARDS, RewardContext, score_completions
 from utils import ConfigError, is_number, require
@@ -108,12 +109,30 @@ def build_initial_model(run_config: DictConfig, tokenizer):
 
 
 def build_run_tokenizer(model_cfg: DictConfig, trust_remote_code: bool):
-    """The tokenizer a run trained with (its own, or its model's, from a GGUF file if it had one)."""
+    """(tokenizer, processor) a run trained with: its tokenizer (its own, or its model's, from a
+    GGUF file if it had one), and a vision-language model's processor (else None)."""
+    if model_cfg.vision:
+        import train
+        return train.build_tokenizer(model_cfg)
     gguf = OmegaConf.select(model_cfg, "gguf_file", default=None)
     if model_cfg.tokenizer_name_or_path is not None or not gguf:
         return utils.build_tokenizer(model_cfg.tokenizer_name_or_path or model_cfg.name_or_path,
-                                     trust_remote_code)
-    return utils.build_tokenizer(model_cfg.name_or_path, trust_remote_code, gguf_file=gguf)
+                                     trust_remote_code), None
+    return utils.build_tokenizer(model_cfg.name_or_path, trust_remote_code, gguf_file=gguf), None
+
+
+def is_vision_dir(path) -> bool:
+    """Whether a Hugging Face directory holds a processor (a vision-language model's)."""
+    return any((Path(path) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+
+
+def build_dir_tokenizer(path: str, trust_remote_code: bool):
+    """(tokenizer, processor or None) of a Hugging Face model directory."""
+    if not is_vision_dir(path):
+        return utils.build_tokenizer(path, trust_remote_code), None
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return processor.tokenizer, processor
 
 
 def read_policy(path: Path, what: str) -> tuple:
@@ -137,9 +156,8 @@ def load_state(model, state: Dict[str, torch.Tensor], path: Path, what: str):
 
 
 def load_hf_model(path: str, trust_remote_code: bool, what: str):
-    from transformers import AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return utils.model_class(is_vision_dir(path)).from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{what}={path} could not be loaded as a causal LM: {str(e).splitlines()[0]}")
 
@@ -164,7 +182,8 @@ def with_current_defaults(saved: DictConfig) -> DictConfig:
 
 
 def load_models(cfg: DictConfig):
-    """(policy, reference, tokenizer, run config or None, step or None) for cfg.checkpoint."""
+    """(policy, reference, tokenizer, processor (a VLM's) or None, run config or None, step or
+    None) for cfg.checkpoint."""
     checkpoint = Path(cfg.checkpoint)
     if not checkpoint.is_dir():
         raise ConfigError(f"checkpoint={checkpoint} is not a directory; pass a step-N/ or LATEST/ "
@@ -186,16 +205,16 @@ def load_models(cfg: DictConfig):
         raise ConfigError(f"checkpoint={checkpoint} is a Hugging Face directory, which does not say "
                           "what it was trained from; pass reference=PATH (a policy.pt, a checkpoint "
                           "or a Hugging Face directory)")
-    tokenizer = utils.build_tokenizer(str(checkpoint), cfg.trust_remote_code)
+    tokenizer, processor = build_dir_tokenizer(str(checkpoint), cfg.trust_remote_code)
     policy = load_hf_model(str(checkpoint), cfg.trust_remote_code, "checkpoint")
-    return policy, _explicit_reference(cfg, policy), tokenizer, run_config, None
+    return policy, _explicit_reference(cfg, policy), tokenizer, processor, run_config, None
 
 
 def _load_framework_checkpoint(cfg, checkpoint: Path, run_config: DictConfig):
     run_config.model.trust_remote_code = cfg.trust_remote_code  # never from a saved file
     if cfg.reference is not None:
         run_config.model.archive = None  # only the architecture is needed
-    tokenizer = build_run_tokenizer(run_config.model, cfg.trust_remote_code)
+    tokenizer, processor = build_run_tokenizer(run_config.model, cfg.trust_remote_code)
     try:
         initial = build_initial_model(run_config, tokenizer)
     except ConfigError as e:
@@ -211,7 +230,7 @@ def _load_framework_checkpoint(cfg, checkpoint: Path, run_config: DictConfig):
         state, step = read_policy(source, "checkpoint")
     policy = load_state(initial, state, source, "checkpoint")
     reference = initial if cfg.reference is None else _explicit_reference(cfg, policy)
-    return policy, reference, tokenizer, run_config, step
+    return policy, reference, tokenizer, processor, run_config, step
 
 
 def _explicit_reference(cfg: DictConfig, policy):
@@ -239,39 +258,42 @@ def data_settings(cfg: DictConfig, run_config: Optional[DictConfig]) -> dict:
     return settings
 
 
-def load_prompts(settings: dict, tokenizer, split: str, n_prompts: Optional[int]) -> List[dict]:
+def load_prompts(settings: dict, tokenizer, split: str, n_prompts: Optional[int],
+                 processor=None) -> List[dict]:
     """The first n_prompts distinct prompts of the split, in order, each with its (truncated)
-    prompt ids, its first pair's chosen completion, and all its pairs as (chosen, rejected)
-    completion ids, tokenised as training tokenises them. Unpaired data (prompt, completion,
-    label; what KTO trains on) gives the prompts that have a desirable completion, as the chosen
-    one, and no pairs."""
+    prompt ids, its image inputs ({} without images; a VLM's `processor` reads them), its first
+    pair's chosen completion, and all its pairs as (chosen, rejected) completion ids, tokenised
+    as training tokenises them. Prompts of the same text with other images are distinct.
+    Unpaired data (prompt, completion, label; what KTO trains on) gives the prompts that have a
+    desirable completion, as the chosen one, and no pairs."""
     try:
-        batches = _prompt_batches(settings, tokenizer, split, sft_mode=False)
+        batches = _prompt_batches(settings, tokenizer, split, processor, sft_mode=False)
     except preference_datasets.UnpairedDataError:
         print(f"the {split} split holds unpaired examples (prompt, completion, label): each prompt's "
               "first desirable completion is its chosen one, and the implicit-reward accuracy, which "
               "ranks pairs, is not measured", flush=True)
-        batches = _prompt_batches(settings, tokenizer, split, sft_mode=True)
-    prompts: Dict[str, dict] = {}
+        batches = _prompt_batches(settings, tokenizer, split, processor, sft_mode=True)
+    prompts: Dict[tuple, dict] = {}
     for batch in batches:
-        text = batch["prompt"][0]
-        if text not in prompts:
+        images = batch["image_inputs"][0] if "image_inputs" in batch else {}
+        key = (batch["prompt"][0], vision.digest(images))
+        if key not in prompts:
             if n_prompts is not None and len(prompts) == n_prompts:
                 break
-            prompts[text] = {"prompt": text, "prompt_ids": batch["prompt_input_ids"][0].tolist(),
-                             "chosen": batch["chosen_response_only"][0], "pairs": []}
+            prompts[key] = {"prompt": key[0], "prompt_ids": batch["prompt_input_ids"][0].tolist(),
+                            "image_inputs": images, "chosen": batch["chosen_response_only"][0], "pairs": []}
         if not batch.get("sft_mode"):
-            prompts[text]["pairs"].append(tuple(_response_ids(batch, side) for side in ("chosen", "rejected")))
+            prompts[key]["pairs"].append(tuple(_response_ids(batch, side) for side in ("chosen", "rejected")))
     return list(prompts.values())
 
 
-def _prompt_batches(settings: dict, tokenizer, split: str, sft_mode: bool):
+def _prompt_batches(settings: dict, tokenizer, split: str, processor, sft_mode: bool):
     paths = {name: (settings["dataset_paths"] or {}).get(name) for name in settings["datasets"]}
     try:
         batches = preference_datasets.get_batch_iterator(
             list(settings["datasets"]), tokenizer, split=split, batch_size=1, shuffle=False,
             max_length=settings["max_length"], max_prompt_length=settings["max_prompt_length"],
-            n_epochs=1, silent=True, paths=paths, sft_mode=sft_mode)
+            n_epochs=1, silent=True, paths=paths, sft_mode=sft_mode, processor=processor)
     except preference_datasets.UnpairedDataError:
         raise
     except ValueError as e:
@@ -317,14 +339,15 @@ def _finite(x: float) -> Optional[float]:
 def implicit_accuracy(policy, reference, prompts: List[dict], batch_size: int, device) -> dict:
     """How often DPO's implicit reward (summed log-probs) ranks a held-out pair's chosen completion
     above its rejected one, as training's rewards_eval/accuracies does (beta > 0 does not matter)."""
-    prompt_ids, completions = [], []
+    prompt_ids, completions, images = [], [], []
     for p in prompts:
         for chosen, rejected in p["pairs"]:
             prompt_ids += [p["prompt_ids"], p["prompt_ids"]]
             completions += [chosen, rejected]
+            images += [p["image_inputs"], p["image_inputs"]]
     if not completions:  # unpaired data: nothing to rank
         return {"mean": None, "se": None, "ci95": None, "n": 0}
-    stats = score_completions(policy, reference, prompt_ids, completions, batch_size, device)
+    stats = score_completions(policy, reference, prompt_ids, completions, batch_size, device, images)
     rewards = (stats["policy_logps"] - stats["reference_logps"]).view(-1, 2)
     correct = (rewards[:, 0] > rewards[:, 1]).double()
     p, n = float(correct.mean()), correct.numel()
@@ -338,11 +361,12 @@ def generate_both(policy, reference, tokenizer, prompts: List[dict], cfg: DictCo
     generation = dict(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
                       max_new_tokens=cfg.max_new_tokens)
     prompt_ids = [p["prompt_ids"] for p in prompts]
+    images = [p["image_inputs"] for p in prompts]
     out = []
     for offset, model in ((0, policy), (1, reference)):
         utils.set_seed(2 * cfg.seed + offset)
         out.append(sampling.sample_token_ids(model, tokenizer, prompt_ids, cfg.n_samples, generation,
-                                      cfg.batch_size, device))
+                                             cfg.batch_size, device, images=images))
     return out
 
 
@@ -350,13 +374,14 @@ def evaluate(cfg: DictConfig) -> dict:
     """Sample, score and summarise; writes eval.json and eval_samples.jsonl. Returns the results."""
     validate_eval_config(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    policy, reference, tokenizer, run_config, step = load_models(cfg)
+    policy, reference, tokenizer, processor, run_config, step = load_models(cfg)
     policy, reference = policy.to(device).eval(), reference.to(device).eval()
-    prompts = load_prompts(data_settings(cfg, run_config), tokenizer, cfg.split, cfg.n_prompts)
+    prompts = load_prompts(data_settings(cfg, run_config), tokenizer, cfg.split, cfg.n_prompts, processor)
     P, S = len(prompts), cfg.n_samples
     policy_ids, reference_ids = generate_both(policy, reference, tokenizer, prompts, cfg, device)
-    repeated_ids = [p["prompt_ids"] for p in prompts for _ in range(S)]
-    kl = score_completions(policy, reference, repeated_ids, policy_ids, cfg.score_batch_size, device)
+    repeated = [p for p in prompts for _ in range(S)]
+    kl = score_completions(policy, reference, [p["prompt_ids"] for p in repeated], policy_ids,
+                           cfg.score_batch_size, device, [p["image_inputs"] for p in repeated])
     run_loss = OmegaConf.to_container(run_config.loss) if run_config is not None else None
     context = RewardContext(policy, reference, tokenizer, device, run_loss, cfg.score_batch_size,
                             cfg.trust_remote_code)
@@ -365,8 +390,12 @@ def evaluate(cfg: DictConfig) -> dict:
     texts = {side: tokenizer.batch_decode(ids, skip_special_tokens=True)
              for side, ids in (("policy", policy_ids), ("reference", reference_ids))}
     repeated_prompts = [p["prompt"] for p in prompts for _ in range(S)]
-    rewards = {side: scorer(repeated_prompts, texts[side]).view(P, S) for side in texts}
-    rewards["chosen"] = scorer([p["prompt"] for p in prompts], [p["chosen"] for p in prompts]).view(P, 1)
+    # a VLM's prompts are scored with their images (the implicit reward reads them)
+    with_images = processor is not None
+    rewards = {side: scorer(repeated_prompts, texts[side], repeated if with_images else None).view(P, S)
+               for side in texts}
+    rewards["chosen"] = scorer([p["prompt"] for p in prompts], [p["chosen"] for p in prompts],
+                               prompts if with_images else None).view(P, 1)
     eos = tokenizer.eos_token_id
     results = {
         "checkpoint": str(cfg.checkpoint), "step": step,

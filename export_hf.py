@@ -4,7 +4,8 @@
 
 CHECKPOINT is a step-N/ or LATEST/ directory, or a run directory (its LATEST/ is used). Writes
 config.json, model.safetensors and the tokenizer to OUT_DIR (default: the checkpoint directory
-itself), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the policy anywhere. The model's
+itself), so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the policy anywhere (a
+vision-language model: `AutoModelForImageTextToText` and `AutoProcessor`). The model's
 architecture and tokenizer come from the config.yaml saved in the checkpoint, and the weights are
 checked against that architecture before anything is written; the files read are first checked
 against the content hashes the checkpoint recorded when it was written (its manifest.json).
@@ -55,16 +56,23 @@ def verify(checkpoint: Path, given: str):
         raise utils.ConfigError(f"{OPTION}={given}: {e}") from None
 
 
-def build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code: bool):
+def saved_model_config(saved, trust_remote_code: bool):
+    """A checkpoint's model config with the keys added since it was written at their defaults
+    (config/model/blank_model.yaml: e.g. model.vision=false), and trust_remote_code ours."""
+    model_cfg = OmegaConf.merge(OmegaConf.load(Path(__file__).parent / "config" / "model" / "blank_model.yaml"),
+                                saved.model)
+    model_cfg.trust_remote_code = trust_remote_code
+    return model_cfg
+
+
+def build_skeleton(model_cfg, tokenizer, trust_remote_code: bool):
     """The model's architecture on the meta device: no weights are allocated or loaded."""
     from_config = OmegaConf.to_container(model_cfg.from_config) if model_cfg.from_config else None
     with torch.device("meta"):
         if from_config is not None:
-            return utils.build_model(None, from_config, tokenizer, torch.float32)
-        import transformers
-        config = utils.load_model_config(model_cfg.name_or_path, gguf_file, trust_remote_code)
-        return transformers.AutoModelForCausalLM.from_config(config,
-                                                             trust_remote_code=trust_remote_code)
+            return utils.build_model(None, from_config, tokenizer, torch.float32, vision=model_cfg.vision)
+        config = utils.load_model_config(model_cfg.name_or_path, model_cfg.gguf_file, trust_remote_code)
+        return utils.model_class(model_cfg.vision).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = False,
@@ -76,9 +84,7 @@ def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = F
     if "lora" in saved and saved.lora.r is not None:
         return export_lora(checkpoint, saved, out_dir, adapter_only)
     # The saved config says which model this is; whether its code may run is only ours to say.
-    model_cfg = saved.model
-    # checkpoints written before model.gguf_file existed have none: ordinary weights
-    gguf_file = model_cfg.gguf_file if "gguf_file" in model_cfg else None
+    model_cfg = saved_model_config(saved, trust_remote_code)
     if checkpoints.is_sharded(checkpoint):  # checkpoint_format=sharded: one file per process
         try:
             state = checkpoints.load_policy_state(checkpoint)
@@ -86,13 +92,13 @@ def export(checkpoint_dir: str, out_dir: str = None, trust_remote_code: bool = F
             raise utils.ConfigError(f"{OPTION}={checkpoint_dir}: {e}") from None
     else:
         state = utils.load_policy_archive(str(checkpoint / "policy.pt"), OPTION)
-    tokenizer = utils.build_model_tokenizer(model_cfg.name_or_path, model_cfg.tokenizer_name_or_path,
-                                            gguf_file, trust_remote_code)
-    skeleton = build_skeleton(model_cfg, gguf_file, tokenizer, trust_remote_code)
+    import train
+    tokenizer, processor = train.build_tokenizer(model_cfg)  # a VLM's processor is saved with it
+    skeleton = build_skeleton(model_cfg, tokenizer, trust_remote_code)
     utils.check_state_dict(skeleton, state, f"{OPTION}={checkpoint_dir}")
     out = Path(out_dir) if out_dir else checkpoint
     out.mkdir(parents=True, exist_ok=True)
-    utils.save_hf_format(skeleton, state, tokenizer, out)
+    utils.save_hf_format(skeleton, state, processor or tokenizer, out)
     return out
 
 
@@ -103,11 +109,8 @@ def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: b
     import lora
     import ref_cache
     import train
-    if saved.model.trust_remote_code:
-        saved.model.trust_remote_code = False  # a checkpoint never decides that code runs
-    tokenizer = utils.build_model_tokenizer(saved.model.name_or_path,
-                                            saved.model.tokenizer_name_or_path,
-                                            saved.model.gguf_file, False)
+    saved.model = saved_model_config(saved, False)  # a checkpoint never decides that code runs
+    tokenizer, processor = train.build_tokenizer(saved.model)
     policy, _ = train.build_models(saved, tokenizer)
     adapter = utils.load_policy_archive(str(checkpoint / "policy.pt"), OPTION)
     utils.load_checked_state_dict(policy, {**policy.state_dict(), **adapter}, OPTION)
@@ -123,7 +126,7 @@ def export_lora(checkpoint: Path, saved, out_dir: Optional[str], adapter_only: b
                                 "trained on; pass --adapter to export the adapter alone")
     out.mkdir(parents=True, exist_ok=True)
     merged = lora.merged_state(policy.state_dict(), lora.lora_layout(policy))
-    utils.save_hf_format(policy, merged, tokenizer, out)
+    utils.save_hf_format(policy, merged, processor or tokenizer, out)
     return out
 
 

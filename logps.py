@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+import vision
+
 IGNORE_INDEX = -100
 
 
@@ -626,13 +628,15 @@ def output_layer(model):
     return head.weight, getattr(head, "bias", None)
 
 
-def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+def hidden_states(model, input_ids, attention_mask, position_ids=None, **image_inputs) -> torch.Tensor:
     """Final hidden states (B, T, H) after the last norm, without applying the output layer, times
     the model's logit_scale when it has one, so that hidden @ weight.T are the model's logits.
-    `attention_mask` is (B, T), or a 4D mask with `position_ids` (B, T) (packing.py's layouts)."""
+    `attention_mask` is (B, T), or a 4D mask with `position_ids` (B, T) (packing.py's layouts);
+    `image_inputs` a vision-language model's pixel_values etc. (vision.py)."""
     backbone = getattr(model, model.base_model_prefix)
     extra = {} if position_ids is None else {"position_ids": position_ids}
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra, **image_inputs,
+                      **vision.token_inputs(model, input_ids, image_inputs)).last_hidden_state
     scale = logit_scale(model)
     # (s h) W^T = s (h W^T) without a bias; with one, has_logit_transform sends the model to the
     # full-logits path instead
@@ -667,10 +671,11 @@ def has_logit_transform(model) -> bool:
     return logit_scale(model) != 1.0 and output_layer(model)[1] is not None
 
 
-def full_logits(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+def full_logits(model, input_ids, attention_mask, position_ids=None, **image_inputs) -> torch.Tensor:
     """(B, T, V) float32 logits from the model's own forward (every transform of its head)."""
     extra = {} if position_ids is None else {"position_ids": position_ids}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra, **image_inputs,
+                 **vision.token_inputs(model, input_ids, image_inputs)).logits.float()
 
 
 class SideLogps(NamedTuple):
@@ -716,9 +721,10 @@ def selected_token_kl(logits: torch.Tensor, reference_logits: torch.Tensor,
     return pol.gather(1, idx).squeeze(1), ref.gather(1, idx).squeeze(1), _position_kl(ref, pol)
 
 
-def chunked_logps_error(model, chunked: Callable, input_ids, attention_mask, labels) -> float:
+def chunked_logps_error(model, chunked: Callable, input_ids, attention_mask, labels,
+                        **image_inputs) -> float:
     """Largest difference between `chunked()`, a model's per-token mean log-probs (B,) from the
     chunked output layer, and the same from the model's own forward; no gradient."""
     with torch.no_grad():
-        own = get_batch_logps(full_logits(model, input_ids, attention_mask), labels, True)
+        own = get_batch_logps(full_logits(model, input_ids, attention_mask, **image_inputs), labels, True)
         return (chunked().float().to(own.device) - own).abs().max().item()

@@ -40,7 +40,8 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: Opti
     Args:
         model: a transformers causal LM (weights already final: archive loaded, merges done).
         r, alpha, dropout: the LoRA rank, scale numerator (scaling = alpha / r) and dropout.
-        target_modules: module names to adapt (None: peft's default for the model family).
+        target_modules: module names to adapt, or a regex (None: peft's default for the model
+            family).
         modules_to_save: modules trained in full and saved with the adapter (None: none).
         reference_adapter: a PEFT adapter directory loaded, frozen, as the reference.
         copy_as_reference: without reference_adapter, add a frozen copy of the freshly
@@ -50,7 +51,9 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: Opti
         The same transformers model object, with LoRA layers inside it.
     """
     import peft
-    targets = list(target_modules) if target_modules else default_target_modules(model.config.model_type)
+    # a str is a regex peft full-matches against module names (vision.language_model_targets)
+    targets = (target_modules if isinstance(target_modules, str) else list(target_modules) if target_modules
+               else default_target_modules(model.config.model_type))
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              modules_to_save=list(modules_to_save) if modules_to_save else None,
                              task_type="CAUSAL_LM")

@@ -27,6 +27,7 @@ import torch
 
 import logps
 import moe
+import vision
 
 # Branch numbers of a segment's tokens: the prompt (trunk) and the responses.
 TRUNK = 0
@@ -81,6 +82,8 @@ class Layout:
     masks: dict = dataclasses.field(default_factory=dict)
     # the usual layout (plain_layout): the batch's own (B, T) mask, no position ids
     plain_mask: Optional[torch.Tensor] = None
+    # a vision-language model's image inputs for these rows (vision.batch_inputs), else {}
+    image_inputs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def padding_fraction(self) -> float:
@@ -133,9 +136,9 @@ class Layout:
         """The backbone's inputs: the rows, their position ids and attention_mask(model); the
         rows and their (B, T) mask for the usual layout."""
         if self.plain_mask is not None:
-            return {"input_ids": self.input_ids, "attention_mask": self.plain_mask}
+            return {"input_ids": self.input_ids, "attention_mask": self.plain_mask, **self.image_inputs}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask(model),
-                "position_ids": self.position_ids}
+                "position_ids": self.position_ids, **self.image_inputs}
 
 
 # ----------------------------------------------------------------------------- building
@@ -235,9 +238,12 @@ def build_layout(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bo
     n_rows = _assign_rows(segments, pack, row_tokens)
     length = max(s.start + s.length for s in segments)
     arrays = [torch.from_numpy(a).to(device) for a in _fill_rows(segments, n_rows, length)]
+    # every segment holds its pair's prompt, so its images, in the rows' order
+    in_rows = [s.pair for s in sorted(segments, key=lambda s: (s.row, s.start))]
     return Layout(*arrays, {side: _selection(segments, side, n_pairs, length, device)
                             for side in sides},
-                  n_pairs, sum(s.length for s in segments))
+                  n_pairs, sum(s.length for s in segments),
+                  image_inputs=vision.batch_inputs(batch, in_rows, device))
 
 
 def shared_tokens(batch: Dict) -> torch.Tensor:
@@ -264,7 +270,8 @@ def plain_layout(batch: Dict, side: str) -> Layout:
                                 (labels[:, 1:] != logps.IGNORE_INDEX).sum(-1))
     rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)
     return Layout(ids, None, torch.where(mask.bool(), rows, -1), torch.zeros_like(ids),
-                  {side: selection}, len(ids), int(mask.sum()), plain_mask=mask)
+                  {side: selection}, len(ids), int(mask.sum()), plain_mask=mask,
+                  image_inputs=vision.batch_inputs(batch, device=ids.device))
 
 
 def lay_out(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bool,
@@ -355,6 +362,9 @@ def unsupported_reason(model, max_position: int, token_level: bool) -> Optional[
             or "position_ids" not in inspect.signature(type(backbone).forward).parameters):
         # BLOOM, MPT, Falcon with alibi: position biases come from a (B, T) mask, no restart
         return "it takes no position ids (its ALiBi biases are built from a (B, T) mask)"
+    if hasattr(backbone, "get_rope_index"):  # Qwen2-VL and kin
+        return ("its image tokens take multimodal rotary positions (M-RoPE) that it computes from "
+                "the (B, T) rows itself")
     if token_level and logps.has_logit_transform(model):
         return "its per-token KL comes from full logits (a transformed output layer)"
     window = getattr(model.config, "sliding_window", None)

@@ -43,6 +43,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import data_files
 import utils
+import vision
 # re-exported: callers and tests import these from here
 from data_files import (ASSISTANT_MARKER, HUMAN_MARKER, SUPPORTED_FORMATS, DatasetFormatError,  # noqa: F401
                         UnpairedDataError,
@@ -388,7 +389,7 @@ def get_synthetic(split: str, silent: bool = False, cache_dir: Optional[str] = N
 # ---------------------------------------------------------------------------
 
 def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[str] = None, path=None,
-                        tokenizer=None) -> PromptData:
+                        tokenizer=None, processor=None) -> PromptData:
     """The user's preference data in TRL's format, from local file(s) at ``path``.
 
     Formats (per row): standard (``prompt``, ``chosen``, ``rejected`` text; responses are
@@ -398,7 +399,9 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
     rejected may also repeat the prompt messages).  Rows sharing a prompt are merged; the
     SFT target is the first row's chosen response.  A file may instead hold TRL's unpaired
     format (``prompt``, ``completion``, boolean ``label``, text or messages) for KTO; it
-    cannot mix the two.  ``{split}`` in ``path`` selects per-split
+    cannot mix the two.  Rows with ``images`` (TRL's vision format) are rendered with a
+    vision-language model's ``processor`` (vision.image_row_to_text); their prompt key is
+    (prompt text, image bytes).  ``{split}`` in ``path`` selects per-split
     files, otherwise every split reads the same file; in a directory, a split reads the files
     whose name contains it as a word (``test.csv``, ``prefs-train.jsonl``).
     """
@@ -415,7 +418,12 @@ def get_preference_file(split: str, silent: bool = False, cache_dir: Optional[st
             if unpaired != first_kind:
                 raise DatasetFormatError(f"{where}: mixes unpaired rows (prompt, completion, label) with "
                                          "paired rows (chosen, rejected) in one file; keep one format per file.")
-            if unpaired:
+            if vision.is_image_row(row):
+                if unpaired:
+                    raise DatasetFormatError(f"{where}: unpaired rows (prompt, completion, label) with images "
+                                             "are not supported; use pairs (prompt, chosen, rejected).")
+                table.add_row(*vision.image_row_to_text(row, where, processor, file.parent))
+            elif unpaired:
                 table.add_example(*unpaired_row_to_text(row, where, tokenizer))
             else:
                 table.add_row(*preference_row_to_text(row, where, tokenizer))
@@ -449,7 +457,7 @@ def _is_data_file_name(name: str, split: str) -> bool:
 
 
 def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None,
-                path=None, tokenizer=None) -> PromptData:
+                path=None, tokenizer=None, processor=None) -> PromptData:
     """Load one split of a dataset as {prompt: {'responses', 'pairs', 'sft_target'}}.
 
     Args:
@@ -460,17 +468,20 @@ def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional
         path: local copy of a named dataset (file or hub-like directory); None = the hub.
             With an unregistered name, the TRL-format file to read.
         tokenizer: needed only to render conversational (chat) rows.
+        processor: a vision-language model's, for rows with images (your own files only).
     """
+    images = {}
     if name in DATASETS:
         loader = DATASETS[name]
     elif path is not None or _is_data_file_name(name, split):
         loader, path = get_preference_file, (path if path is not None else name)
+        images = {"processor": processor}
     elif Path(name.replace("{split}", split)).is_file():
         raise DatasetFormatError(unsupported_format_message(name))
     else:
         raise DatasetFormatError(f"unknown dataset '{name}'; known names: {', '.join(sorted(DATASETS))}. "
                                  f"A path to a local {SUPPORTED_FORMATS} preference file is accepted too.")
-    data = loader(split, silent=silent, cache_dir=cache_dir, path=path, tokenizer=tokenizer)
+    data = loader(split, silent=silent, cache_dir=cache_dir, path=path, tokenizer=tokenizer, **images)
     if not isinstance(data, LoadedData):  # a loader that builds its own dict counts no drops
         data = LoadedData(data, offered=sum(len(entry["pairs"]) for entry in data.values()))
     data.source = str(path).replace("{split}", split) if path is not None else f"'{name}' from the hub"
@@ -511,19 +522,25 @@ def _token_ids(tokenizer, texts: List[str]) -> List[List[int]]:
 
 def assemble(prompt: str, chosen: str, rejected: str, prompt_ids: List[int], chosen_ids: List[int],
               rejected_ids: List[int], eos_token_id: int, truncation_mode: str, max_length: int,
-              max_prompt_length: int) -> Dict:
-    """Truncate and label one tokenised (prompt, chosen, rejected) triple (also online.py's pairs)."""
+              max_prompt_length: int, keep_prompt: bool = False) -> Dict:
+    """Truncate and label one tokenised (prompt, chosen, rejected) triple (also online.py's pairs).
+    With keep_prompt (a prompt holding image tokens, whose count must match its images) only the
+    responses are cut."""
     # a chat template may already end the turn with EOS; a second one would be trained on
     chosen_ids = chosen_ids if chosen_ids[-1:] == [eos_token_id] else chosen_ids + [eos_token_id]
     rejected_ids = rejected_ids if rejected_ids[-1:] == [eos_token_id] else rejected_ids + [eos_token_id]
     longer = max(len(chosen_ids), len(rejected_ids))
     n_prompt, n_responses = len(prompt_ids), len(chosen_ids) + len(rejected_ids)
-    if len(prompt_ids) + longer > max_length:
+    if len(prompt_ids) + longer > max_length and not keep_prompt:
         prompt_ids = (prompt_ids[:max_prompt_length] if truncation_mode == "keep_start"
                       else prompt_ids[-max_prompt_length:])
     if len(prompt_ids) + longer > max_length:
-        chosen_ids = chosen_ids[:max_length - max_prompt_length]
-        rejected_ids = rejected_ids[:max_length - max_prompt_length]
+        room = max_length - max(len(prompt_ids), max_prompt_length)
+        if room < 1:
+            raise DatasetFormatError(f"a prompt with images takes {len(prompt_ids)} tokens (its image tokens "
+                                     f"included), leaving no room for a response within max_length={max_length}; "
+                                     "raise max_length (prompts with images are never cut).")
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
     element = {"prompt": prompt, "chosen": prompt + chosen, "rejected": prompt + rejected,
                "chosen_response_only": chosen, "rejected_response_only": rejected,
                # 1 when cut, 0 when whole: counted in the metrics (data/truncated_*) and at start-up
@@ -577,14 +594,24 @@ def _pad_id(tokenizer) -> int:
 
 
 def _tokenize_columns(batch: Dict[str, list], tokenizer, truncation_mode: str, max_length: int,
-                      max_prompt_length: int) -> Dict[str, list]:
-    """``datasets.map`` function (batched): tokenise the flattened pairs column-wise."""
+                      max_prompt_length: int, processor=None) -> Dict[str, list]:
+    """``datasets.map`` function (batched): tokenise the flattened pairs column-wise; a prompt
+    with images through the processor, which expands its image tokens (the image files are kept
+    in an ``images`` column: collate makes their tensors, as TRL's collator does, so that the
+    cache holds no pixel tensors)."""
     texts = [batch["prompt"], batch["chosen_response"], batch["rejected_response"]]
     ids = [_token_ids(tokenizer, column) for column in texts]
+    images = batch.get("images") or [[]] * len(texts[0])
+    for i, pictures in enumerate(images):
+        if pictures:
+            ids[0][i] = vision.encode_prompt(processor, texts[0][i], pictures)[0]
     eos = _eos_id(tokenizer)
     out: Dict[str, list] = {}
-    for row in zip(*texts, *ids):
-        element = assemble(*row, eos, truncation_mode, max_length, max_prompt_length)
+    for row, pictures in zip(zip(*texts, *ids), images):
+        element = assemble(*row, eos, truncation_mode, max_length, max_prompt_length,
+                           keep_prompt=bool(pictures))
+        if "images" in batch:
+            element["images"] = pictures
         element["length"] = len(element["chosen_input_ids"]) + len(element["rejected_input_ids"])
         for key, value in element.items():
             out.setdefault(key, []).append(value)
@@ -614,7 +641,7 @@ def _default_cache_dir() -> str:
 
 def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: str, max_length: int,
                      max_prompt_length: int, cache_dir: Optional[str] = None,
-                     silent: bool = False) -> datasets.Dataset:
+                     silent: bool = False, processor=None) -> datasets.Dataset:
     """Tokenise flattened (prompt, chosen_response, rejected_response) columns, once.
 
     The result is written to an Arrow file under ``cache_dir/tokenized/`` named by a hash of
@@ -623,8 +650,10 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
     checksum written after the Arrow file marks it complete; a cache file without a matching
     one (a run killed mid-write, a full disk, a damaged file) is rebuilt with one warning.
     """
-    settings = f"v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|"
+    settings = (f"v{_TOKENIZED_FORMAT_VERSION}|{truncation_mode}|{max_length}|{max_prompt_length}|"
+                f"{vision.processor_fingerprint(processor) if 'images' in columns else ''}")
     key = data_files.cache_key(settings, tokenizer, {name: [str(v) for v in values] if name == "label"
+                                                     else vision.images_keys(values) if name == "images"
                                                      else values for name, values in columns.items()})
     directory = Path(cache_dir or _default_cache_dir()) / "tokenized"
     directory.mkdir(parents=True, exist_ok=True)
@@ -637,7 +666,8 @@ def tokenize_dataset(columns: Dict[str, List[str]], tokenizer, truncation_mode: 
         tokenized = flat.map(_tokenize_columns, batched=True, batch_size=1000,
                              remove_columns=flat.column_names, cache_file_name=str(cache_file),
                              fn_kwargs=dict(tokenizer=tokenizer, truncation_mode=truncation_mode,
-                                            max_length=max_length, max_prompt_length=max_prompt_length),
+                                            max_length=max_length, max_prompt_length=max_prompt_length,
+                                            processor=processor),
                              new_fingerprint=key, desc="Tokenising")
         data_files.write_cache_checksum(cache_file)
         return tokenized
@@ -655,11 +685,13 @@ def _pad_value(key: str, pad_token_id: int) -> int:
     return 0  # attention masks
 
 
-def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
+def collate(elements: Sequence[Dict], pad_token_id: int, processor=None) -> Dict:
     """Stack elements into a batch: token lists become right-padded LongTensors.
 
     Each key is padded to its own longest sequence, so chosen and rejected (run as two
-    forward passes) are not padded to the longer of the two.  Text fields stay lists.
+    forward passes) are not padded to the longer of the two.  Text fields stay lists.  Image
+    files (``images``) become ``image_inputs``, each example's {name: tensor} ({} for none),
+    made by the VLM's `processor` from the prompt and its images as at tokenisation.
     """
     batch = {}
     for key in elements[0]:
@@ -669,6 +701,9 @@ def collate(elements: Sequence[Dict], pad_token_id: int) -> Dict:
                                       batch_first=True, padding_value=_pad_value(key, pad_token_id))
         elif key == "label":  # unpaired examples: True for desirable
             batch[key] = torch.tensor(values, dtype=torch.bool)
+        elif key == "images":
+            batch["image_inputs"] = [vision.encode_prompt(processor, element["prompt"], images)[1]
+                                     for element, images in zip(elements, values)]
         else:
             batch[key] = values
     return batch
@@ -695,7 +730,7 @@ def _flatten(data: PromptData, sft_mode: bool) -> Tuple[Dict[str, List[str]], Li
         else:
             pairs = [(responses[i], responses[j]) for i, j in entry["pairs"]]
         _add_group(columns, group_sizes, prompt, pairs)
-    return columns, group_sizes
+    return _image_column(columns), group_sizes
 
 
 def _add_group(columns: Dict[str, list], group_sizes: List[int], prompt: str, rows: List[tuple]):
@@ -708,6 +743,15 @@ def _add_group(columns: Dict[str, list], group_sizes: List[int], prompt: str, ro
             columns[name].append(value)
     if rows:
         group_sizes.append(len(rows))
+
+
+def _image_column(columns: Dict[str, list]) -> Dict[str, list]:
+    """Prompts with images ((text, image bytes) keys, vision.image_row_to_text) as their text in
+    'prompt' and their images in an 'images' column ([] for text prompts); text data unchanged."""
+    if any(isinstance(p, tuple) for p in columns["prompt"]):
+        columns["images"] = [list(p[1]) if isinstance(p, tuple) else [] for p in columns["prompt"]]
+        columns["prompt"] = [p[0] if isinstance(p, tuple) else p for p in columns["prompt"]]
+    return columns
 
 
 def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
@@ -724,7 +768,7 @@ def _flatten_unpaired(data: PromptData) -> Tuple[Dict[str, list], List[int]]:
             examples += [(responses[i], True), (responses[j], False)]
         _add_group(columns, group_sizes, prompt,
                    [(completion, completion, label) for completion, label in examples])
-    return columns, group_sizes
+    return _image_column(columns), group_sizes
 
 
 def _refuse_unpaired(data: PromptData, name: str, split: str) -> None:
@@ -833,13 +877,14 @@ def _check_iterator_args(batch_size, n_epochs, n_examples, seed, skip_batches) -
 
 
 def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_length, silent,
-                    cache_dir, paths, unpaired: bool = False) -> Tuple[datasets.Dataset, np.ndarray]:
+                    cache_dir, paths, unpaired: bool = False,
+                    processor=None) -> Tuple[datasets.Dataset, np.ndarray]:
     """Tokenised elements of all named datasets, and the element count of each prompt; with
     `unpaired`, one element per unpaired example (`_flatten_unpaired`) with a 'label' column."""
     parts, group_sizes = [], []
     for name in names:
         data = get_dataset(name, split, silent=silent, cache_dir=cache_dir,
-                           path=(paths or {}).get(name), tokenizer=tokenizer)
+                           path=(paths or {}).get(name), tokenizer=tokenizer, processor=processor)
         if not (unpaired or sft_mode):
             _refuse_unpaired(data, name, split)
         columns, sizes = _flatten_unpaired(data) if unpaired else _flatten(data, sft_mode)
@@ -849,7 +894,8 @@ def _load_tokenized(names, tokenizer, split, sft_mode, max_length, max_prompt_le
         if not silent and not sft_mode and data.offered:
             print(data.kept_summary(f"{name} [{split}]"))
         parts.append(tokenize_dataset(columns, tokenizer, truncation_mode_for(name), max_length,
-                                      max_prompt_length, cache_dir=cache_dir, silent=silent))
+                                      max_prompt_length, cache_dir=cache_dir, silent=silent,
+                                      processor=processor))
         if not silent:
             note = truncation_note(parts[-1], truncation_mode_for(name), max_length, max_prompt_length)
             if note:
@@ -878,7 +924,8 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_
                        n_examples: Optional[int] = None, seed: int = 0, silent: bool = False,
                        cache_dir: Optional[str] = None, paths: Optional[Dict[str, str]] = None,
                        group_by_length: bool = False, skip_batches: int = 0,
-                       unpaired_weights: Optional[Tuple[float, float]] = None) -> Iterator[Dict]:
+                       unpaired_weights: Optional[Tuple[float, float]] = None,
+                       processor=None) -> Iterator[Dict]:
     """Iterator over padded batches of the named datasets.
 
     Data is loaded and tokenised (or read from the tokenisation cache) when this is called,
@@ -906,6 +953,7 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_
             data becomes unpaired examples (pairs are unpaired), every batch holds both labels,
             the rejected side of each row is its KL sequence (`mismatched_pairs`) and batches
             carry a bool 'label' tensor; the label counts and TRL's weights advice are printed.
+        processor: a VLM's, for files with images; batches then carry ``image_inputs`` (vision.py).
 
     Yields:
         dict of right-padded LongTensors ``{chosen,rejected}_{input_ids,attention_mask,labels}``
@@ -919,7 +967,8 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_
     _eos_id(tokenizer)  # fail now rather than half-way through tokenising
     unpaired = unpaired_weights is not None
     tokenized, group_sizes = _load_tokenized(names, tokenizer, split, sft_mode, max_length,
-                                             max_prompt_length, silent, cache_dir, paths, unpaired)
+                                             max_prompt_length, silent, cache_dir, paths, unpaired,
+                                             processor)
     if len(tokenized) < batch_size:
         raise DatasetFormatError(_too_small_message(names, split, len(tokenized), batch_size))
     lengths = np.asarray(tokenized.data.column("length"))
@@ -928,7 +977,7 @@ def get_batch_iterator(names: List[str], tokenizer, split: str = "train", batch_
                                n_epochs, n_examples, labels)
     columns = [c for c in tokenized.column_names if c != "length"]
     return _collated(tokenized.select_columns(columns), schedule, skip_batches, pad_token_id,
-                     max_length if unpaired else None)
+                     max_length if unpaired else None, processor)
 
 
 def _checked_labels(tokenized: datasets.Dataset, names: List[str], split: str, batch_size: int,
@@ -988,7 +1037,7 @@ def _too_small_message(names: List[str], split: str, n_elements: int, batch_size
 
 
 def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_batches: int,
-              pad_token_id: int, mismatch_length: Optional[int] = None) -> Iterator[Dict]:
+              pad_token_id: int, mismatch_length: Optional[int] = None, processor=None) -> Iterator[Dict]:
     # the schedule holds only index arrays, so skipping costs no row reads or padding
     for indices in itertools.islice(schedule, skip_batches, None):
         rows = tokenized[indices.tolist()]
@@ -996,4 +1045,4 @@ def _collated(tokenized: datasets.Dataset, schedule: Iterator[np.ndarray], skip_
         elements = [dict(zip(keys, values)) for values in zip(*rows.values())]
         if mismatch_length is not None:
             elements = mismatched_pairs(elements, mismatch_length)
-        yield collate(elements, pad_token_id)
+        yield collate(elements, pad_token_id, processor)

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List
 import torch
 
 import parallel
+import vision
 from utils import default_cache_dir, rank0_print
 
 # 2: with LD-DPO's public sums per pair
@@ -30,14 +31,17 @@ def reference_cache_dir() -> Path:
 
 def sequence_keys(batch: Dict, side: str) -> List[bytes]:
     """16-byte hash per row of a side's token ids and labels, padding excluded (a sequence gets
-    the same key however its batch was padded)."""
+    the same key however its batch was padded), and of its images (vision.py) when it has any:
+    the same text with other images is another sequence."""
     ids, mask, labels = (batch[f"{side}_{k}"].detach().cpu()
                          for k in ("input_ids", "attention_mask", "labels"))
+    images = batch.get("image_inputs") or [{}] * len(ids)
     keys = []
-    for row_ids, row_mask, row_labels in zip(ids, mask.bool(), labels):
+    for row_ids, row_mask, row_labels, row_images in zip(ids, mask.bool(), labels, images):
         digest = hashlib.blake2b(digest_size=16)
         digest.update(row_ids[row_mask].to(torch.int32).numpy().tobytes())
         digest.update(row_labels[row_mask].to(torch.int32).numpy().tobytes())
+        digest.update(vision.digest(row_images))
         keys.append(digest.digest())
     return keys
 

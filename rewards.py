@@ -18,6 +18,7 @@ import torch
 
 import sampling
 import synthetic_data
+import vision
 from utils import ConfigError
 
 def synthetic_reward(prompts: Sequence[str], completions: Sequence[str],
@@ -76,11 +77,14 @@ class RewardContext:
     trust_remote_code: bool
 
 
-Scorer = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
+# scorer(prompts, completions, images=None): images, for a VLM's prompts, the prompt records
+# (evaluate.load_prompts) of each row, whose prompt ids and image inputs the implicit reward scores
+Scorer = Callable[..., torch.Tensor]
 
 
 def _build_synthetic(args: dict, ctx: RewardContext) -> Scorer:
-    return lambda prompts, completions: synthetic_reward(prompts, completions, args["partial_credit"])
+    return lambda prompts, completions, images=None: synthetic_reward(prompts, completions,
+                                                                      args["partial_credit"])
 
 
 def _load_scoring_model(model_class, path: str, ctx: RewardContext, what: str):
@@ -107,7 +111,7 @@ def _build_reward_model(args: dict, ctx: RewardContext) -> Scorer:
     # The classifier reads the last non-pad token; it finds it through the config's pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.truncation_side = "left"  # keep the completion when a text is too long
-    return lambda prompts, completions: reward_model_scores(
+    return lambda prompts, completions, images=None: reward_model_scores(
         model, tokenizer, [p + c for p, c in zip(prompts, completions)], args["batch_size"],
         args["max_length"], args["label_index"], ctx.device)
 
@@ -123,10 +127,13 @@ def _build_implicit(args: dict, ctx: RewardContext) -> Scorer:
             raise ConfigError("reward=implicit needs a beta and the run's loss has none; "
                               "pass reward.beta=0.1")
 
-    def score(prompts, completions):
+    def score(prompts, completions, images=None):
         prompt_ids, completion_ids = tokenize_completions(ctx.tokenizer, prompts, completions)
+        if images is not None:  # a VLM's prompts: their ids with the image tokens expanded
+            prompt_ids = [p["prompt_ids"] for p in images]
+            images = [p["image_inputs"] for p in images]
         stats = score_completions(policy, reference, prompt_ids, completion_ids,
-                                  ctx.score_batch_size, ctx.device)
+                                  ctx.score_batch_size, ctx.device, images)
         return implicit_reward(stats["policy_logps"], stats["reference_logps"], beta)
     return score
 
@@ -138,7 +145,7 @@ def _checkpoint_models(checkpoint: str, ctx: RewardContext):
     from omegaconf import OmegaConf
     cfg = OmegaConf.create({"checkpoint": checkpoint, "reference": None,
                             "trust_remote_code": ctx.trust_remote_code})
-    policy, reference, _, run_config, _ = evaluate.load_models(cfg)
+    policy, reference, _, _, run_config, _ = evaluate.load_models(cfg)
     if run_config is None:
         raise ConfigError(f"reward.checkpoint={checkpoint} is not a checkpoint of train.py (a step-N/ or "
                           "LATEST/ directory with policy.pt and config.yaml)")
@@ -230,7 +237,7 @@ def _build_judge(args: dict, ctx: RewardContext) -> Scorer:
     choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][-1] for c in JUDGE_CHOICES]
     if choice_ids[0] == choice_ids[1]:
         raise ConfigError(f"reward.name_or_path={path}: its tokenizer does not tell {JUDGE_CHOICES} apart")
-    return lambda prompts, completions: judge_scores(
+    return lambda prompts, completions, images=None: judge_scores(
         lambda texts: _judge_logits(model, tokenizer, choice_ids, texts, args["batch_size"],
                                     args["max_length"], ctx.device), prompts, completions)
 
@@ -303,9 +310,10 @@ def _right_padded(prompt_ids, completion_ids, pad_id: int):
     return ids, mask, labels
 
 
-def _completion_logprobs(model, ids, mask, labels):
+def _completion_logprobs(model, ids, mask, labels, image_inputs: dict):
     """log-softmax (N, V) at the N completion positions of the batch, and the label there (N,)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=mask, **image_inputs,
+                   **vision.token_inputs(model, ids, image_inputs)).logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != -100
     return torch.log_softmax(logits[keep].float(), dim=-1), targets[keep]
@@ -313,10 +321,11 @@ def _completion_logprobs(model, ids, mask, labels):
 
 def score_completions(policy, reference, prompt_ids: Sequence[Sequence[int]],
                       completion_ids: Sequence[Sequence[int]], batch_size: int,
-                      device) -> Dict[str, torch.Tensor]:
+                      device, images: Optional[Sequence[dict]] = None) -> Dict[str, torch.Tensor]:
     """Summed log-probs and KL terms of each completion under the policy and the reference.
 
-    Args: token ids of N prompts and of their N completions (each completion non-empty).
+    Args: token ids of N prompts and of their N completions (each completion non-empty); for a
+        VLM, each prompt's image inputs (vision.py).
     Returns: {'policy_logps', 'reference_logps', 'k1', 'k3', 'position_kl', 'length'}, each (N,)
         float64: sums over the completion's tokens.
     """
@@ -326,9 +335,10 @@ def score_completions(policy, reference, prompt_ids: Sequence[Sequence[int]],
         ids, mask, labels = _right_padded(prompt_ids[start:start + batch_size],
                                           completion_ids[start:start + batch_size], pad)
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        pictures = vision.concat(images[start:start + batch_size], device) if images else {}
         with torch.no_grad():
-            pol, targets = _completion_logprobs(policy, ids, mask, labels)
-            ref, _ = _completion_logprobs(reference, ids, mask, labels)
+            pol, targets = _completion_logprobs(policy, ids, mask, labels, pictures)
+            ref, _ = _completion_logprobs(reference, ids, mask, labels, pictures)
         row = (labels[:, 1:] != -100).nonzero()[:, 0]  # the sequence of each completion position
         pol_tok = pol.gather(-1, targets[:, None])[:, 0]
         ref_tok = ref.gather(-1, targets[:, None])[:, 0]

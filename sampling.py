@@ -2,10 +2,12 @@
 reference's) and evaluate.py's win-rate samples. Prompts are left-padded, so that every row of a
 batch continues at the same column.
 """
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import tqdm
+
+import vision
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_token_id: int):
@@ -53,31 +55,39 @@ def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context
                                                   batch["prompt_attention_mask"])]
     ids, mask = left_padded(rows, tokenizer.pad_token_id)
     with context(), torch.no_grad():
+        # a vision-language model's prompts with their images (one prompt per row, in order)
+        images = vision.batch_inputs(batch, device=device)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_length=max_length, do_sample=True,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, **images,
+                             **vision.token_inputs(model, ids.to(device), images))
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
 def sample_token_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_samples: int,
-                     generation: dict, batch_size: int, device, synced_gpus: bool = False,
+                     generation: dict, batch_size: int, device,
+                     images: Optional[Sequence[dict]] = None, synced_gpus: bool = False,
                      progress: bool = True) -> List[List[int]]:
     """n_samples sampled completions per prompt, prompt-major (P * n_samples lists of token ids,
     each ending at and including the first EOS, or max_new_tokens long if none came). Batched,
-    left-padded, with the KV cache. synced_gpus: the model is sharded over ranks (FSDP), which
-    must run the same number of forwards, so each keeps stepping until every rank's rows ended."""
+    left-padded, with the KV cache; a VLM's prompts with their `images` (each prompt's image
+    inputs, vision.py). synced_gpus: the model is sharded over ranks (FSDP), which must run the
+    same number of forwards, so each keeps stepping until every rank's rows ended."""
     from transformers import GenerationConfig
     # top_k=0: no top-k cut-off, so with temperature 1 and top_p 1 the samples come from pi itself.
     config = GenerationConfig(do_sample=True, top_k=0, use_cache=True, **generation,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     rows = [list(p) for p in prompt_ids for _ in range(n_samples)]
+    pictures = [one for one in images for _ in range(n_samples)] if images else []
     samples = []
     for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False,
                            disable=not progress):
         ids, mask = left_padded(rows[start:start + batch_size], tokenizer.pad_token_id)
+        images = vision.concat(pictures[start:start + batch_size], device)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config, synced_gpus=synced_gpus)
+                                 generation_config=config, synced_gpus=synced_gpus, **images,
+                                 **vision.token_inputs(model, ids.to(device), images))
         samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id)
                        for seq in out[:, ids.shape[1]:])
     return samples

@@ -14,6 +14,7 @@ import torch
 import logps
 import losses
 import packing
+import vision
 from utils import rank0_print
 
 
@@ -64,7 +65,8 @@ def example_inputs(policy, batch: Dict, spec, chunk_size: int) -> Dict[str, torc
     if spec.prompt_nll:
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         rows = {"prompt_input_ids": ids, "prompt_attention_mask": mask,
-                "prompt_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX)}
+                "prompt_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX),
+                **_images_of(batch)}
         layout = packing.plain_layout(rows, "prompt")
         out["prompt"] = packing.model_logps(policy, layout, False, chunk_size)["prompt"].logps
         out["prompt_tokens"] = layout.selections["prompt"].counts.to(out["prompt"])
@@ -151,7 +153,8 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
         else:
             chunked = functools.partial(policy_logps if model is policy else _call,
                                         _usual_logps, model, rows, chunk_size)
-            error = logps.chunked_logps_error(model, chunked, ids, mask, labels)
+            error = logps.chunked_logps_error(model, chunked, ids, mask, labels,
+                                              **vision.batch_inputs(rows, device=ids.device))
             # every rank must take the same path (NaN counts as a difference)
             bad = any_rank(not error <= chunked_logps_tolerance(model))
         if bad:
@@ -173,10 +176,17 @@ CHECK_TOKENS = 64
 
 def _check_tokens(batch: Dict) -> Dict:
     """chosen_input_ids / _attention_mask / _labels of the first CHECK_TOKENS tokens of the chosen
-    rows, every real token scored: any tokens show whether the chunked head is the model's."""
-    ids, mask = (batch[f"chosen_{k}"][:, :CHECK_TOKENS] for k in ("input_ids", "attention_mask"))
+    rows, every real token scored: any tokens show whether the chunked head is the model's. Rows
+    with images are kept whole (cutting image tokens would part them from their images)."""
+    n = batch["chosen_input_ids"].shape[1] if "image_inputs" in batch else CHECK_TOKENS
+    ids, mask = (batch[f"chosen_{k}"][:, :n] for k in ("input_ids", "attention_mask"))
     return {"chosen_input_ids": ids, "chosen_attention_mask": mask,
-            "chosen_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX)}
+            "chosen_labels": ids.masked_fill(mask == 0, logps.IGNORE_INDEX), **_images_of(batch)}
+
+
+def _images_of(batch: Dict) -> Dict:
+    """{"image_inputs": the batch's} for a batch with images (vision.py), else {}."""
+    return {"image_inputs": batch["image_inputs"]} if "image_inputs" in batch else {}
 
 
 def _usual_logps(model, batch: Dict, chunk_size: int, side: str = "chosen") -> torch.Tensor:
@@ -186,23 +196,24 @@ def _usual_logps(model, batch: Dict, chunk_size: int, side: str = "chosen") -> t
 
 
 def _short_pairs(batch: Dict, sides: Sequence[str], n: int) -> Dict:
-    """`batch` with each row cut to the last n tokens of its prompt and the first n of each
-    response (labels kept), so that a start-up check costs the same whatever max_length is."""
+    """`batch` with each row cut to the last n tokens of its prompt (all of it when the batch has
+    images: its image tokens stay with its images) and the first n of each response (labels
+    kept), so that a start-up check costs the same whatever max_length is."""
     rows = {f"{side}_{k}": [] for side in sides for k in ("input_ids", "attention_mask", "labels")}
     rows["prompt_attention_mask"] = []
     for b in range(len(batch[f"{sides[0]}_input_ids"])):
         p = int(batch["prompt_attention_mask"][b].sum()) if "prompt_attention_mask" in batch else 0
-        start = max(p - n, 0)
+        start = 0 if "image_inputs" in batch else max(p - n, 0)
         rows["prompt_attention_mask"].append(torch.ones(p - start, dtype=torch.long))
         for side in sides:
             end = min(int(batch[f"{side}_attention_mask"][b].sum()), p + n)
             for key in ("input_ids", "attention_mask", "labels"):
                 rows[f"{side}_{key}"].append(batch[f"{side}_{key}"][b, start:end].cpu())
     device = batch[f"{sides[0]}_input_ids"].device
-    return {key: torch.nn.utils.rnn.pad_sequence(
+    return {**{key: torch.nn.utils.rnn.pad_sequence(
                 values, batch_first=True,
                 padding_value=logps.IGNORE_INDEX if key.endswith("labels") else 0).to(device)
-            for key, values in rows.items()}
+               for key, values in rows.items()}, **_images_of(batch)}
 
 
 def _call(fn, *args):

@@ -27,6 +27,7 @@ import preference_datasets
 import rewards
 import trainers
 import utils
+import vision
 from utils import ConfigError
 
 utils.register_resolvers()
@@ -112,6 +113,9 @@ def validate_config(config: DictConfig, world_size: int):
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "
              "(e.g. RMSprop, Adam, AdamW, SGD)")
     validate_model_config(config.model)
+    _require(not (config.model.vision and config.trainer == "TensorParallelTrainer"),
+             "model.vision=true with trainer=TensorParallelTrainer is not supported (its plans shard "
+             "language models only); use BasicTrainer or FSDPTrainer")
     validate_mixed_precision(config)
     validate_datasets(config)
     try:
@@ -165,6 +169,16 @@ def validate_model_config(model: DictConfig):
                  f"{sorted(model.offline_gguf)}")
     if model.archive is not None:
         utils.resolve_policy_file(model.archive, "model.archive")
+    for key in ("vision", "freeze_vision"):
+        _require(isinstance(model[key], bool), f"model.{key}={model[key]!r} must be true or false")
+    if model.vision:
+        _require(model.gguf_file is None, "model.vision=true: GGUF files hold language models only; set "
+                 "model.gguf_file=null")
+        model_type = model.from_config.model_type if model.from_config is not None else "llava"
+        _require(model_type == "llava",
+                 f"model.vision=true with model.from_config.model_type={model_type}: a processor is "
+                 "built from a config for llava only; load another family with model.name_or_path "
+                 "(see docs/vision.md)")
 
 
 def validate_mixed_precision(config: DictConfig):
@@ -393,15 +407,16 @@ def build_meta_models(config: DictConfig, plan: dict):
             no reference); "generation", the policy's generation config; "rng", the RNG states
             after building (every rank continues from the same ones, as if it had built too).
     """
-    import transformers
     m = config.model
     dtypes = (utils.get_dtype("model.policy_dtype", m.policy_dtype),
               utils.get_dtype("model.reference_dtype", m.reference_dtype))
     with torch.device("meta"):
         policy, reference = (
-            None if model_config is None else transformers.AutoModelForCausalLM.from_config(
+            None if model_config is None else utils.model_class(m.vision).from_config(
                 model_config, dtype=dtype, trust_remote_code=m.trust_remote_code)
             for model_config, dtype in zip(plan["configs"], dtypes))
+        if m.vision and m.freeze_vision:
+            vision.freeze(policy)
         policy.generation_config = plan["generation"]
         for model in (policy, reference):
             if model is not None:
@@ -425,8 +440,10 @@ def build_whole_models(config: DictConfig, tokenizer):
     reference_dtype = utils.get_dtype("model.reference_dtype", m.reference_dtype)
     utils.set_seed(config.seed)
     policy = utils.build_model(m.name_or_path, from_config, tokenizer, policy_dtype,
-                               m.trust_remote_code, gguf_file=m.gguf_file)
+                               m.trust_remote_code, gguf_file=m.gguf_file, vision=m.vision)
     utils.disable_dropout(policy)
+    if m.vision and m.freeze_vision:
+        utils.rank0_print(f"model.freeze_vision: {vision.freeze(policy):,} vision parameters frozen")
     reference = None
     # With LoRA the reference is the policy with its adapter off: no second model.
     if spec.needs_reference(OmegaConf.to_container(config.loss)) and config.lora.r is None:
@@ -435,7 +452,7 @@ def build_whole_models(config: DictConfig, tokenizer):
             reference = copy.deepcopy(policy).to(reference_dtype)
         else:
             reference = utils.build_model(m.name_or_path, None, tokenizer, reference_dtype,
-                                          m.trust_remote_code)
+                                          m.trust_remote_code, vision=m.vision)
         utils.disable_dropout(reference)
         reference.requires_grad_(False)
     if m.archive is not None:
@@ -459,8 +476,11 @@ def build_lora_policy(config: DictConfig, policy, spec):
         policy = lora.merge_adapter(policy, lo.merge_archive)
         utils.rank0_print(f"merged lora.merge_archive {lo.merge_archive} into the base weights")
     needs_reference = spec.needs_reference(OmegaConf.to_container(config.loss))
-    return lora.apply_lora(policy, lo.r, lo.alpha, lo.dropout,
-                           OmegaConf.to_container(lo.target_modules) if lo.target_modules else None,
+    targets = OmegaConf.to_container(lo.target_modules) if lo.target_modules else None
+    if targets is None and config.model.vision:  # the language model's projections only
+        targets = vision.language_model_targets(
+            lora.default_target_modules(policy.config.get_text_config().model_type))
+    return lora.apply_lora(policy, lo.r, lo.alpha, lo.dropout, targets,
                            OmegaConf.to_container(lo.modules_to_save) if lo.modules_to_save else None,
                            lo.reference_adapter,
                            copy_as_reference=trainers.reference_sync(config) is not None
@@ -706,15 +726,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_and_train(config: DictConfig, rank: int, world_size: int):
-    m = config.model
+def build_tokenizer(m: DictConfig):
+    """(tokenizer, processor): the model's tokenizer, and for a vision model (model.vision) its
+    processor (vision.build_processor), else None."""
+    if m.vision and m.from_config is None:
+        return vision.build_processor(m, None)
     tokenizer = utils.build_model_tokenizer(m.name_or_path, m.tokenizer_name_or_path, m.gguf_file,
                                             m.trust_remote_code)
+    return vision.build_processor(m, tokenizer) if m.vision else (tokenizer, None)
+
+
+def build_and_train(config: DictConfig, rank: int, world_size: int):
+    m = config.model
+    tokenizer, processor = build_tokenizer(m)
     policy, reference = build_models(config, tokenizer)
     trainer_class = getattr(trainers, config.trainer)
     trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
                             reference_model=reference, rank=rank, world_size=world_size,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, processor=processor)
     # The trainer owns the models now; with precompute_ref_log_probs it frees the reference.
     del policy, reference
     # Only now, with the models and the evaluation data loaded (the trainer's constructor writes

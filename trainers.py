@@ -210,10 +210,11 @@ class BasicTrainer(SingleProcessPlacement):
     split across them (the DPO repository's naive model parallelism)."""
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
-                 rank: int = 0, world_size: int = 1, tokenizer=None):
+                 rank: int = 0, world_size: int = 1, tokenizer=None, processor=None):
         self.config, self.seed, self.rank, self.world_size = config, seed, rank, world_size
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
+        self.processor = processor  # a vision-language model's (vision.build_processor), else None
         self.loss_args = {k: v for k, v in OmegaConf.to_container(config.loss).items() if k != "name"}
         self.loss = losses.get_loss(OmegaConf.to_container(config.loss))
         self.loss_state = self.loss.init_state()
@@ -303,7 +304,8 @@ class BasicTrainer(SingleProcessPlacement):
             list(c.datasets), self.tokenizer, split=split, max_length=c.max_length,
             max_prompt_length=c.max_prompt_length, sft_mode=not self.loss.paired, seed=self.seed,
             silent=self.rank != 0, cache_dir=None, paths=paths,
-            unpaired_weights=self.loss.unpaired_weights(self.loss_args), **kwargs)
+            unpaired_weights=self.loss.unpaired_weights(self.loss_args), processor=self.processor,
+            **kwargs)
 
     def build_eval_batches(self) -> List[Dict]:
         c = self.config
@@ -500,7 +502,7 @@ class BasicTrainer(SingleProcessPlacement):
         OmegaConf.save(self.config, tmp / "config.yaml", resolve=True)
         if finished and self.config.save_hf_format:
             save_hf_format(self.policy, self.reference.plain_policy_state(policy_state),
-                           self.tokenizer, tmp)
+                           self.processor or self.tokenizer, tmp)
         if finished:
             self.reference.write_exports(tmp, policy_state)
 

@@ -339,13 +339,25 @@ def resolve_model_source(name_or_path: Optional[str], gguf_file: Optional[str],
 
 # ----------------------------------------------------------------------------- models
 
-def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokenizer, dtype,
-                trust_remote_code: bool = False, cache_dir=None, gguf_file: Optional[str] = None):
-    """A causal LM: randomly initialised from `from_config` (a transformers config dict with
-    model_type) or loaded from `name_or_path` (from its GGUF file `gguf_file` when set, dequantised
-    to `dtype`). Initialisation is seeded by the caller."""
+def model_class(vision: bool):
+    """The transformers auto class that builds the model: a causal LM, or (vision) a
+    vision-language model (AutoModelForImageTextToText: LLaVA, Idefics, SmolVLM, Qwen2-VL, ...)."""
     import transformers
-    if from_config is not None:
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+
+
+def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokenizer, dtype,
+                trust_remote_code: bool = False, cache_dir=None, gguf_file: Optional[str] = None,
+                vision: bool = False):
+    """A causal LM (or with `vision` a vision-language model): randomly initialised from
+    `from_config` (a transformers config dict with model_type) or loaded from `name_or_path` (from
+    its GGUF file `gguf_file` when set, dequantised to `dtype`). Initialisation is seeded by the
+    caller."""
+    import transformers
+    if from_config is not None and vision:
+        import vision as vision_models
+        model = model_class(True).from_config(vision_models.model_config(from_config, tokenizer), dtype=dtype)
+    elif from_config is not None:
         settings = dict(from_config)
         model_type = settings.pop("model_type")
         settings["vocab_size"] = max(int(settings.get("vocab_size", 0)), len(tokenizer))
@@ -359,7 +371,7 @@ def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokeni
                                  "model", dtype=dtype)
     else:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        model = _from_pretrained(transformers.AutoModelForCausalLM, name_or_path,
+        model = _from_pretrained(model_class(vision), name_or_path,
                                  "model.name_or_path", "model", cache_dir=cache_dir, dtype=dtype,
                                  trust_remote_code=trust_remote_code, **extra)
         if gguf_file:

@@ -117,7 +117,7 @@ def test_a_finished_run_whose_latest_is_damaged_is_not_called_complete(finished_
 
 
 def evaluate_models(checkpoint: Path):
-    """evaluate.py's (policy, reference, tokenizer, run config, step) of a checkpoint."""
+    """evaluate.py's (policy, reference, tokenizer, processor, run config, step) of a checkpoint."""
     import evaluate
     from hydra import compose as hydra_compose, initialize_config_dir
     from conftest import ROOT
@@ -225,7 +225,7 @@ def test_a_damaged_shard_makes_every_rank_fall_back(tmp_path):
     train_2proc("FSDPTrainer", whole, *args)
     final = checkpoints.load_policy_state(whole / "LATEST")
     # evaluate.py reads a sharded step-N/ (gathered in its one process)
-    policy, _, _, _, step = evaluate_models(whole / "step-16")
+    policy, _, _, _, _, step = evaluate_models(whole / "step-16")
     assert step == 16 and same_weights(policy.state_dict(),
                                        checkpoints.load_policy_state(whole / "step-16"))
     for case in ("hashed", "older"):
