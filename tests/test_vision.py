@@ -323,7 +323,7 @@ def test_evaluate_samples_and_scores_with_the_images(vlm_run, tmp_path, monkeypa
     seen = []
     generate = sampling.sample_token_ids
     monkeypatch.setattr(sampling, "sample_token_ids",
-                        lambda *args: seen.append(args[-1]) or generate(*args))
+                        lambda *args, **kwargs: seen.append(kwargs["images"]) or generate(*args, **kwargs))
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = hydra_compose("evaluate", overrides=[f"checkpoint={run_dir / 'LATEST'}", "reward=implicit",
                                                    "n_prompts=4", "n_samples=2", "max_new_tokens=4",
