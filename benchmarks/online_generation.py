@@ -4,8 +4,9 @@
 1. Tokens per second of the answers online training samples (sampling.sample_token_ids: all
    prompts x samples of a batch in one batched, left-padded `generate` with the KV cache), against
    a plain transformers loop on the same model and prompts: one `model.generate` per prompt with
-   num_return_sequences=samples. Both sample with temperature 1, top_p 1, no top-k, and count the
-   tokens they generated up to and including EOS.
+   num_return_sequences=samples, and transformers' own batched call on the same left-padded batch.
+   All sample with temperature 1, top_p 1, no top-k, and count the tokens they generated up to and
+   including EOS.
 2. The share of online DPO's step time spent answering and judging: `python train.py loss=dpo
    online.enabled=true ...` on the embedded default, its logged time/generation against
    time/train_step.
@@ -70,6 +71,19 @@ def plain_loop(policy, tokenizer, rows, args):
     return tokens
 
 
+def plain_batched(policy, tokenizer, rows, args):
+    """transformers' own batched call on the same left-padded batch, without our wrapper."""
+    import torch
+    import sampling
+    ids, mask = sampling.left_padded(rows, tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.samples,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    return sum(seq.index(eos) + 1 if eos in seq else len(seq) for seq in out[:, ids.shape[1]:].tolist())
+
+
 def tokens_per_second(fn, policy, tokenizer, rows, args) -> float:
     """The median over repeats of generated tokens / seconds (one untimed warm-up call first)."""
     import torch
@@ -118,8 +132,10 @@ def main():
     policy, tokenizer, config = tiny_policy(args.archive)
     rows = prompt_rows(tokenizer, config, args.prompts)
     result = {"ours_tokens_per_s": tokens_per_second(ours, policy, tokenizer, rows, args),
-              "plain_loop_tokens_per_s": tokens_per_second(plain_loop, policy, tokenizer, rows, args)}
+              "plain_loop_tokens_per_s": tokens_per_second(plain_loop, policy, tokenizer, rows, args),
+              "plain_batched_tokens_per_s": tokens_per_second(plain_batched, policy, tokenizer, rows, args)}
     result["speedup"] = result["ours_tokens_per_s"] / result["plain_loop_tokens_per_s"]
+    result["vs_batched"] = result["ours_tokens_per_s"] / result["plain_batched_tokens_per_s"]
     result.update(step_share(args), prompts=args.prompts, samples=args.samples,
                   max_new_tokens=args.max_new_tokens, threads=args.threads, archive=args.archive)
     print(json.dumps(result))

@@ -16,6 +16,24 @@ sys.path.insert(0, str(ROOT))
 # made in that environment.
 import train  # noqa: E402,F401
 
+# How .ci/run spreads the tests over its two workers (pytest-xdist, --dist loadgroup
+# --no-loadscope-reorder): each file is one unit of work, so its module fixtures are built once,
+# except tests marked own_unit (each is a unit); and the files that take longest start first, so
+# the workers finish together instead of one running a four-minute file while the other waits.
+LONGEST_FIRST = ("test_main_job.py", "test_real_model.py", "test_online.py", "test_checkpoint_integrity.py",
+                 "test_distributed.py", "test_lora.py", "test_trdpo.py", "test_reliability.py",
+                 "test_run_dir.py", "test_vision.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        unit = item.nodeid if item.get_closest_marker("own_unit") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(unit))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 # Small, fast settings for the embedded model; each test adds its own overrides.
 FAST = ["n_examples=64", "batch_size=8", "eval_batch_size=16", "n_eval_examples=32",
         "eval_every=32", "sample_during_eval=false", "wandb.enabled=false",

@@ -219,13 +219,14 @@ def test_a_sequence_missing_from_the_cache_is_an_error(tmp_path, tokenizer):
 def test_precomputed_reference_under_fsdp_trains_like_a_live_reference(tmp_path):
     """Two CPU processes (gloo) each score their share of every micro-batch; the shares are merged
     into one cache file, and training matches one process with a live reference."""
-    # n_examples unlike the other tests', so that this run computes its own cache file
     settings = [*SHORT, *DPO, "gradient_accumulation_steps=2", "warmup_steps=0", "n_examples=24"]
     live = read_metrics(run_in_process([*settings, f"local_run_dir={tmp_path}/live"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", *settings, "trainer=FSDPTrainer", "precompute_ref_log_probs=true",
            f"local_run_dir={tmp_path}/fsdp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a cache of its own, so that this run computes its cache file (CI shares one cache between
+    # concurrent test workers, DPO_TEST_CACHE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
     with open(tmp_path / "fsdp.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own group: a hang is killed whole
