@@ -409,7 +409,7 @@ def _split_implicit_text(chosen: str, rejected: str) -> Tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: str) -> Tuple[str, str]:
+def render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: str) -> Tuple[str, str]:
     """Render (prompt text, completion text) with the chat template of `tokenizer` (or of a
     vision-language model's processor).
 
@@ -437,7 +437,7 @@ def _render_chat(tokenizer, prompt: List[dict], completion: List[dict], where: s
     return prompt_text, completion_text
 
 
-def _strip_shared_prompt(prompt: List[dict], completion: List[dict]) -> List[dict]:
+def strip_shared_prompt(prompt: List[dict], completion: List[dict]) -> List[dict]:
     """Drop the prompt messages when a completion repeats the whole conversation."""
     if len(completion) > len(prompt) and completion[:len(prompt)] == prompt:
         return completion[len(prompt):]
@@ -456,9 +456,9 @@ def _conversational_triple(prompt, chosen, rejected, where, tokenizer) -> Tuple[
         prompt = chosen[:shared]
     else:
         prompt = _messages(prompt, "prompt", where)
-    chosen, rejected = _strip_shared_prompt(prompt, chosen), _strip_shared_prompt(prompt, rejected)
-    prompt_text, chosen_text = _render_chat(tokenizer, prompt, chosen, where)
-    _, rejected_text = _render_chat(tokenizer, prompt, rejected, where)
+    chosen, rejected = strip_shared_prompt(prompt, chosen), strip_shared_prompt(prompt, rejected)
+    prompt_text, chosen_text = render_chat(tokenizer, prompt, chosen, where)
+    _, rejected_text = render_chat(tokenizer, prompt, rejected, where)
     return prompt_text, chosen_text, rejected_text
 
 
@@ -512,8 +512,8 @@ def unpaired_row_to_text(row: dict, where: str, tokenizer=None) -> Tuple[str, st
                                  f"{_UNPAIRED_SCHEMA}")
     if isinstance(prompt, list):
         prompt = _messages(prompt, "prompt", where)
-        completion = _strip_shared_prompt(prompt, _messages(completion, "completion", where))
-        prompt, completion = _render_chat(tokenizer, prompt, completion, where)
+        completion = strip_shared_prompt(prompt, _messages(completion, "completion", where))
+        prompt, completion = render_chat(tokenizer, prompt, completion, where)
     return prompt, completion, label
 
 

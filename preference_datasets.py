@@ -73,7 +73,7 @@ HUB_NAMES = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "Hugging
 @contextlib.contextmanager
 def _hub_access(hub_name: str):
     """datasets offline at once when the hub is unreachable (it would retry each file for ~25 s;
-    a cached copy still loads), as utils._from_pretrained does for models; every failure becomes
+    a cached copy still loads), as utils.load_pretrained does for models; every failure becomes
     one ConfigError line naming the dataset_paths key that gives a local copy instead."""
     name = next((short for short, hub in HUB_NAMES.items() if hub == hub_name), hub_name)
     offline = not utils.hub_reachable()

@@ -226,11 +226,11 @@ def build_tokenizer(name_or_path: str, trust_remote_code: bool = False, cache_di
         tokenizer = build_embedded_tokenizer()
     elif gguf_file and (local := dequantized_gguf(name_or_path, gguf_file)) is not None:
         from transformers import AutoTokenizer
-        tokenizer = _from_pretrained(AutoTokenizer, local, option, "tokenizer")
+        tokenizer = load_pretrained(AutoTokenizer, local, option, "tokenizer")
     else:
         from transformers import AutoTokenizer
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = _from_pretrained(AutoTokenizer, name_or_path, option, "tokenizer",
+        tokenizer = load_pretrained(AutoTokenizer, name_or_path, option, "tokenizer",
                                      cache_dir=cache_dir, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
@@ -274,7 +274,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.endswith((".gguf", ".pt"))
 
 
-def _from_pretrained(loader, name_or_path: str, option: str, what: str, **kwargs):
+def load_pretrained(loader, name_or_path: str, option: str, what: str, **kwargs):
     """loader.from_pretrained(name_or_path), offline at once when the hub is unreachable, with
     every failure turned into one ConfigError line naming `option` and the fix."""
     if _looks_like_path(name_or_path) and not os.path.isdir(name_or_path):
@@ -367,11 +367,11 @@ def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokeni
         config = transformers.AutoConfig.for_model(model_type, **settings)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif gguf_file and (local := dequantized_gguf(name_or_path, gguf_file)) is not None:
-        model = _from_pretrained(transformers.AutoModelForCausalLM, local, "model.name_or_path",
+        model = load_pretrained(transformers.AutoModelForCausalLM, local, "model.name_or_path",
                                  "model", dtype=dtype)
     else:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        model = _from_pretrained(model_class(vision), name_or_path,
+        model = load_pretrained(model_class(vision), name_or_path,
                                  "model.name_or_path", "model", cache_dir=cache_dir, dtype=dtype,
                                  trust_remote_code=trust_remote_code, **extra)
         if gguf_file:
@@ -408,9 +408,9 @@ def dequantized_gguf(name_or_path: str, gguf_file: str) -> Optional[str]:
     target = gguf_cache_path(name_or_path, gguf_file)
     if target is None or target.is_dir():
         return None if target is None else str(target)
-    model = _from_pretrained(transformers.AutoModelForCausalLM, name_or_path, "model.name_or_path",
+    model = load_pretrained(transformers.AutoModelForCausalLM, name_or_path, "model.name_or_path",
                              "model", dtype=torch.float32, gguf_file=gguf_file)
-    tokenizer = _from_pretrained(transformers.AutoTokenizer, name_or_path, "model.name_or_path",
+    tokenizer = load_pretrained(transformers.AutoTokenizer, name_or_path, "model.name_or_path",
                                  "tokenizer", gguf_file=gguf_file)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     try:
@@ -459,7 +459,7 @@ def load_model_config(name_or_path: str, gguf_file: Optional[str] = None,
     without its weights; used to rebuild an architecture for export."""
     import transformers
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    config = _from_pretrained(transformers.AutoConfig, name_or_path, "model.name_or_path",
+    config = load_pretrained(transformers.AutoConfig, name_or_path, "model.name_or_path",
                               "model config", trust_remote_code=trust_remote_code, **extra)
     return plain_model_config(config)
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from data_files import DatasetFormatError, _render_chat, _strip_shared_prompt
+from data_files import DatasetFormatError, render_chat, strip_shared_prompt
 
 # the processor's outputs that are text, not image inputs
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -135,7 +135,7 @@ def image_row_to_text(row: dict, where: str, processor, base_dir: Path):
         if column not in row:
             raise DatasetFormatError(f"{where}: missing column '{column}'. {_SCHEMA}")
     prompt = _with_placeholders(_blocks(row["prompt"], "prompt", where), len(images), where)
-    texts = [_render_chat(processor, prompt, _strip_shared_prompt(prompt, _blocks(row[c], c, where)), where)
+    texts = [render_chat(processor, prompt, strip_shared_prompt(prompt, _blocks(row[c], c, where)), where)
              for c in ("chosen", "rejected")]
     return (texts[0][0], images), texts[0][1], texts[1][1]
 
@@ -213,11 +213,11 @@ def build_processor(m, tokenizer):
     image token added), else AutoProcessor from model.tokenizer_name_or_path or name_or_path."""
     import transformers
     if m.from_config is None:
-        from utils import _from_pretrained
+        from utils import load_pretrained
         own = m.tokenizer_name_or_path not in (None, "embedded")
         source, option = ((m.tokenizer_name_or_path, "model.tokenizer_name_or_path") if own
                           else (m.name_or_path, "model.name_or_path"))
-        processor = _from_pretrained(transformers.AutoProcessor, source, option, "processor",
+        processor = load_pretrained(transformers.AutoProcessor, source, option, "processor",
                                      trust_remote_code=m.trust_remote_code)
         tokenizer = processor.tokenizer
         if tokenizer.pad_token_id is None:

@@ -455,4 +455,4 @@ def test_a_turn_ending_in_eos_gets_no_second_one(tiny_vlm):
         "{% endfor %}{% endif %}{% endfor %}", "{% endfor %}{% endif %}" + tokenizer.eos_token + "\n{% endfor %}")
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
     reply = [{"role": "assistant", "content": [{"type": "text", "text": " Red."}]}]
-    assert data_files._render_chat(processor, prompt, reply, "row")[1] == "  Red." + tokenizer.eos_token
+    assert data_files.render_chat(processor, prompt, reply, "row")[1] == "  Red." + tokenizer.eos_token
