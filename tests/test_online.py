@@ -128,6 +128,43 @@ def test_killed_mid_round_resumes_bitwise(judge_dir, tmp_path):
     assert all(r["chosen_score"] > r["rejected_score"] for r in rows)
 
 
+def _reward_model_dir(path, tokenizer):
+    """A tiny sequence-classification model with one output, saved as a Hugging Face directory."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                      pad_token_id=tokenizer.pad_token_id)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("judge", ["reward_model", "implicit"])
+def test_each_judge_trains_and_its_scores_are_the_round_files(judge, tokenizer, tmp_path):
+    """Online training judged by a local reward model, and by a DPO checkpoint's implicit reward
+    (self-rewarding with an earlier run): each round's pairs are the best and worst answers by
+    that judge, and the file's scores are what the judge gives those texts when asked again."""
+    if judge == "reward_model":
+        settings = {"name_or_path": str(_reward_model_dir(tmp_path / "rm", tokenizer)), "label_index": None,
+                    "batch_size": 16, "max_length": 512}
+    else:  # an earlier DPO run of the embedded default judges
+        dpo = run_in_process([*FAST, "n_examples=32", "loss=dpo", "loss.beta=0.1", "save_hf_format=false",
+                              f"local_run_dir={tmp_path / 'dpo'}"])
+        settings = {"beta": None, "checkpoint": str(dpo / "LATEST")}
+    run_dir = run_in_process([*FAST, "n_examples=32", "save_hf_format=false", *ONLINE, "online.generate_every=4",
+                              f"reward={judge}", *[f"reward.{k}={v}" for k, v in settings.items() if v is not None],
+                              f"local_run_dir={tmp_path / 'online'}"])
+    rows = [json.loads(line) for line in (run_dir / "online" / "round-000000.jsonl").read_text().splitlines()]
+    assert rows and all(r["chosen_score"] > r["rejected_score"] for r in rows)
+    context = rewards.RewardContext(None, None, tokenizer, torch.device("cpu"), None, 8, False)
+    scorer = rewards.REWARDS[judge].build(settings, context)
+    for side in ("chosen", "rejected"):
+        again = scorer([r["prompt"] for r in rows], [r[side] for r in rows])
+        torch.testing.assert_close(again, torch.tensor([r[f"{side}_score"] for r in rows], dtype=again.dtype),
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_fsdp_ranks_answer_their_shares(judge_dir, tmp_path):
     """Two FSDP processes (gloo): each answers its half of every batch's prompts (synced
