@@ -376,8 +376,18 @@ def build_model(name_or_path: Optional[str], from_config: Optional[dict], tokeni
                                  trust_remote_code=trust_remote_code, **extra)
         if gguf_file:
             model = plain_model_copy(model)
+    if vision and model.config.model_type in PREFIX_ATTENTION_VLMS:
+        raise ConfigError(f"model.name_or_path={name_or_path or model.config.model_type}: "
+                          f"{model.config.model_type} attends bidirectionally over its image and prompt "
+                          "tokens (token_type_ids change its attention mask), which this framework's "
+                          "layouts do not build; use a LLaVA, Idefics3/SmolVLM or Qwen2-VL model")
     model.config.use_cache = False
     return model
+
+
+# Vision-language models whose attention mask depends on token_type_ids (a prefix attended both
+# ways): the causal layouts here would train them on the wrong mask, so they are refused.
+PREFIX_ATTENTION_VLMS = ("paligemma", "gemma3")
 
 
 # Bump when the cached copy's layout changes, so older copies are not read.

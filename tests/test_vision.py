@@ -10,6 +10,7 @@ import packing
 import train
 import vision
 from conftest import compose
+from utils import ConfigError
 
 
 def image_bytes(seed: int, size=(20, 24)) -> bytes:
@@ -456,3 +457,21 @@ def test_a_turn_ending_in_eos_gets_no_second_one(tiny_vlm):
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
     reply = [{"role": "assistant", "content": [{"type": "text", "text": " Red."}]}]
     assert data_files.render_chat(processor, prompt, reply, "row")[1] == "  Red." + tokenizer.eos_token
+
+
+def test_a_vlm_whose_attention_mask_depends_on_token_types_is_refused_in_one_line(tmp_path, tokenizer):
+    """PaliGemma attends both ways over its image and prompt tokens (token_type_ids shape its
+    mask); trained through the causal layouts here it would learn on the wrong mask, so it is refused
+    when it loads."""
+    import transformers
+    import utils
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8),
+        text_config=dict(model_type="gemma", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer)),
+        image_token_index=len(tokenizer) - 1, projection_dim=16)
+    transformers.PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path / "paligemma")
+    with pytest.raises(ConfigError) as error:
+        utils.build_model(str(tmp_path / "paligemma"), None, tokenizer, torch.float32, vision=True)
+    assert "paligemma attends bidirectionally" in str(error.value) and "\n" not in str(error.value)
