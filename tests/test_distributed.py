@@ -150,6 +150,34 @@ def test_fsdp_matches_basic_trainer_and_resumes(baseline, initial_weights, token
 
 
 @pytest.mark.slow
+def test_two_nodes_started_as_two_commands_end_at_basic_trainers_weights(baseline, initial_weights,
+                                                                          tokenizer, tmp_path):
+    """The multi-node launch as written in docs/distributed.md, one torchrun command per node with a
+    c10d rendezvous, here two "nodes" of one process each on 127.0.0.1 sharing one run directory:
+    the same losses and weights as one process, and only global rank 0 writes the run's files."""
+    import train
+    endpoint = f"127.0.0.1:{train.free_port()}"
+    run_dir = tmp_path / "two-nodes"
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                 "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "train.py",
+                 *COMMON, "trainer=FSDPTrainer", f"local_run_dir={run_dir}"] for node in (1, 0)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    logs = [tmp_path / f"node{node}.txt" for node in (1, 0)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True) for cmd, log in zip(commands, logs)]
+    try:
+        codes = [proc.wait(timeout=RUN_TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
+    # global rank 0 (on whichever node joined the rendezvous first) wrote the run's files, once
+    assert sorted("saved checkpoint" in log.read_text() for log in logs) == [False, True]
+
+
+@pytest.mark.slow
 def test_tensor_parallel_matches_basic_trainer_and_resumes_its_checkpoint(
         baseline, initial_weights, tokenizer, tmp_path):
     run_dir = tmp_path / "tp"
