@@ -178,6 +178,27 @@ def test_two_nodes_started_as_two_commands_end_at_basic_trainers_weights(baselin
 
 
 @pytest.mark.slow
+def test_checkpoints_reshard_to_another_process_count_and_trainer(baseline, initial_weights, tokenizer,
+                                                                 tmp_path):
+    """A run stopped at its step-16 checkpoint resumes under another number of processes or another
+    trainer and ends where one uninterrupted process ends: a sharded checkpoint of 4 FSDP processes
+    under 2 (torch.distributed.checkpoint reshards it), and BasicTrainer's full checkpoint under 2
+    FSDP processes. (FSDP 2 -> BasicTrainer: test_a_finished_sharded_fsdp_run_trains_further_...)"""
+    one_micro_batch = ["gradient_accumulation_steps=1"]  # 8 = 4 x 2 = 2 x 4: one global batch
+    four = tmp_path / "fsdp4"
+    rc, output = torchrun(["train.py", *COMMON, *one_micro_batch, "trainer=FSDPTrainer",
+                           "checkpoint_format=sharded", f"local_run_dir={four}"], tmp_path, nproc=4)
+    assert rc == 0, output[-3000:]
+    basic = run_in_process([*COMMON, *one_micro_batch, "save_hf_format=false", f"local_run_dir={tmp_path / 'basic'}"])
+    for run_dir in (four, basic):
+        shutil.rmtree(run_dir / "LATEST")  # as if stopped right after step-16
+        # the resumed run saves full checkpoints (a relaunch may change the format), to compare
+        output = train_2proc("FSDPTrainer", run_dir, *one_micro_batch, "checkpoint_format=full")
+        assert "resuming from" in output and "step-16" in output
+        check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
+
+
+@pytest.mark.slow
 def test_tensor_parallel_matches_basic_trainer_and_resumes_its_checkpoint(
         baseline, initial_weights, tokenizer, tmp_path):
     run_dir = tmp_path / "tp"
