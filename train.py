@@ -108,6 +108,11 @@ def validate_config(config: DictConfig, world_size: int):
     _require(config.trainer in TRAINERS,
              f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
     validate_batch_split(config, world_size)
+    _positive_int(config, "fsdp_replicate")
+    _require(config.fsdp_replicate == 1 or (config.trainer == "FSDPTrainer"
+                                             and world_size % config.fsdp_replicate == 0),
+             f"fsdp_replicate={config.fsdp_replicate} needs trainer=FSDPTrainer and a number of processes "
+             f"it divides (trainer={config.trainer}, {world_size} processes)")
     optimizer = getattr(torch.optim, str(config.optimizer), None)
     _require(isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer),
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "

@@ -764,6 +764,16 @@ class FSDPTrainer(ShardedTrainer):
     # FSDP casts the parameters itself (MixedPrecisionPolicy), so no autocast on top
     autocast_dtype = None
 
+    def setup_device(self) -> torch.device:
+        device = super().setup_device()
+        replicate = self.config.fsdp_replicate
+        if replicate > 1:  # HSDP (torchtitan's data_parallel_replicate_degree): 2D, replicate x shard
+            self.mesh = init_device_mesh(device.type, (replicate, dist.get_world_size() // replicate),
+                                         mesh_dim_names=("replicate", "shard"))
+            rank0_print(f"HSDP: {replicate} replicas x {dist.get_world_size() // replicate} shards "
+                        "(each block sharded within a replica's processes)")
+        return device
+
     def place_policy(self, model):
         dtype = MIXED_PRECISION_DTYPES.get(self.config.mixed_precision)
         if self.config.activation_checkpointing:

@@ -199,6 +199,29 @@ def test_checkpoints_reshard_to_another_process_count_and_trainer(baseline, init
 
 
 @pytest.mark.slow
+def test_hsdp_on_four_processes_equals_basic_trainer(baseline, initial_weights, tokenizer, tmp_path):
+    """fsdp_replicate=2 on 4 processes: two replicas, each block sharded over 2 processes (a 2D
+    device mesh), the same losses and weights as one process."""
+    run_dir = tmp_path / "hsdp"
+    rc, output = torchrun(["train.py", *COMMON, "gradient_accumulation_steps=1", "trainer=FSDPTrainer",
+                           "fsdp_replicate=2", f"local_run_dir={run_dir}"], tmp_path, nproc=4)
+    assert rc == 0, output[-3000:]
+    assert "HSDP: 2 replicas x 2 shards" in output
+    check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
+
+
+def test_hsdp_settings_are_checked():
+    import train
+    from utils import ConfigError
+    for overrides, processes in ((["fsdp_replicate=2"], 1), (["trainer=FSDPTrainer", "fsdp_replicate=3"], 4),
+                                 (["fsdp_replicate=0"], 1)):
+        with pytest.raises(ConfigError, match="fsdp_replicate=") as error:
+            train.validate_config(compose([*COMMON, "batch_size=24", *overrides]), processes)
+        assert "\n" not in str(error.value)
+    train.validate_config(compose([*COMMON, "trainer=FSDPTrainer", "fsdp_replicate=2"]), 4)
+
+
+@pytest.mark.slow
 def test_tensor_parallel_matches_basic_trainer_and_resumes_its_checkpoint(
         baseline, initial_weights, tokenizer, tmp_path):
     run_dir = tmp_path / "tp"
