@@ -472,6 +472,10 @@ GLOBAL_LOSSES = {
     "aot_rpo": ["loss=aot", "loss.rpo_alpha=0.5"],
     # KTO's KL estimate: the mean over the micro-batch's mismatched pairs, gathered over processes
     "kto": ["loss=kto", "loss.desirable_weight=1.2"],
+    # TDPO's token-level KL, from packed rows (each prompt once; the defaults, named here)
+    "tdpo_packed": ["loss=tdpo", "share_prompt=true", "packing=true"],
+    # reference-free: the NLL term and the odds ratio, no reference model on any rank
+    "orpo": ["loss=orpo"],
 }
 
 
