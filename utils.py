@@ -576,8 +576,21 @@ def init_distributed(rank: int, world_size: int, local_rank: int, timeout_minute
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                            store=restart_store(world_size, timeout))
+
+
+def restart_store(world_size: int, timeout: datetime.timedelta):
+    """Under torchrun, a key-value store of this attempt's own: torchrun (torch 2.13) hands every
+    restarted group (--max-restarts) the same agent store, so the new ranks would read the dead
+    ranks' addresses and fail to connect; the keys of attempt N live under /worker/attempt_N.
+    None (init_process_group's own env:// store) outside torchrun's agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def broadcast_object(obj):

@@ -199,6 +199,40 @@ def test_checkpoints_reshard_to_another_process_count_and_trainer(baseline, init
 
 
 @pytest.mark.slow
+def test_torchrun_restarts_a_group_that_lost_a_rank_and_it_ends_bitwise(tmp_path):
+    """`torchrun --max-restarts=1`: one of two FSDP processes is killed (SIGKILL) right after the
+    step-32 checkpoint; torchrun restarts the group, which resumes from that checkpoint and ends
+    with the same weights and losses, bit for bit, as an uninterrupted run."""
+    import time
+    import psutil
+    args = [*COMMON, "n_examples=64", "save_hf_format=false", "trainer=FSDPTrainer"]
+    whole = tmp_path / "whole"
+    rc, output = torchrun(["train.py", *args, f"local_run_dir={whole}"], tmp_path)
+    assert rc == 0, output[-3000:]
+    run_dir = tmp_path / "restarted"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=1", "train.py", *args, f"local_run_dir={run_dir}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "restarted.txt", "w") as log:
+        agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            deadline = time.time() + RUN_TIMEOUT
+            while not (run_dir / "step-32" / "trainer_state.pt").exists():
+                assert agent.poll() is None and time.time() < deadline, "the run ended before step-32"
+                time.sleep(0.05)
+            psutil.Process(agent.pid).children()[-1].kill()  # one rank, SIGKILL
+            assert agent.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "restarted.txt").read_text()[-3000:]
+        finally:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+    assert "resuming from" in (tmp_path / "restarted.txt").read_text()
+    a, b = policy_state(whole), policy_state(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert column(run_dir, "loss/train") == column(whole, "loss/train")
+
+
+@pytest.mark.slow
 def test_hsdp_on_four_processes_equals_basic_trainer(baseline, initial_weights, tokenizer, tmp_path):
     """fsdp_replicate=2 on 4 processes: two replicas, each block sharded over 2 processes (a 2D
     device mesh), the same losses and weights as one process."""
