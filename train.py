@@ -108,11 +108,6 @@ def validate_config(config: DictConfig, world_size: int):
     _require(config.trainer in TRAINERS,
              f"trainer={config.trainer} is unknown; use one of {', '.join(TRAINERS)}")
     validate_batch_split(config, world_size)
-    _positive_int(config, "fsdp_replicate")
-    _require(config.fsdp_replicate == 1 or (config.trainer == "FSDPTrainer"
-                                             and world_size % config.fsdp_replicate == 0),
-             f"fsdp_replicate={config.fsdp_replicate} needs trainer=FSDPTrainer and a number of processes "
-             f"it divides (trainer={config.trainer}, {world_size} processes)")
     optimizer = getattr(torch.optim, str(config.optimizer), None)
     _require(isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer),
              f"optimizer={config.optimizer} is not a torch.optim optimizer class "
@@ -140,7 +135,7 @@ def validate_config(config: DictConfig, world_size: int):
 
 
 def validate_batch_split(config: DictConfig, world_size: int):
-    """The batches split evenly into micro-batches and processes."""
+    """The batches split evenly into micro-batches and processes, and HSDP's replicas divide them."""
     # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
     data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
     per_update = config.gradient_accumulation_steps * data_procs
@@ -150,6 +145,11 @@ def validate_batch_split(config: DictConfig, world_size: int):
     _require(config.eval_batch_size % data_procs == 0,
              f"eval_batch_size={config.eval_batch_size} must be divisible by the number of "
              f"processes ({data_procs})")
+    _positive_int(config, "fsdp_replicate")
+    _require(config.fsdp_replicate == 1 or (config.trainer == "FSDPTrainer"
+                                             and world_size % config.fsdp_replicate == 0),
+             f"fsdp_replicate={config.fsdp_replicate} needs trainer=FSDPTrainer and a number of processes "
+             f"it divides (trainer={config.trainer}, {world_size} processes)")
 
 
 def validate_model_config(model: DictConfig):
