@@ -729,8 +729,12 @@ class ShardedTrainer(BasicTrainer):
     def setup_device(self) -> torch.device:
         parallel.ensure_process_group()
         device = parallel.local_device()
-        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.mesh = self.device_mesh(device)
         return device
+
+    def device_mesh(self, device: torch.device):
+        """The device mesh the model is placed on: one dimension over all ranks."""
+        return init_device_mesh(device.type, (dist.get_world_size(),))
 
     def clip_gradient(self) -> float:
         return parallel.clip_grad_norm_mixed(self.policy.parameters(), self.config.max_grad_norm)
@@ -764,15 +768,15 @@ class FSDPTrainer(ShardedTrainer):
     # FSDP casts the parameters itself (MixedPrecisionPolicy), so no autocast on top
     autocast_dtype = None
 
-    def setup_device(self) -> torch.device:
-        device = super().setup_device()
+    def device_mesh(self, device: torch.device):
         replicate = self.config.fsdp_replicate
-        if replicate > 1:  # HSDP (torchtitan's data_parallel_replicate_degree): 2D, replicate x shard
-            self.mesh = init_device_mesh(device.type, (replicate, dist.get_world_size() // replicate),
-                                         mesh_dim_names=("replicate", "shard"))
-            rank0_print(f"HSDP: {replicate} replicas x {dist.get_world_size() // replicate} shards "
-                        "(each block sharded within a replica's processes)")
-        return device
+        if replicate == 1:
+            return super().device_mesh(device)
+        # HSDP (torchtitan's data_parallel_replicate_degree): 2D, replicate x shard
+        shards = dist.get_world_size() // replicate
+        rank0_print(f"HSDP: {replicate} replicas x {shards} shards (each block sharded within a "
+                    "replica's processes)")
+        return init_device_mesh(device.type, (replicate, shards), mesh_dim_names=("replicate", "shard"))
 
     def place_policy(self, model):
         dtype = MIXED_PRECISION_DTYPES.get(self.config.mixed_precision)

@@ -4,6 +4,7 @@ end with the same weights and write checkpoints that load into a plain model and
 
 Every multi-process run is a `python -m torch.distributed.run` subprocess in its own session, killed
 whole on a timeout, so a rank that hangs cannot hang the suite."""
+import contextlib
 import json
 import os
 import shutil
@@ -163,14 +164,16 @@ def test_two_nodes_started_as_two_commands_end_at_basic_trainers_weights(baselin
                  *COMMON, "trainer=FSDPTrainer", f"local_run_dir={run_dir}"] for node in (1, 0)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     logs = [tmp_path / f"node{node}.txt" for node in (1, 0)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True) for cmd, log in zip(commands, logs)]
-    try:
-        codes = [proc.wait(timeout=RUN_TIMEOUT) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.ExitStack() as files:
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=files.enter_context(log.open("w")),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+                 for cmd, log in zip(commands, logs)]
+        try:
+            codes = [proc.wait(timeout=RUN_TIMEOUT) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
     assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
     check_against_baseline(run_dir, baseline, initial_weights, tokenizer)
     # global rank 0 (on whichever node joined the rendezvous first) wrote the run's files, once
