@@ -8,6 +8,7 @@ trainers only say how the models are sharded (parallel.py) and how their full st
 """
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -539,27 +540,31 @@ class BasicTrainer(SingleProcessPlacement):
             getattr(torch.optim, c.optimizer), list(self.policy.parameters()), c.lr,
             c.warmup_steps, loss_scaling=c.mixed_precision == "fp16")
 
-    def begin(self) -> bool:
-        """Optimizer, resume, logs, reference and wandb ready; False when the run already ended."""
+    def begin(self) -> Optional[Iterator[Dict]]:
+        """Optimizer, resume, logs, reference and wandb ready; returns the training batches still
+        to come, or None when the run already ended."""
         self.build_optimizer()
         self.next_eval = 0 if self.config.do_first_eval else self.config.eval_every
         resume, finished = checkpoints.resume(self.config.resume_from, self.run_dir, self.restore,
                                               lambda: self.example_counter)
+        batches = self.train_iterator()  # after the restore: it skips the batches already trained
         if resume is not None:
             rank0_print(f"resuming from {resume} at {self.example_counter} examples "
                         f"({self.batch_counter} updates)")
             # A finished run relaunched with a larger n_examples or n_epochs trains on: the data
             # schedule only grows, so the batches it has not seen yet come next, as they would
             # have in one run of the new length.
-            if finished and next(self.train_iterator(), None) is None:
+            first = next(batches, None) if finished else None
+            if finished and first is None:
                 rank0_print(f"run in {self.run_dir} already finished; nothing to do")
-                return False
+                return None
             if finished:
                 rank0_print(f"training further than the finished run, to {self.length_setting()}")
+                batches = itertools.chain([first], batches)
         self.run_log.truncate(resume is not None, self.example_counter)
         self.prepare_reference()
         self.run_log.start_wandb()
-        return True
+        return batches
 
     def prepare_reference(self):
         self.reference.prepare(self.scored_batches, self.rank_slice, self.sides)
@@ -571,11 +576,12 @@ class BasicTrainer(SingleProcessPlacement):
             TrainingInterrupted: SIGINT or SIGTERM arrived; the step under way was finished and
                 saved as step-{examples} (ranks agree on the step to stop after).
         """
-        if not self.begin():
+        data = self.begin()
+        if data is None:
             return
         with InterruptFlag() as interrupt:
             last_log = 0.0
-            batches = self.batch_source.wrap(self.train_iterator(), self.batch_counter)
+            batches = self.batch_source.wrap(data, self.batch_counter)
             progress = tqdm.tqdm(batches, desc="Training", disable=self.rank != 0,
                                  initial=self.batch_counter)
             for batch in progress:

@@ -418,6 +418,8 @@ def dequantized_gguf(name_or_path: str, gguf_file: str) -> Optional[str]:
     target = gguf_cache_path(name_or_path, gguf_file)
     if target is None or target.is_dir():
         return None if target is None else str(target)
+    rank0_print(f"model: dequantising {os.path.join(name_or_path, gguf_file)} once into {target} (later "
+                "runs load that copy; delete it to free its space)")
     model = load_pretrained(transformers.AutoModelForCausalLM, name_or_path, "model.name_or_path",
                              "model", dtype=torch.float32, gguf_file=gguf_file)
     tokenizer = load_pretrained(transformers.AutoTokenizer, name_or_path, "model.name_or_path",
