@@ -126,7 +126,8 @@ def tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor,
 
 def get_batch_parts(logits: torch.Tensor, labels: torch.LongTensor,
                     public_tokens: Optional[torch.Tensor] = None, wpo: bool = False) -> dict:
-    """`completion_parts` on full logits (for models whose logits are not a plain linear layer).
+    """Summed log-probs plus LD-DPO's and WPO's per-sequence parts, on full logits (for models
+    whose logits are not a plain linear layer).
 
     Args:
         logits: (B, T, V); labels: (B, T) with -100 where not counted.
@@ -540,34 +541,6 @@ def _rank_in_sequence(seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     sequence, then position, as `_completion_rows` returns them)."""
     starts = torch.cumsum(counts, 0) - counts
     return torch.arange(seq.numel(), device=seq.device) - starts[seq]
-
-
-def completion_parts(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor,
-                     bias: Optional[torch.Tensor] = None, chunk_size: int = 1024,
-                     public_tokens: Optional[torch.Tensor] = None, wpo: bool = False) -> dict:
-    """Summed log-probs plus LD-DPO's and WPO's per-sequence parts, from one chunked pass.
-
-    Args:
-        hidden, weight, labels, bias, chunk_size: as `completion_logps`.
-        public_tokens: (B,) LD-DPO's shared length per row (min of the pair's completion
-            lengths, Liu et al. 2024, arXiv 2409.06411), or None.
-        wpo: also return WPO's log-weights (Zhou et al. 2024, arXiv 2406.11827, Eq. 2).
-
-    Returns:
-        {'sum': (B,) as completion_logps (identical values), 'public': (B,) the sum over each
-        row's first public_tokens completion tokens (with gradient; when public_tokens is given),
-        'wpo_logweight': (B,) detached sum over completion tokens of log p(y_t) -
-        logsumexp_v(2 log p(v | prefix)) (when wpo)}.
-    """
-    per_row, wpo_rows, seq, counts, b = _row_logps(hidden, weight, labels, bias, chunk_size, wpo)
-    out = {"sum": _per_sequence(per_row, seq, counts, b, False)}
-    if public_tokens is not None:
-        public = _rank_in_sequence(seq, counts) < public_tokens.to(seq.device)[seq]
-        out["public"] = _per_sequence(torch.where(public, per_row, torch.zeros_like(per_row)),
-                                      seq, counts, b, False)
-    if wpo:
-        out["wpo_logweight"] = _per_sequence(wpo_rows, seq, counts, b, False).detach()
-    return out
 
 
 def completion_token_kl(policy_hidden: torch.Tensor, reference_hidden: torch.Tensor,

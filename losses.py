@@ -690,16 +690,12 @@ class ORPOSpec(LossSpec):
     def average_log_prob(self, args: dict) -> bool:
         return True
 
-    def inputs(self, logps: BatchLogps, args: dict) -> Tuple[torch.Tensor, ...]:
-        return _reference_free_inputs(logps)
-
     def compute(self, logps: BatchLogps, args: dict, state: dict, gather: Callable, train: bool,
                 generator: Optional[torch.Generator] = None, rank: int = 0) -> Tuple[torch.Tensor, Metrics]:
         """As LossSpec.compute; the loss is ORPO's whole loss, odds-ratio term plus NLL."""
         pc, pr = logps.chosen, logps.rejected
         losses_, cr, rjr = self.fn(pc, pr, beta=args["beta"])
-        chosen_sum = pc * logps.chosen_tokens.clamp(min=1)  # the trainer's mean, undone
-        nll = chosen_nll(chosen_sum + logps.prompt, logps.chosen_tokens + logps.prompt_tokens, gather)
+        nll = chosen_nll(self.chosen_sum(logps, args) + logps.prompt, logps.chosen_tokens + logps.prompt_tokens, gather)
         metrics = _reward_metrics(cr, rjr, pc, pr)
         log_odds = orpo_log_odds(pc, pr).detach()
         metrics.update({"nll/chosen": nll.detach(), "orpo/log_odds_chosen": log_odds,

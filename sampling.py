@@ -53,14 +53,13 @@ def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context
     `context()` (the tensor-parallel trainer seeds it)."""
     rows = [ids[mask.bool()] for ids, mask in zip(batch["prompt_input_ids"],
                                                   batch["prompt_attention_mask"])]
-    ids, mask = left_padded(rows, tokenizer.pad_token_id)
+    ids, mask = (t.to(device) for t in left_padded(rows, tokenizer.pad_token_id))
     with context(), torch.no_grad():
         # a vision-language model's prompts with their images (one prompt per row, in order)
         images = vision.batch_inputs(batch, device=device)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_length=max_length, do_sample=True,
-                             pad_token_id=tokenizer.pad_token_id, **images,
-                             **vision.token_inputs(model, ids.to(device), images))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_length=max_length,
+                             do_sample=True, pad_token_id=tokenizer.pad_token_id, **images,
+                             **vision.token_inputs(model, ids, images))
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -82,12 +81,11 @@ def sample_token_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], n_sa
     samples = []
     for start in tqdm.tqdm(range(0, len(rows), batch_size), desc="Sampling", leave=False,
                            disable=not progress):
-        ids, mask = left_padded(rows[start:start + batch_size], tokenizer.pad_token_id)
+        ids, mask = (t.to(device) for t in left_padded(rows[start:start + batch_size], tokenizer.pad_token_id))
         images = vision.concat(pictures[start:start + batch_size], device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config, synced_gpus=synced_gpus, **images,
-                                 **vision.token_inputs(model, ids.to(device), images))
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 synced_gpus=synced_gpus, **images, **vision.token_inputs(model, ids, images))
         samples.extend(_until_eos(seq.tolist(), tokenizer.eos_token_id)
                        for seq in out[:, ids.shape[1]:])
     return samples
