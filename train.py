@@ -7,6 +7,7 @@ hands them to the trainer named by `trainer`. Multi-process trainers run under t
 import cpu_env  # noqa: F401  (bitwise-reproducible MKL: before torch loads it)
 
 import copy
+import gc
 import os
 import difflib
 import math
@@ -701,7 +702,9 @@ def run(config: DictConfig):
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
     if torch.distributed.is_initialized():
-        # Tear the process group down together, not in each rank's interpreter shutdown.
+        # Tear the process group down together, not in each rank's interpreter shutdown: first
+        # free the sharded models (reference cycles) so nothing outlives the group's threads.
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
@@ -915,25 +918,38 @@ def print_error(problem) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(config: DictConfig):
+    code = run_reporting_errors(config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank of a process group leaves without the interpreter's shutdown: there, a collective
+        # library's C++ thread that drops a tensor's last reference aborts the process
+        # ("terminate called without an active exception", pytorch/pytorch#179291).
+        utils.exit_process(code)
+    if code:
+        sys.exit(code)
+
+
+def run_reporting_errors(config: DictConfig) -> int:
+    """run(config); a known failure becomes its one-line message and the exit code (0: success)."""
     try:
         run(config)
     except (ConfigError, preference_datasets.DatasetFormatError) as e:
         print_error(e)
-        sys.exit(2)
+        return 2
     except trainers.TrainingDiverged as e:
         print_error(e)
-        sys.exit(3)
+        return 3
     except checkpoints.CheckpointWriteError as e:
         utils.rank0_print(f"error: {e}", file=sys.stderr)
-        sys.exit(4)
+        return 4
     except trainers.TrainingInterrupted as e:
         # 128 + the signal number, as a shell reports a process the signal stopped
         utils.rank0_print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signum)
+        return 128 + e.signum
     except KeyboardInterrupt:  # before training started (or after it ended)
         utils.rank0_print("interrupted before training started; nothing new was saved; relaunch "
                           "the same command to start again", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        return 128 + signal.SIGINT
+    return 0
 
 
 def command_line():

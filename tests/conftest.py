@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 # variables only when torch loads it. Runs compared bit for bit (tests/test_bitwise.py) are
 # made in that environment.
 import train  # noqa: E402,F401
+import warm_launch  # noqa: E402  (tests/warm_launch.py: run_subprocess forks a warm process)
 
 # How .ci/run spreads the tests over its two workers (pytest-xdist, --dist loadgroup
 # --no-loadscope-reorder): each file is one unit of work, so its module fixtures are built once,
@@ -57,8 +58,7 @@ def run_in_process(overrides):
 def run_subprocess(args, timeout=600, env=None):
     """`python -u train.py ARGS` in the repository root; returns the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-u", "train.py", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return warm_launch.run_train(args, full_env, timeout)
 
 
 def read_metrics(run_dir):

@@ -2,8 +2,9 @@
 torchrun train on the same global batches as one process and must log the same per-step losses,
 end with the same weights and write checkpoints that load into a plain model and resume.
 
-Every multi-process run is a `python -m torch.distributed.run` subprocess in its own session, killed
-whole on a timeout, so a rank that hangs cannot hang the suite."""
+Every multi-process run is killed whole on a timeout, so a rank that hangs cannot hang the suite:
+train.py's ranks are forked from a warm process with torchrun's environment (torchrun() below); the
+tests of torchrun itself start `python -m torch.distributed.run` in a session of its own."""
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import warm_launch
 from conftest import ROOT, compose, read_metrics, run_in_process
 
 # Four DPO updates of 8 examples in 2 micro-batches, clipped at every step (grad norms are ~0.5),
@@ -34,7 +36,19 @@ WEIGHT_ATOL = 1e-4
 
 def torchrun(script_and_args, tmp_dir: Path, nproc: int = 2, timeout: int = RUN_TIMEOUT):
     """`python -m torch.distributed.run --standalone --nproc_per_node=N ...` in the repository
-    root; the whole process group is killed if it outlives `timeout`."""
+    root; the whole process group is killed if it outlives `timeout`. For train.py the N workers
+    are forked from the test worker's warm process with the environment torchrun gives them
+    (tests/warm_launch.py: no interpreter start per rank); the tests of torchrun's own features
+    (restarts, several nodes) start it themselves."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if script_and_args[0] == "train.py":
+        log = tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
+        try:
+            rc = warm_launch.run_ranks(script_and_args[1:], env, nproc, log, timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(script_and_args[-3:])} hung for {timeout}s; log: {log.read_text()[-3000:]}")
+        if rc is not None:
+            return rc, log.read_text()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *script_and_args]
     return run_killable(cmd, tmp_dir, timeout)

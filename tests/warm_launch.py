@@ -1,0 +1,190 @@
+"""`python -u train.py ARGS` for the tests, without paying the imports each time.
+
+A run of the tiny model takes a few seconds; starting Python and importing torch, transformers and
+train.py's modules takes about as long again, and the tests start a few hundred runs. So each test
+worker keeps one warm process (a "zygote": the imports done, nothing run) and every run is a fork
+of it: a child process with its own memory, working directory, environment, stdout and stderr
+files and exit code, which then does what `python -u train.py ARGS` does: train.command_line().
+
+Forking is safe here because the zygote has only imported: no math threads, no tokenizer threads
+and no process group exist yet. A run whose environment differs from the zygote's (some variables
+are read once, at import) gets a fresh interpreter instead, as does any run where the platform has
+no fork.
+"""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(request: dict):
+    """In the forked child: become `python -u train.py ARGS` and never return."""
+    code = 1
+    try:
+        os.setsid()  # its own process group: a timeout kills whatever it started
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+        sys.stdout.reconfigure(write_through=True)  # -u
+        sys.stderr.reconfigure(write_through=True)
+        sys.argv = ["train.py", *request["args"]]
+        import train
+        try:
+            train.command_line()
+            code = 0
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                sys.stderr.write(e.code + "\n")
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # as the interpreter would: the traceback on stderr, exit code 1
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def rank_environment(env: dict, rank: int, nproc: int, port: int) -> dict:
+    """What `torchrun --standalone --nproc_per_node=NPROC` sets for a worker (its own rendezvous
+    aside: the ranks meet at MASTER_ADDR:MASTER_PORT, as init_process_group's env:// does)."""
+    if nproc == 1:
+        return env
+    return dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank),
+                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), ROLE_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT="0")
+
+
+def wait_ranks(pids) -> int:
+    """Wait for every rank; once one fails the others are stopped (SIGTERM), as torchrun's agent
+    does. 0 when all succeeded, else the first failure's code."""
+    codes = {}
+    while len(codes) < len(pids):
+        pid, status = os.wait()
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid] != 0:
+            for other in pids:
+                if other not in codes:
+                    try:
+                        os.killpg(other, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+    return next((codes[p] for p in pids if codes[p] != 0), 0)
+
+
+def serve(requests, replies):
+    """The zygote's loop: one JSON request per line in; out, the children's pids (one per rank)
+    and then the exit code, until stdin closes."""
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    import train  # noqa: F401  (and through it torch, transformers, hydra, datasets)
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the tiny test model)
+    replies.write("ready\n")
+    replies.flush()
+    for line in requests:
+        request = json.loads(line)
+        nproc, port = request.get("nproc", 1), train.free_port()
+        pids = []
+        for rank in range(nproc):
+            pid = os.fork()
+            if pid == 0:
+                _child(dict(request, env=rank_environment(request["env"], rank, nproc, port)))
+            pids.append(pid)
+        replies.write(" ".join(map(str, pids)) + "\n")
+        replies.flush()
+        replies.write(f"{wait_ranks(pids)}\n")
+        replies.flush()
+
+
+class Zygote:
+    """The test worker's side: starts the warm process with environment `env` and runs requests
+    through it; the runs' stdout and stderr go through files in a directory of its own."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.files = Path(tempfile.mkdtemp(prefix="warm-train-"))
+        self.runs = 0
+        self.proc = subprocess.Popen([sys.executable, __file__], cwd=ROOT, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline() == "ready\n", "the warm test launcher did not start"
+
+    def run(self, args, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        self.runs += 1
+        out, err = self.files / f"{self.runs}.out", self.files / f"{self.runs}.err"
+        code = self.launch(args, env, out, err, timeout)
+        result = subprocess.CompletedProcess(["train.py", *args], code, out.read_text(), err.read_text())
+        out.unlink()
+        err.unlink()
+        return result
+
+    def launch(self, args, env: dict, out: Path, err: Path, timeout: float, nproc: int = 1) -> int:
+        """Run train.py ARGS in `nproc` ranks, appending their stdout to `out` and stderr to
+        `err` (the same file for one log); the exit code, 0 when every rank succeeded."""
+        request = {"args": [str(a) for a in args], "env": env, "cwd": str(ROOT),
+                   "stdout": str(out), "stderr": str(err), "nproc": nproc}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pids = [int(p) for p in self.proc.stdout.readline().split()]
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            for pid in pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.stdout.readline()
+            raise subprocess.TimeoutExpired(["train.py", *args], timeout)
+        return int(self.proc.stdout.readline())
+
+
+_zygote = None
+
+
+def zygote_for(env: dict):
+    """This worker's warm process for environment `env`, or None where a run must start a fresh
+    interpreter (no fork on this platform, DPO_TEST_COLD_LAUNCH set, or another environment)."""
+    global _zygote
+    if not hasattr(os, "fork") or env.get("DPO_TEST_COLD_LAUNCH"):
+        return None
+    if _zygote is None or _zygote.proc.poll() is not None:
+        _zygote = Zygote(env)
+    return _zygote if _import_time(env) == _import_time(_zygote.env) else None
+
+
+def run_train(args, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`python -u train.py ARGS` in the repository root with environment `env`."""
+    zygote = zygote_for(env)
+    if zygote is None:
+        return subprocess.run([sys.executable, "-u", "train.py", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return zygote.run(args, env, timeout)
+
+
+def run_ranks(args, env: dict, nproc: int, log: Path, timeout: float):
+    """The workers of `torchrun --standalone --nproc_per_node=NPROC train.py ARGS`, forked warm,
+    their stdout and stderr in `log`: the exit code (0 when every rank succeeded), or None where
+    no warm process fits `env` (the caller starts torchrun itself)."""
+    zygote = zygote_for(env)
+    if zygote is None:
+        return None
+    return zygote.launch(args, env, log, log, timeout, nproc)
+
+
+# Variables read when they are used, not at import: a run gets its own values of these.
+READ_AT_USE = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def _import_time(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k not in READ_AT_USE}
+
+
+if __name__ == "__main__":
+    serve(sys.stdin, sys.stdout)
