@@ -66,7 +66,7 @@ PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12)
 FORMULAS = {
     "counted": "each pair as two sequences, prompt+chosen and prompt+rejected, n tokens each; "
                "timed steps only (after the warm-up steps), from the first kernel to the last "
-               "(torch.cuda.synchronize around each step); mfu_padded: each computed row of "
+               "(on CUDA torch.cuda.synchronize around each step); mfu_padded: each computed row of "
                "length T (padding included, ours with each prompt once) as a sequence of T",
     "torchtitan": "flops = sum over sequences of n*(6*N + 12*L*H*Q*n) (policy forward+backward; "
                   "torchtitan's 6*N + 12*L*H*Q*T per token with T = n) + n*(2*N + 4*L*H*Q*n) "
@@ -91,8 +91,10 @@ def parse_args(argv=None):
                    help="TRL's DPOConfig.gradient_checkpointing ('on' is its default)")
     p.add_argument("--override", action="extend", nargs="+", default=[],
                    help="extra Hydra overrides for ours, after the check's own")
+    p.set_defaults(lengths_file=str(HH_LENGTHS), **FULL)
     dry = p.parse_known_args(argv)[0].dry_run
-    p.set_defaults(lengths_file=str(HH_LENGTHS), **(DRY if dry else FULL))
+    if dry:
+        p.set_defaults(**DRY)
     args = p.parse_args(argv)
     check_comparison_args(p, args)
     # what dpo_throughput and trl_dpo_baseline read besides the shared flags
