@@ -104,6 +104,14 @@ def pair_lengths(args) -> Lengths:
     return cycled(shapes, args.batch * args.steps)
 
 
+def synchronize():
+    """Wait for the CUDA kernels queued so far (nothing to wait for without CUDA): launches are
+    asynchronous, so a timer read without this would miss work still running on the GPU."""
+    import torch
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer over 't0'..'tN' after the special tokens, `vocab_size` ids in all,
     so each synthetic word is exactly one token; no BOS/EOS added implicitly.

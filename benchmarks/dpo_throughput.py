@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import (add_comparison_args, check_comparison_args, pair_lengths,  # noqa: E402
-                    sequence_limits, word_tokenizer)
+                    sequence_limits, synchronize, word_tokenizer)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -213,8 +213,10 @@ def train_timed(trainer, args) -> dict:
         steps["tokens"].append(check_batch(batch, expected, sides))
         if step == args.warmup_steps:
             wall_start = time.perf_counter()
+        synchronize()  # on CUDA: the step's time starts with the GPU idle and ends when it is
         c0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         metrics = trainer.train_step(batch)
+        synchronize()
         steps["time"].append(time.perf_counter() - start)
         c1 = resource.getrusage(resource.RUSAGE_SELF)
         steps["cpu"].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)

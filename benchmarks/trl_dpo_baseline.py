@@ -66,7 +66,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_comparison_args, check_comparison_args, pair_lengths,  # noqa: E402
-                    sequence_limits, word_tokenizer)
+                    sequence_limits, synchronize, word_tokenizer)
 
 
 def parse_args(argv=None):
@@ -74,6 +74,8 @@ def parse_args(argv=None):
     add_comparison_args(p)
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                    help="DPOConfig.gradient_checkpointing; 'on' is TRL's default")
+    p.add_argument("--bf16", action="store_true",
+                   help="DPOConfig.bf16: float32 weights, forward and backward under bf16 autocast")
     args = p.parse_args(argv)
     check_comparison_args(p, args)
     return args
@@ -178,10 +180,12 @@ def make_timer_callback():
 
             if self.threads_seen is None:
                 self.threads_seen = torch.get_num_threads()
+            synchronize()  # on CUDA: time from an idle GPU to the end of the step's kernels
             self.cpu_begins.append(_cpu_seconds())
             self.begins.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
             self.ends.append(time.perf_counter())
             self.cpu_ends.append(_cpu_seconds())
 
@@ -189,16 +193,18 @@ def make_timer_callback():
 
 
 def dpo_config(args, out_dir: str, seq_len: int, max_prompt_len: int):
-    """TRL's DPOConfig for this benchmark: CPU, float32, no logging, saving or evaluation."""
+    """TRL's DPOConfig for this benchmark: float32 (bf16 autocast with --bf16), no logging,
+    saving or evaluation; on CUDA where torch sees a device (as ours, BasicTrainer), else CPU."""
+    import torch
     from trl import DPOConfig
     config = DPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
-        bf16=False,
+        bf16=args.bf16,
         fp16=False,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         report_to="none",
         eval_strategy="no",
         logging_strategy="no",
@@ -294,7 +300,7 @@ def settings(args, config, timer, n_params: int, seq_len: int, token_check) -> d
     return {
         "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
         "intermediate": args.intermediate, "vocab": args.vocab, "tie_word_embeddings": False,
-        "n_params": n_params, "dtype": "float32",
+        "n_params": n_params, "dtype": "float32, bf16 autocast" if config.bf16 else "float32",
         "prompt_len": args.prompt_len if args.lengths is None else None,
         "response_len": args.response_len if args.lengths is None else None,
         "seq_len": seq_len, "lengths_file": args.lengths_file, "batch": args.batch,
