@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import sys
+import types
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
 import losses
+import parallel
 import preference_datasets
 import rewards
 import trainers
@@ -136,8 +138,11 @@ def validate_config(config: DictConfig, world_size: int):
 
 def validate_batch_split(config: DictConfig, world_size: int):
     """The batches split evenly into micro-batches and processes, and HSDP's replicas divide them."""
-    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
-    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
+    validate_tensor_parallel_size(config, world_size)
+    # Tensor parallelism splits the model, not the batch: every rank of a tensor-parallel group
+    # sees the same rows (TensorParallelTrainer: one group of all processes).
+    data_procs = (world_size // config.tensor_parallel_size
+                  if getattr(trainers, config.trainer).splits_batch else 1)
     per_update = config.gradient_accumulation_steps * data_procs
     _require(config.batch_size % per_update == 0,
              f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
@@ -150,6 +155,43 @@ def validate_batch_split(config: DictConfig, world_size: int):
                                              and world_size % config.fsdp_replicate == 0),
              f"fsdp_replicate={config.fsdp_replicate} needs trainer=FSDPTrainer and a number of processes "
              f"it divides (trainer={config.trainer}, {world_size} processes)")
+
+
+def validate_tensor_parallel_size(config: DictConfig, world_size: int):
+    """tensor_parallel_size (FSDP x TP): FSDPTrainer only, dividing the processes, without HSDP."""
+    _positive_int(config, "tensor_parallel_size")
+    tp = config.tensor_parallel_size
+    if tp == 1:
+        return
+    _require(config.trainer == "FSDPTrainer",
+             f"tensor_parallel_size={tp} combines tensor parallelism with trainer=FSDPTrainer; "
+             f"trainer={config.trainer} "
+             + ("already splits every block over all processes: drop tensor_parallel_size"
+                if config.trainer == "TensorParallelTrainer" else "runs one process: use trainer=FSDPTrainer"))
+    _require(world_size % tp == 0, f"tensor_parallel_size={tp} must divide the number of processes "
+             f"({world_size}); launch a multiple of {tp} processes")
+    _require(config.fsdp_replicate == 1, f"tensor_parallel_size={tp} with fsdp_replicate="
+             f"{config.fsdp_replicate} (a 3D mesh) is not supported; set one of them to 1")
+    for bad, why in ((config.model.vision, "model.vision=true (the plans split language models only)"),
+                     (config.lora.r is not None, "lora.r (use tensor_parallel_size=1 for LoRA)"),
+                     (config.online.enabled, "online.enabled=true")):
+        _require(not bad, f"tensor_parallel_size={tp} is not supported with {why}")
+
+
+def validate_tensor_parallel_plan(config: DictConfig):
+    """Under FSDP x TP, the model has a tensor-parallel plan that splits its heads over
+    tensor_parallel_size ranks: checked on its transformers config, before any weights load."""
+    tp, m = config.tensor_parallel_size, config.model
+    if tp == 1:
+        return
+    if m.from_config is not None:
+        import transformers
+        settings = OmegaConf.to_container(m.from_config)
+        model_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    else:
+        model_config = utils.load_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
+    parallel.check_tensor_parallel(types.SimpleNamespace(config=model_config), tp,
+                                   f"tensor_parallel_size={tp}")
 
 
 def validate_model_config(model: DictConfig):
@@ -682,6 +724,7 @@ def run(config: DictConfig):
         return spawn_local_workers(config, torch.cuda.device_count())
     validate_config(config, world_size)
     resolve_model_source(config.model)
+    validate_tensor_parallel_plan(config)
     # a hub dataset that cannot be had (no network, no cached copy) is refused before any model loads
     preference_datasets.check_hub_datasets(list(config.datasets), dict(config.dataset_paths))
     if world_size > 1:
