@@ -435,7 +435,8 @@ def build_models_from_rank0(config: DictConfig, tokenizer):
             utils.broadcast_object({"error": str(e) if isinstance(e, ConfigError) else None})
             raise
         plan = {"configs": [None if m is None else m.config for m in models],
-                "generation": models[0].generation_config, "rng": utils.get_rng_state()}
+                "generation": [None if m is None else m.generation_config for m in models],
+                "rng": utils.get_rng_state()}
     plan = utils.broadcast_object(plan)
     if torch.distributed.get_rank() == 0:
         return models
@@ -451,8 +452,11 @@ def build_meta_models(config: DictConfig, plan: dict):
 
     Args:
         plan: from rank 0: "configs", the policy's and reference's transformers configs (None:
-            no reference); "generation", the policy's generation config; "rng", the RNG states
-            after building (every rank continues from the same ones, as if it had built too).
+            no reference); "generation", their generation configs (a reference copied from the
+            policy keeps the policy's, e.g. use_cache, which its config alone would not give:
+            ranks that decode differently run different tensor-parallel all-reduces); "rng",
+            the RNG states after building (every rank continues from the same ones, as if it had
+            built too).
     """
     m = config.model
     dtypes = (utils.get_dtype("model.policy_dtype", m.policy_dtype),
@@ -464,9 +468,9 @@ def build_meta_models(config: DictConfig, plan: dict):
             for model_config, dtype in zip(plan["configs"], dtypes))
         if m.vision and m.freeze_vision:
             vision.freeze(policy)
-        policy.generation_config = plan["generation"]
-        for model in (policy, reference):
+        for model, generation in zip((policy, reference), plan["generation"]):
             if model is not None:
+                model.generation_config = generation
                 utils.disable_dropout(model)
         if reference is not None:
             reference.requires_grad_(False)
@@ -550,6 +554,7 @@ RESUMABLE_KEYS = (
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
     # three save full state dicts, so a run resumes under any of them).
     "local_run_dir", "local_dirs", "exp_name", "fsdp_port", "resume_from", "trainer",
+    "tensor_parallel_size",  # how FSDPTrainer arranges its processes, as the trainer is
     # How a step's sequences are laid out and attended, not what is trained (the same log-probs
     # up to float rounding, tests/test_packing.py).
     "share_prompt", "packing", "packing_row_tokens", "attn_implementation",
