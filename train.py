@@ -187,11 +187,19 @@ def validate_tensor_parallel_plan(config: DictConfig):
     if m.from_config is not None:
         import transformers
         settings = OmegaConf.to_container(m.from_config)
-        model_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+        try:
+            model_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+        except Exception as e:  # transformers' checks of the settings (ValueError, huggingface_hub's)
+            raise ConfigError(f"model.from_config: {str(e).strip().splitlines()[-1].strip()}") from None
     else:
         model_config = utils.load_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
     parallel.check_tensor_parallel(types.SimpleNamespace(config=model_config), tp,
                                    f"tensor_parallel_size={tp}")
+    # GPT-2's fused query/key/value columns are reordered per tensor-parallel rank
+    # (parallel.Conv1DParallel); full state dicts undo it, torch.distributed.checkpoint would not.
+    _require(model_config.model_type != "gpt2" or config.checkpoint_format == "full",
+             f"tensor_parallel_size={tp} with a gpt2 model and checkpoint_format=sharded is not supported "
+             "(its fused attention columns are stored reordered); use checkpoint_format=full")
 
 
 def validate_model_config(model: DictConfig):
