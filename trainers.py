@@ -771,7 +771,9 @@ class ShardedTrainer(BasicTrainer):
 class FSDPTrainer(ShardedTrainer):
     """Fully sharded data parallelism with FSDP2: every `model.block_name` block is its own FSDP
     unit, the rest (embeddings, final norm, output layer) forms the root unit; each rank trains on
-    batch_size / (gradient_accumulation_steps x world_size) examples per micro-batch.
+    batch_size / (gradient_accumulation_steps x world_size) examples per micro-batch. With
+    tensor_parallel_size=T (FSDP x TP) each block is first split over T consecutive ranks, which
+    share their micro-batch: world_size / T data-parallel ranks split the batch.
 
     Log-probs come from the backbone's hidden states and the output layer's weight, never from the
     model's own forward, so FSDP's root pre-forward hook would not gather the root unit. The
