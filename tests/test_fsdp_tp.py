@@ -18,9 +18,10 @@ from conftest import compose, run_in_process
 from test_distributed import COMMON, LOSS_RTOL_FP32, assert_same_losses, column, max_weight_diff, policy_state, torchrun
 from utils import ConfigError
 
-# Shorter sequences than COMMON's (the tiny model's 128) keep the samples short; the same for
-# both runs compared.
-SETTINGS = [*COMMON, "max_length=64", "max_prompt_length=32", "checkpoint_format=full"]
+# COMMON with shorter sequences than the tiny model's 128, which keeps the samples short (the
+# same for both runs compared), and sampling during evaluation.
+SETTINGS = [*(a for a in COMMON if not a.startswith("sample_during_eval=")), "max_length=64",
+            "max_prompt_length=32", "sample_during_eval=true", "n_eval_model_samples=1"]
 
 
 def assert_close_weights(got: dict, want: dict, name: str):
@@ -42,8 +43,7 @@ def test_fsdp_x_tp_on_four_processes_equals_basic_trainer(tokenizer, tmp_path):
     basic = run_in_process([*SETTINGS, f"local_run_dir={tmp_path}/basic"])
     run_dir = tmp_path / "fsdp_tp"
     rc, output = torchrun(["train.py", *SETTINGS, "trainer=FSDPTrainer", "tensor_parallel_size=2",
-                           "checkpoint_format=sharded", "sample_during_eval=true", "n_eval_model_samples=1",
-                           f"local_run_dir={run_dir}"], tmp_path, nproc=4)
+                           "checkpoint_format=sharded", f"local_run_dir={run_dir}"], tmp_path, nproc=4)
     assert rc == 0, output[-3000:]
     assert "FSDP x TP: 2 data-parallel groups x 2 tensor-parallel ranks" in output
     losses = column(basic, "loss/train")
