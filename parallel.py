@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel,
                                                parallelize_module)
 
@@ -38,20 +39,27 @@ class Ranks:
         splits_batch: whether the ranks split each batch between them (data parallelism); tensor
             parallelism does not: every rank sees the whole batch.
         device: where this rank's tensors live.
+        tensor_parallel_size: under FSDP x TP, the consecutive ranks that split each layer and
+            so see the same micro-batch (1: none).
+        data_parallel_group: the process group of the ranks that split the batch when that is
+            not all of them (FSDP x TP: this rank's place in every tensor-parallel group), or None.
     """
     rank: int
     world_size: int
     splits_batch: bool
     device: torch.device
+    tensor_parallel_size: int = 1
+    data_parallel_group: Optional[dist.ProcessGroup] = None
 
     @property
     def data_parallel_size(self) -> int:
         """Processes that split each batch between them."""
-        return self.world_size if self.splits_batch else 1
+        return self.world_size // self.tensor_parallel_size if self.splits_batch else 1
 
     @property
     def data_rank(self) -> int:
-        return self.rank if self.splits_batch else 0
+        # tensor-parallel groups are consecutive ranks (the fastest-varying mesh dimension)
+        return self.rank // self.tensor_parallel_size if self.splits_batch else 0
 
     @property
     def distributed(self) -> bool:
@@ -63,7 +71,9 @@ class Ranks:
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate a 1-D tensor over the data-parallel ranks."""
-        return all_gather_cat(values) if self.data_parallel_size > 1 else values
+        if self.data_parallel_size == 1:
+            return values
+        return all_gather_cat(values, self.data_parallel_group)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is true on any: ranks must run the same forwards."""
@@ -169,7 +179,9 @@ def clip_grad_norm_mixed(parameters, max_norm: float) -> float:
         if key is not None:
             mesh, placements = key
             for dim, placement in enumerate(placements):
-                if placement.is_shard():
+                # FSDP over a tensor-parallel split shards it strided (_StridedShard): still
+                # disjoint pieces, whose squares add up over the mesh dimension
+                if placement.is_shard() or isinstance(placement, _StridedShard):
                     dist.all_reduce(sq, group=mesh.get_group(dim))
                 elif not placement.is_replicate():
                     raise RuntimeError(f"cannot clip gradients with placement {placement}")
@@ -204,22 +216,30 @@ def fsdp_mixed_precision(param_dtype: Optional[torch.dtype]) -> dict:
     return dict(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
-def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict, from_rank0: bool = False):
-    """fully_shard each block, then the root; registers `run_in_forward` on the root.
+def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict, from_rank0: bool = False,
+               tp_mesh=None):
+    """fully_shard each block, then the root; registers `run_in_forward` on the root. With
+    `tp_mesh`, each block is first split over it (FSDP x TP, as torchtitan composes them:
+    tensor_parallelize, then fully_shard over the data-parallel dimension).
 
     Args:
         model: the whole model; with from_rank0, only rank 0's needs weights (the other ranks may
             pass one built on the meta device, as train.build_models does under FSDP).
-        mesh: the one-dimensional device mesh over all ranks.
+        mesh: the device mesh FSDP shards over: all ranks; HSDP's (replicate, shard) mesh; or
+            under FSDP x TP the "dp" dimension of a ("dp", "tp") mesh.
         block_name: the class name of the blocks that become FSDP units.
         mixed_precision: MixedPrecisionPolicy arguments (fsdp_mixed_precision).
         from_rank0: every rank takes its shards of rank 0's weights (collective).
+        tp_mesh: the "tp" dimension of that mesh, or None (no tensor parallelism).
 
     Returns:
         The same model object, sharded.
     """
     # rank 0's whole tensors, referenced (not copied) until every rank has its shards of them
     full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
+    if tp_mesh is not None:
+        tensor_parallelize(model, tp_mesh, block_name, f"tensor_parallel_size={tp_mesh.size()}",
+                           from_rank0)
     for block in find_blocks(model, block_name):
         fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed_precision))
     # The root's inputs are token ids, or (run_in_forward) a batch whose float tensors, if any,
@@ -371,8 +391,13 @@ GPT2_BLOCK_PLAN = {"attn.c_attn": "colwise_qkv", "attn.c_proj": "rowwise",
                    "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
 
 
-def block_tp_plan(model) -> Dict[str, str]:
-    """{path inside a block: 'colwise' | 'rowwise' | 'colwise_qkv'}."""
+# Who asked for tensor parallelism, as the messages name it.
+TP_TRAINER = "trainer=TensorParallelTrainer"
+
+
+def block_tp_plan(model, setting: str = TP_TRAINER) -> Dict[str, str]:
+    """{path inside a block: 'colwise' | 'rowwise' | 'colwise_qkv'}; ConfigError naming
+    `setting` where the model has none."""
     cfg = model.config
     if cfg.model_type == "gpt2":
         return dict(GPT2_BLOCK_PLAN)
@@ -382,29 +407,44 @@ def block_tp_plan(model) -> Dict[str, str]:
         if "*." not in path:
             continue  # not inside a block (embeddings, norms); those stay replicated
         if kind not in ("colwise", "rowwise"):
-            raise ConfigError(f"trainer=TensorParallelTrainer: {cfg.model_type}'s tensor-parallel "
+            raise ConfigError(f"{setting}: {cfg.model_type}'s tensor-parallel "
                               f"plan shards {path} as {kind!r}; only colwise/rowwise are supported")
         block_plan[path.split("*.", 1)[1]] = kind
     if not block_plan:
-        raise ConfigError(f"trainer=TensorParallelTrainer has no tensor-parallel plan for "
+        fix = "use trainer=FSDPTrainer" if setting == TP_TRAINER else "set tensor_parallel_size=1"
+        raise ConfigError(f"{setting} has no tensor-parallel plan for "
                           f"model_type={cfg.model_type} (supported: llama, gpt_neox, gpt2 and "
-                          "models whose transformers config has a base_model_tp_plan); use "
-                          "trainer=FSDPTrainer")
+                          f"models whose transformers config has a base_model_tp_plan); {fix}")
     return block_plan
 
 
-def tensor_parallelize(model, mesh, block_name: str):
-    """Split each block's projections over `mesh` (after Megatron-LM: query/key/value, gate/up and
-    fc column-wise, the output projections row-wise, so each block needs one all-reduce in
-    attention and one in the MLP; docs.pytorch.org/tutorials/intermediate/TP_tutorial.html)."""
-    tp = mesh.size()
+def check_tensor_parallel(model, tp: int, setting: str = TP_TRAINER) -> Dict[str, str]:
+    """block_tp_plan(model), after checking that the attention heads split over `tp` ranks.
+    Reads model.config only, so train.py can refuse a model before loading its weights."""
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if heads % tp or kv_heads % tp:
-        raise ConfigError(f"trainer=TensorParallelTrainer: {heads} attention heads "
-                          f"({kv_heads} key/value heads) cannot be split over {tp} processes")
-    plan = block_tp_plan(model)
+        raise ConfigError(f"{setting}: {heads} attention heads ({kv_heads} key/value heads) "
+                          f"cannot be split over {tp} processes")
+    return block_tp_plan(model, setting)
+
+
+def tensor_parallelize(model, mesh, block_name: str, setting: str = TP_TRAINER,
+                       from_rank0: bool = False):
+    """Split each block's projections over `mesh` (after Megatron-LM: query/key/value, gate/up and
+    fc column-wise, the output projections row-wise, so each block needs one all-reduce in
+    attention and one in the MLP; docs.pytorch.org/tutorials/intermediate/TP_tutorial.html).
+
+    Args:
+        setting: what asked for it, as errors name it.
+        from_rank0: only split, with no communication: the other ranks' models may be on the
+            meta device, and the caller gives every rank rank 0's weights afterwards
+            (fsdp_shard, load_from_rank0). Otherwise the split parameters are scattered from
+            rank 0 and the rest broadcast from it.
+    """
+    tp = mesh.size()
+    plan = check_tensor_parallel(model, tp, setting)
     for block in find_blocks(model, block_name):
         styles = {}
         for path, kind in plan.items():
@@ -414,14 +454,16 @@ def tensor_parallelize(model, mesh, block_name: str):
             out_dim = 1 if type(module).__name__ == "Conv1D" else 0
             size = module.weight.shape[1 - out_dim if kind == "rowwise" else out_dim]
             if size % tp:
-                raise ConfigError(f"trainer=TensorParallelTrainer: {path} has {size} features, "
+                raise ConfigError(f"{setting}: {path} has {size} features, "
                                   f"not divisible by {tp} processes")
             styles[path] = tp_style(module, kind)
-        parallelize_module(block, mesh, styles)
-        if cfg.model_type == "gpt2":
+        parallelize_module(block, mesh, styles, src_data_rank=None if from_rank0 else 0)
+        if model.config.model_type == "gpt2":
             # GPT-2 splits the fused projection's output at split_size; each rank now holds its
             # own heads' query/key/value, each split_size / tp wide.
             block.attn.split_size //= tp
+    if from_rank0:
+        return model
     # The split parameters were scattered from rank 0; the replicated ones must be identical too.
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):

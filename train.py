@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sys
+import types
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
 import losses
+import parallel
 import preference_datasets
 import rewards
 import trainers
@@ -137,8 +139,11 @@ def validate_config(config: DictConfig, world_size: int):
 
 def validate_batch_split(config: DictConfig, world_size: int):
     """The batches split evenly into micro-batches and processes, and HSDP's replicas divide them."""
-    # Tensor parallelism splits the model, not the batch: every rank sees the whole batch.
-    data_procs = world_size if getattr(trainers, config.trainer).splits_batch else 1
+    validate_tensor_parallel_size(config, world_size)
+    # Tensor parallelism splits the model, not the batch: every rank of a tensor-parallel group
+    # sees the same rows (TensorParallelTrainer: one group of all processes).
+    data_procs = (world_size // config.tensor_parallel_size
+                  if getattr(trainers, config.trainer).splits_batch else 1)
     per_update = config.gradient_accumulation_steps * data_procs
     _require(config.batch_size % per_update == 0,
              f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps "
@@ -151,6 +156,51 @@ def validate_batch_split(config: DictConfig, world_size: int):
                                              and world_size % config.fsdp_replicate == 0),
              f"fsdp_replicate={config.fsdp_replicate} needs trainer=FSDPTrainer and a number of processes "
              f"it divides (trainer={config.trainer}, {world_size} processes)")
+
+
+def validate_tensor_parallel_size(config: DictConfig, world_size: int):
+    """tensor_parallel_size (FSDP x TP): FSDPTrainer only, dividing the processes, without HSDP."""
+    _positive_int(config, "tensor_parallel_size")
+    tp = config.tensor_parallel_size
+    if tp == 1:
+        return
+    _require(config.trainer == "FSDPTrainer",
+             f"tensor_parallel_size={tp} combines tensor parallelism with trainer=FSDPTrainer; "
+             f"trainer={config.trainer} "
+             + ("already splits every block over all processes: drop tensor_parallel_size"
+                if config.trainer == "TensorParallelTrainer" else "runs one process: use trainer=FSDPTrainer"))
+    _require(world_size % tp == 0, f"tensor_parallel_size={tp} must divide the number of processes "
+             f"({world_size}); launch a multiple of {tp} processes")
+    _require(config.fsdp_replicate == 1, f"tensor_parallel_size={tp} with fsdp_replicate="
+             f"{config.fsdp_replicate} (a 3D mesh) is not supported; set one of them to 1")
+    for bad, why in ((config.model.vision, "model.vision=true (the plans split language models only)"),
+                     (config.lora.r is not None, "lora.r (use tensor_parallel_size=1 for LoRA)"),
+                     (config.online.enabled, "online.enabled=true")):
+        _require(not bad, f"tensor_parallel_size={tp} is not supported with {why}")
+
+
+def validate_tensor_parallel_plan(config: DictConfig):
+    """Under FSDP x TP, the model has a tensor-parallel plan that splits its heads over
+    tensor_parallel_size ranks: checked on its transformers config, before any weights load."""
+    tp, m = config.tensor_parallel_size, config.model
+    if tp == 1:
+        return
+    if m.from_config is not None:
+        import transformers
+        settings = OmegaConf.to_container(m.from_config)
+        try:
+            model_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+        except Exception as e:  # transformers' checks of the settings (ValueError, huggingface_hub's)
+            raise ConfigError(f"model.from_config: {str(e).strip().splitlines()[-1].strip()}") from None
+    else:
+        model_config = utils.load_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
+    parallel.check_tensor_parallel(types.SimpleNamespace(config=model_config), tp,
+                                   f"tensor_parallel_size={tp}")
+    # GPT-2's fused query/key/value columns are reordered per tensor-parallel rank
+    # (parallel.Conv1DParallel); full state dicts undo it, torch.distributed.checkpoint would not.
+    _require(model_config.model_type != "gpt2" or config.checkpoint_format == "full",
+             f"tensor_parallel_size={tp} with a gpt2 model and checkpoint_format=sharded is not supported "
+             "(its fused attention columns are stored reordered); use checkpoint_format=full")
 
 
 def validate_model_config(model: DictConfig):
@@ -394,7 +444,8 @@ def build_models_from_rank0(config: DictConfig, tokenizer):
             utils.broadcast_object({"error": str(e) if isinstance(e, ConfigError) else None})
             raise
         plan = {"configs": [None if m is None else m.config for m in models],
-                "generation": models[0].generation_config, "rng": utils.get_rng_state()}
+                "generation": [None if m is None else m.generation_config for m in models],
+                "rng": utils.get_rng_state()}
     plan = utils.broadcast_object(plan)
     if torch.distributed.get_rank() == 0:
         return models
@@ -410,8 +461,11 @@ def build_meta_models(config: DictConfig, plan: dict):
 
     Args:
         plan: from rank 0: "configs", the policy's and reference's transformers configs (None:
-            no reference); "generation", the policy's generation config; "rng", the RNG states
-            after building (every rank continues from the same ones, as if it had built too).
+            no reference); "generation", their generation configs (a reference copied from the
+            policy keeps the policy's, e.g. use_cache, which its config alone would not give:
+            ranks that decode differently run different tensor-parallel all-reduces); "rng",
+            the RNG states after building (every rank continues from the same ones, as if it had
+            built too).
     """
     m = config.model
     dtypes = (utils.get_dtype("model.policy_dtype", m.policy_dtype),
@@ -423,9 +477,9 @@ def build_meta_models(config: DictConfig, plan: dict):
             for model_config, dtype in zip(plan["configs"], dtypes))
         if m.vision and m.freeze_vision:
             vision.freeze(policy)
-        policy.generation_config = plan["generation"]
-        for model in (policy, reference):
+        for model, generation in zip((policy, reference), plan["generation"]):
             if model is not None:
+                model.generation_config = generation
                 utils.disable_dropout(model)
         if reference is not None:
             reference.requires_grad_(False)
@@ -509,6 +563,7 @@ RESUMABLE_KEYS = (
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
     # three save full state dicts, so a run resumes under any of them).
     "local_run_dir", "local_dirs", "exp_name", "fsdp_port", "resume_from", "trainer",
+    "tensor_parallel_size",  # how FSDPTrainer arranges its processes, as the trainer is
     # How a step's sequences are laid out and attended, not what is trained (the same log-probs
     # up to float rounding, tests/test_packing.py).
     "share_prompt", "packing", "packing_row_tokens", "attn_implementation",
@@ -683,6 +738,7 @@ def run(config: DictConfig):
         return spawn_local_workers(config, torch.cuda.device_count())
     validate_config(config, world_size)
     resolve_model_source(config.model)
+    validate_tensor_parallel_plan(config)
     # a hub dataset that cannot be had (no network, no cached copy) is refused before any model loads
     preference_datasets.check_hub_datasets(list(config.datasets), dict(config.dataset_paths))
     if world_size > 1:

@@ -148,6 +148,10 @@ class SingleProcessPlacement:
         """The device models go to (and, for the multi-process trainers, the process group)."""
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    def build_ranks(self, rank: int, world_size: int) -> parallel.Ranks:
+        """This process's place among the ranks (after setup_device)."""
+        return parallel.Ranks(rank, world_size, self.splits_batch, self.device)
+
     def place(self, model):
         """Naive layer split over several GPUs, else the one device."""
         if torch.cuda.device_count() > 1:
@@ -228,7 +232,7 @@ class BasicTrainer(SingleProcessPlacement):
         self.router_loss = moe.RouterLoss(policy, config.router_aux_loss_coef)
         self.device = self.setup_device()
         self.policy = self.place_policy(policy)
-        self.ranks = parallel.Ranks(rank, world_size, self.splits_batch, self.device)
+        self.ranks = self.build_ranks(rank, world_size)
         self.reference = self.build_reference(reference_model, fingerprint)
         self.example_counter = 0
         self.batch_counter = 0
@@ -745,6 +749,12 @@ class ShardedTrainer(BasicTrainer):
     def clip_gradient(self) -> float:
         return parallel.clip_grad_norm_mixed(self.policy.parameters(), self.config.max_grad_norm)
 
+    def same_samples_on_every_rank(self):
+        """Sampling under tensor parallelism: every rank must sample the same tokens: the
+        row-wise layers all-reduce at each step, so ranks that diverged would mix different
+        sequences (or wait on each other forever)."""
+        return parallel.seeded_rng(self.seed + self.example_counter, self.device)
+
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
         return parallel.full_model_state(self.policy)
 
@@ -761,7 +771,9 @@ class ShardedTrainer(BasicTrainer):
 class FSDPTrainer(ShardedTrainer):
     """Fully sharded data parallelism with FSDP2: every `model.block_name` block is its own FSDP
     unit, the rest (embeddings, final norm, output layer) forms the root unit; each rank trains on
-    batch_size / (gradient_accumulation_steps x world_size) examples per micro-batch.
+    batch_size / (gradient_accumulation_steps x world_size) examples per micro-batch. With
+    tensor_parallel_size=T (FSDP x TP) each block is first split over T consecutive ranks, which
+    share their micro-batch: world_size / T data-parallel ranks split the batch.
 
     Log-probs come from the backbone's hidden states and the output layer's weight, never from the
     model's own forward, so FSDP's root pre-forward hook would not gather the root unit. The
@@ -775,7 +787,15 @@ class FSDPTrainer(ShardedTrainer):
     autocast_dtype = None
 
     def device_mesh(self, device: torch.device):
-        replicate = self.config.fsdp_replicate
+        replicate, tp = self.config.fsdp_replicate, self.config.tensor_parallel_size
+        if tp > 1:
+            # FSDP x TP (torchtitan's layout): tp is the fastest-varying dimension, so each
+            # tensor-parallel group is consecutive ranks (one node, fast links) and FSDP shards
+            # across the groups.
+            dp = dist.get_world_size() // tp
+            rank0_print(f"FSDP x TP: {dp} data-parallel groups x {tp} tensor-parallel ranks (each block "
+                        "split within a group's ranks and sharded across the groups)")
+            return init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
         if replicate == 1:
             return super().device_mesh(device)
         # HSDP (torchtitan's data_parallel_replicate_degree): 2D, replicate x shard
@@ -788,17 +808,36 @@ class FSDPTrainer(ShardedTrainer):
         dtype = MIXED_PRECISION_DTYPES.get(self.config.mixed_precision)
         if self.config.activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
-        # With several processes only rank 0 built the weights (train.build_models builds the
-        # other ranks' models on the meta device): each rank takes its shards from rank 0.
-        return parallel.fsdp_shard(model, self.mesh, self.config.model.block_name,
-                                   parallel.fsdp_mixed_precision(dtype),
-                                   from_rank0=self.world_size > 1)
+        return self.shard(model, parallel.fsdp_mixed_precision(dtype))
 
     def place_reference(self, model):
         # Inference only, in its own dtype, as the DPO repository shards it.
-        model = parallel.fsdp_shard(model, self.mesh, self.config.model.block_name, {},
-                                    from_rank0=self.world_size > 1)
+        model = self.shard(model, {})
         return model, model.unshard  # unshard is a no-op while gathered
+
+    def shard(self, model, mixed_precision: dict):
+        """The model sharded over the mesh; under FSDP x TP split over its "tp" dimension first,
+        then sharded over "dp". With several processes only rank 0 built the weights
+        (train.build_models builds the other ranks' models on the meta device): each rank takes
+        its shards from rank 0."""
+        tp = self.config.tensor_parallel_size > 1
+        return parallel.fsdp_shard(model, self.mesh["dp"] if tp else self.mesh,
+                                   self.config.model.block_name, mixed_precision,
+                                   from_rank0=self.world_size > 1,
+                                   tp_mesh=self.mesh["tp"] if tp else None)
+
+    def build_ranks(self, rank: int, world_size: int) -> parallel.Ranks:
+        # FSDP x TP: a tensor-parallel group's ranks see the same micro-batch; metrics and
+        # global-batch losses are gathered over the "dp" dimension only.
+        tp = self.config.tensor_parallel_size
+        if tp == 1:
+            return super().build_ranks(rank, world_size)
+        return parallel.Ranks(rank, world_size, True, self.device, tp, self.mesh["dp"].get_group())
+
+    def generation_context(self):
+        if self.config.tensor_parallel_size == 1:
+            return super().generation_context()
+        return self.same_samples_on_every_rank()
 
     def policy_logps(self, fn, *args):
         return self.policy.run_in_forward(fn, *args)
@@ -841,6 +880,4 @@ class TensorParallelTrainer(ShardedTrainer):
                                            self.config.model.block_name)
 
     def generation_context(self):
-        # Every rank must sample the same tokens: the row-wise layers all-reduce at each step, so
-        # ranks that diverged would mix different sequences (or wait on each other forever).
-        return parallel.seeded_rng(self.seed + self.example_counter, self.device)
+        return self.same_samples_on_every_rank()

@@ -620,19 +620,20 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor across ranks (identity without a process group). Ranks may hold
-    different lengths."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def all_gather_cat(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate a 1-D tensor across the ranks of `group` (None: all ranks; identity without a
+    process group). Ranks may hold different lengths."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return values
     values = values.detach().reshape(-1)
-    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([values.numel()], device=values.device))
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device)
+             for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([values.numel()], device=values.device), group=group)
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
     padded[:values.numel()] = values
     gathered = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
+    dist.all_gather(gathered, padded, group=group)
     return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)])
 
 
