@@ -563,7 +563,7 @@ RESUMABLE_KEYS = (
     # of a single-command multi-GPU launch, the checkpoint to start from, and the trainer (all
     # three save full state dicts, so a run resumes under any of them).
     "local_run_dir", "local_dirs", "exp_name", "fsdp_port", "resume_from", "trainer",
-    "tensor_parallel_size",  # how FSDPTrainer arranges its processes, as the trainer is
+    "fsdp_replicate", "tensor_parallel_size",  # how FSDPTrainer arranges its processes, as the trainer is
     # How a step's sequences are laid out and attended, not what is trained (the same log-probs
     # up to float rounding, tests/test_packing.py).
     "share_prompt", "packing", "packing_row_tokens", "attn_implementation",

@@ -1,7 +1,6 @@
 """Shared fixtures: compose configs with Hydra's compose API and run train.py in or out of process."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +60,15 @@ def run_subprocess(args, timeout=600, env=None):
     return warm_launch.run_train(args, full_env, timeout)
 
 
+def start_subprocess(args, log_dir, env=None):
+    """run_subprocess started in the background (used as a subprocess.Popen is), its stdout and
+    stderr in LOG_DIR/train-N.out and .err."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    n = len(list(Path(log_dir).glob("train-*.out")))
+    out, err = Path(log_dir) / f"train-{n}.out", Path(log_dir) / f"train-{n}.err"
+    return warm_launch.popen_train(args, full_env, out, err)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -96,8 +104,7 @@ def kill_when_saved(args, run_dir, checkpoint="step-32", timeout=300):
     import signal
     import time
     run_dir = Path(run_dir)
-    proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, f"local_run_dir={run_dir}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_subprocess([*args, f"local_run_dir={run_dir}"], run_dir.parent)
     deadline = time.time() + timeout
     while not (run_dir / checkpoint / "trainer_state.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before the save"

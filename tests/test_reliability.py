@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (FAST, ROOT, compose, poison_policy_at, read_metrics, run_in_process,
-                      run_subprocess)
+                      run_subprocess, start_subprocess)
 from test_train import make_trainer
 
 # beta-DPO exercises the running loss state and the loss's random generator; sampling during
@@ -22,13 +22,12 @@ RESUME_ARGS = [*FAST, "n_examples=160", "eval_every=32", "loss=dpo", "loss.beta=
 
 
 def train_args(run_dir):
-    return [sys.executable, "-u", "train.py", *RESUME_ARGS, f"local_run_dir={run_dir}"]
+    return [*RESUME_ARGS, f"local_run_dir={run_dir}"]
 
 
 def kill_when(run_dir: Path, ready, timeout=300):
     """Start training, SIGKILL it once `ready(run_dir)` holds, and return."""
-    proc = subprocess.Popen(train_args(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_subprocess(train_args(run_dir), run_dir.parent)
     deadline = time.time() + timeout
     try:
         while not ready(run_dir):
@@ -49,8 +48,7 @@ def max_weight_diff(a: Path, b: Path) -> float:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    result = subprocess.run(train_args(run_dir), cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = run_subprocess(train_args(run_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
@@ -69,8 +67,7 @@ KILL_POINTS = {
 def test_sigkill_then_relaunch_ends_with_the_same_weights(point, uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
     kill_when(run_dir, KILL_POINTS[point])
-    result = subprocess.run(train_args(run_dir), cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = run_subprocess(train_args(run_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     if point != "before_any_checkpoint":
         assert "resuming from" in result.stdout
@@ -254,8 +251,7 @@ def same_final_weights(a: Path, b: Path) -> bool:
 
 
 def relaunch_matches(run_dir: Path, uninterrupted: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_args(run_dir), cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = run_subprocess(train_args(run_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     assert same_final_weights(run_dir, uninterrupted)
     key = "loss/train"
@@ -295,7 +291,7 @@ def test_a_full_disk_during_a_checkpoint_then_relaunch(uninterrupted, tmp_path):
     import checkpoints
     run_dir = tmp_path / "full"
     env = dict(os.environ, MKL_DYNAMIC="FALSE", MKL_CBWR="AUTO,STRICT")
-    result = subprocess.run([sys.executable, "-c", FULL_DISK, *train_args(run_dir)[3:]], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, *train_args(run_dir)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 4, result.stderr[-2000:]
     assert result.stderr.splitlines()[-1] == (f"error: no space left writing step-96 to {run_dir}; "
@@ -309,14 +305,14 @@ def test_a_full_disk_during_a_checkpoint_then_relaunch(uninterrupted, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_says_so_in_one_line_then_relaunch(uninterrupted, tmp_path):
     run_dir = tmp_path / "ctrl-c"
-    proc = subprocess.Popen(train_args(run_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_subprocess(train_args(run_dir), tmp_path)
     ready, deadline = KILL_POINTS["between_checkpoints"], time.time() + 300
     while not ready(run_dir):
         assert proc.poll() is None and time.time() < deadline, "never reached the interrupt point"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    stderr = (tmp_path / "train-0.err").read_text()
     assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     last = stderr.splitlines()[-1]

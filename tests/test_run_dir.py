@@ -3,8 +3,6 @@
 import getpass
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 from conftest import (FAST, ROOT, compose, logged_values, read_metrics, run_in_process,
-                      run_subprocess)
+                      run_subprocess, start_subprocess)
 
 
 def resolved(overrides):
@@ -152,12 +150,6 @@ def test_lock_names_the_holder_and_is_released(tmp_path):
     utils.unlock_run_dir(utils.lock_run_dir(tmp_path))
 
 
-def start_run(args, env=None):
-    return subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def wait_for_lock(run_dir: Path, proc, timeout=300):
     """Until `proc` holds the run directory's lock (its PID is in the lock file and the lock is
     taken)."""
@@ -182,7 +174,7 @@ def policy_state(run_dir: Path):
 @pytest.mark.slow
 def test_second_launch_into_a_running_run_is_refused_and_the_first_is_unharmed(tmp_path):
     args = [*FAST, "n_examples=32", "eval_every=16"]
-    first = start_run([*args, f"local_run_dir={tmp_path}/run"])
+    first = start_subprocess([*args, f"local_run_dir={tmp_path}/run"], tmp_path)
     wait_for_lock(tmp_path / "run", first)
     # Paused while holding the lock, so the second launch meets it however fast the first is.
     os.kill(first.pid, signal.SIGSTOP)
@@ -208,7 +200,7 @@ def test_second_launch_into_a_running_run_is_refused_and_the_first_is_unharmed(t
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     import utils
-    run = start_run([*FAST, "n_examples=32", f"local_run_dir={tmp_path}/run"])
+    run = start_subprocess([*FAST, "n_examples=32", f"local_run_dir={tmp_path}/run"], tmp_path)
     wait_for_lock(tmp_path / "run", run)
     run.kill()
     run.communicate()

@@ -111,7 +111,7 @@ class Zygote:
     def __init__(self, env: dict):
         self.env = env
         self.files = Path(tempfile.mkdtemp(prefix="warm-train-"))
-        self.runs = 0
+        self.runs, self.active = 0, None
         self.proc = subprocess.Popen([sys.executable, __file__], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout.readline() == "ready\n", "the warm test launcher did not start"
@@ -119,30 +119,71 @@ class Zygote:
     def run(self, args, env: dict, timeout: float) -> subprocess.CompletedProcess:
         self.runs += 1
         out, err = self.files / f"{self.runs}.out", self.files / f"{self.runs}.err"
-        code = self.launch(args, env, out, err, timeout)
-        result = subprocess.CompletedProcess(["train.py", *args], code, out.read_text(), err.read_text())
+        run = self.start(args, env, out, err)
+        try:
+            stdout, stderr = run.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            raise
         out.unlink()
         err.unlink()
-        return result
+        return subprocess.CompletedProcess(["train.py", *args], run.returncode, stdout, stderr)
 
-    def launch(self, args, env: dict, out: Path, err: Path, timeout: float, nproc: int = 1) -> int:
-        """Run train.py ARGS in `nproc` ranks, appending their stdout to `out` and stderr to
-        `err` (the same file for one log); the exit code, 0 when every rank succeeded."""
+    def start(self, args, env: dict, out: Path, err: Path, nproc: int = 1) -> "WarmRun":
+        """Start train.py ARGS in `nproc` ranks, appending their stdout to `out` and stderr to
+        `err` (the same file for one log). The warm process serves nothing else until it ends."""
         request = {"args": [str(a) for a in args], "env": env, "cwd": str(ROOT),
                    "stdout": str(out), "stderr": str(err), "nproc": nproc}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         pids = [int(p) for p in self.proc.stdout.readline().split()]
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            for pid in pids:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.proc.stdout.readline()
-            raise subprocess.TimeoutExpired(["train.py", *args], timeout)
-        return int(self.proc.stdout.readline())
+        self.active = WarmRun(self.proc.stdout, pids, out, err)
+        return self.active
+
+    def busy(self) -> bool:
+        """Whether a run it started is still going (a second run then starts cold)."""
+        return self.active is not None and self.active.poll() is None
+
+
+class WarmRun:
+    """A run forked from the warm process, used as a subprocess.Popen is: `pid` is its first
+    rank, `returncode` is 0 once every rank succeeded (else the first failure's code)."""
+
+    def __init__(self, replies, pids, out: Path, err: Path):
+        self.replies, self.pids, self.out, self.err = replies, pids, out, err
+        self.pid, self.returncode = pids[0], None
+
+    def poll(self):
+        return self.wait(0) if self.returncode is None and self._ended(0) else self.returncode
+
+    def _ended(self, timeout) -> bool:
+        return bool(select.select([self.replies], [], [], timeout)[0])
+
+    def wait(self, timeout=None) -> int:
+        if self.returncode is None:
+            if not self._ended(timeout):
+                raise subprocess.TimeoutExpired(["train.py"], timeout)
+            self.returncode = int(self.replies.readline())
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self.out.read_text(), self.err.read_text()
+
+    def send_signal(self, signum: int):
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:  # it has ended already (as Popen.send_signal, no error)
+            pass
+
+    def kill(self):
+        """SIGKILL every rank and whatever it started, and wait for the end."""
+        for pid in self.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.wait()
 
 
 _zygote = None
@@ -150,13 +191,16 @@ _zygote = None
 
 def zygote_for(env: dict):
     """This worker's warm process for environment `env`, or None where a run must start a fresh
-    interpreter (no fork on this platform, DPO_TEST_COLD_LAUNCH set, or another environment)."""
+    interpreter (no fork on this platform, DPO_TEST_COLD_LAUNCH set, another environment, or a run of
+    its own still going)."""
     global _zygote
     if not hasattr(os, "fork") or env.get("DPO_TEST_COLD_LAUNCH"):
         return None
     if _zygote is None or _zygote.proc.poll() is not None:
         _zygote = Zygote(env)
-    return _zygote if _import_time(env) == _import_time(_zygote.env) else None
+    if _zygote.busy() or _import_time(env) != _import_time(_zygote.env):
+        return None
+    return _zygote
 
 
 def run_train(args, env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -175,7 +219,35 @@ def run_ranks(args, env: dict, nproc: int, log: Path, timeout: float):
     zygote = zygote_for(env)
     if zygote is None:
         return None
-    return zygote.launch(args, env, log, log, timeout, nproc)
+    run = zygote.start(args, env, log, log, nproc)
+    try:
+        return run.wait(timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        raise
+
+
+def popen_train(args, env: dict, out: Path, err: Path):
+    """`python -u train.py ARGS` started in the background, its stdout and stderr in those files:
+    a WarmRun, or a subprocess.Popen where no warm process fits `env`."""
+    zygote = zygote_for(env)
+    if zygote is None:
+        with open(out, "a") as stdout, open(err, "a") as stderr:
+            return ColdRun([sys.executable, "-u", "train.py", *args], out, err, cwd=ROOT, env=env,
+                           stdout=stdout, stderr=stderr)
+    return zygote.start(args, env, out, err)
+
+
+class ColdRun(subprocess.Popen):
+    """A fresh interpreter's run, whose communicate() reads its output files as WarmRun's does."""
+
+    def __init__(self, cmd, out: Path, err: Path, **kwargs):
+        super().__init__(cmd, **kwargs)
+        self.out, self.err = out, err
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self.out.read_text(), self.err.read_text()
 
 
 # Variables read when they are used, not at import: a run gets its own values of these.
