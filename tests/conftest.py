@@ -20,9 +20,10 @@ import warm_launch  # noqa: E402  (tests/warm_launch.py: run_subprocess forks a 
 # --no-loadscope-reorder): each file is one unit of work, so its module fixtures are built once,
 # except tests marked own_unit (each is a unit); and the files that take longest start first, so
 # the workers finish together instead of one running a four-minute file while the other waits.
-LONGEST_FIRST = ("test_main_job.py", "test_real_model.py", "test_online.py", "test_checkpoint_integrity.py",
-                 "test_distributed.py", "test_lora.py", "test_trdpo.py", "test_reliability.py",
-                 "test_run_dir.py", "test_vision.py")
+LONGEST_FIRST = ("test_online.py", "test_distributed.py", "test_real_model.py", "test_main_job.py",
+                 "test_reliability.py", "test_fsdp_tp.py", "test_performance.py", "test_gpu_check.py",
+                 "test_lora.py", "test_run_dir.py", "test_packing.py", "test_trdpo.py",
+                 "test_checkpoint_integrity.py", "test_vision.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

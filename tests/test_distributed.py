@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import warm_launch
-from conftest import ROOT, compose, read_metrics, run_in_process
+from conftest import ROOT, compose, read_metrics, run_in_process, run_subprocess
 
 # Four DPO updates of 8 examples in 2 micro-batches, clipped at every step (grad norms are ~0.5),
 # evaluated at 0, 16 and 32 examples (a step-16 checkpoint to resume from).
@@ -326,9 +326,9 @@ def test_one_process_without_torchrun(baseline, tmp_path):
     """With no torchrun and at most one device, the trainers run as world size 1."""
     for trainer in ("FSDPTrainer", "TensorParallelTrainer"):
         run_dir = tmp_path / trainer
-        rc, output = run_killable([sys.executable, "train.py", *COMMON, f"trainer={trainer}",
-                                   "n_examples=16", f"local_run_dir={run_dir}"], tmp_path)
-        assert rc == 0, output[-4000:]
+        result = run_subprocess([*COMMON, f"trainer={trainer}", "n_examples=16", f"local_run_dir={run_dir}"],
+                                timeout=RUN_TIMEOUT)
+        assert result.returncode == 0, result.stderr[-4000:]
         assert column(run_dir, "loss/train") == pytest.approx(column(baseline, "loss/train")[:2],
                                                               rel=LOSS_RTOL_FP32)
 
