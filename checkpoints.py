@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import xxhash
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -648,7 +647,7 @@ def save_training(run_dir: Path, name: str, parts: TrainingParts, ranks, step: i
     Raises:
         CheckpointWriteError: as save_on_rank0.
     """
-    rng = gather_rng_states(ranks.device, ranks)
+    rng = ranks.gather_objects(get_rng_state(ranks.device))  # CPU generators and its own device's
     if sharded:
         save_sharded(run_dir, name, parallel.sharded_states(parts.policy, parts.optimizer),
                      ranks.rank, ranks.barrier)
@@ -698,16 +697,6 @@ def with_current_kernels(optimizer, state: dict) -> dict:
     groups = [dict(saved, **{k: current[k] for k in ("fused", "foreach") if k in current})
               for saved, current in zip(state["param_groups"], optimizer.param_groups)]
     return dict(state, param_groups=groups)
-
-def gather_rng_states(device: torch.device, ranks) -> List[dict]:
-    """Every rank's RNG state (CPU generators and its own device's), indexed by rank."""
-    own = get_rng_state(device)
-    if not ranks.distributed:
-        return [own]
-    states = [None] * ranks.world_size
-    dist.all_gather_object(states, own)
-    return states
-
 
 def save_on_rank0(run_dir: Path, name: str, states: Dict[str, object], step: int,
                   metrics: Dict[str, float], trainer_state: dict,

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 
 import parallel
 import preference_datasets
@@ -93,15 +92,6 @@ def pairs_batch(records: List[dict], eos_id: int, pad_id: int, max_length: int,
         r["prompt"], r["chosen"], r["rejected"], r["prompt_ids"], r["chosen_ids"], r["rejected_ids"],
         eos_id, "keep_end", max_length, max_prompt_length) for r in records]
     return preference_datasets.collate(elements, pad_id)
-
-
-def gather_objects(value, world_size: int) -> list:
-    """Every rank's `value`, in rank order (one process: [value])."""
-    if world_size == 1 or not dist.is_initialized():
-        return [value]
-    parts = [None] * world_size
-    dist.all_gather_object(parts, value)
-    return parts
 
 
 class OnlineBatches(OfflineBatches):
@@ -193,7 +183,7 @@ class OnlineBatches(OfflineBatches):
             mine = [self.answer(self.share(batch)) for batch in chunk]
         if hasattr(self.policy, "reshard"):  # FSDP: free the root unit gathered by generation
             self.policy.reshard()
-        parts = gather_objects(mine, self.ranks.data_parallel_size)
+        parts = self.ranks.gather_objects(mine)  # online refuses tensor parallelism: every rank is a data rank
         seconds = time.perf_counter() - began
         batches = [merge_shares([p[b] for p in parts]) for b in range(len(chunk))]
         tokens = sum(b["stats"]["tokens"] for b in batches)

@@ -83,14 +83,18 @@ class Ranks:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def gather_objects(self, value) -> list:
+        """Every rank's picklable `value`, in rank order ([value] in one process)."""
+        if not self.distributed:
+            return [value]
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
     def merge(self, entries: dict) -> dict:
         """The union of every rank's dict (later ranks win on equal keys)."""
-        if not self.distributed:
-            return entries
-        parts = [None] * self.world_size
-        dist.all_gather_object(parts, entries)
         merged = {}
-        for part in parts:
+        for part in self.gather_objects(entries):
             merged.update(part)
         return merged
 

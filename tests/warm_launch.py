@@ -250,12 +250,13 @@ class ColdRun(subprocess.Popen):
         return self.out.read_text(), self.err.read_text()
 
 
-# Variables read when they are used, not at import: a run gets its own values of these.
-READ_AT_USE = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+# Variables read when they are used, not at import (pytest's, and those torch's compiler sets in
+# the test process once a test has compiled something): a run gets its own values of these.
+READ_AT_USE = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_", "_TORCHINDUCTOR_")
 
 
 def _import_time(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k not in READ_AT_USE}
+    return {k: v for k, v in env.items() if not k.startswith(READ_AT_USE)}
 
 
 if __name__ == "__main__":
