@@ -55,10 +55,11 @@ def run_in_process(overrides):
     return Path(config.local_run_dir)
 
 
-def run_subprocess(args, timeout=600, env=None):
-    """`python -u train.py ARGS` in the repository root; returns the CompletedProcess."""
+def run_subprocess(args, timeout=600, env=None, script="train.py"):
+    """`python -u SCRIPT ARGS` (train.py, or another program of the repository: export_hf.py,
+    evaluate.py, benchmarks/...) in the repository root; returns the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return warm_launch.run_train(args, full_env, timeout)
+    return warm_launch.run_train(args, full_env, timeout, script)
 
 
 def start_subprocess(args, log_dir, env=None):

@@ -3,13 +3,12 @@ training tokenises them, and dpo_throughput.py / trl_dpo_baseline.py train on pa
 lengths of a --lengths-file, refusing a batch whose token counts differ from it."""
 import itertools
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SMOLLM2_GGUF as GGUF, SMOLLM2_SKIP_REASON, compose, smollm2_dir
+from conftest import ROOT, SMOLLM2_GGUF as GGUF, SMOLLM2_SKIP_REASON, compose, run_subprocess, smollm2_dir
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 TINY_LENGTHS = [[5, 3, 7], [9, 4, 2], [3, 6, 6]]
@@ -184,9 +183,8 @@ def test_check_batch_refuses_a_wrongly_built_pair():
 
 def test_trl_baseline_trains_on_the_same_lengths(lengths_file):
     pytest.importorskip("trl")
-    proc = subprocess.run([sys.executable, "benchmarks/trl_dpo_baseline.py", *TINY_MODEL,
-                           "--lengths-file", str(lengths_file)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_subprocess([*TINY_MODEL, "--lengths-file", lengths_file], timeout=300,
+                          script="benchmarks/trl_dpo_baseline.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     settings = result["settings"]

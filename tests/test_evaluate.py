@@ -240,10 +240,8 @@ def test_bad_settings_are_refused_with_one_line(tmp_path):
 
 
 def test_command_line_error_is_one_line(tmp_path):
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={tmp_path}/nothing"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    from conftest import run_subprocess
+    result = run_subprocess([f"checkpoint={tmp_path}/nothing"], timeout=120, script="evaluate.py")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint={tmp_path}/nothing is not a directory; pass a step-N/ or LATEST/ "

@@ -3,14 +3,13 @@ reports both with the MFU formulas; the FLOP counts match hand-worked values; wi
 without --dry-run) it refuses in one line, and a break in the path is one line too."""
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_subprocess
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
@@ -21,8 +20,7 @@ SIDES = ("ours", "trl")
 @pytest.fixture(scope="module")
 def dry_run():
     """One `python benchmarks/gpu_check.py --dry-run`: (exit status, stderr, its JSON line)."""
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_subprocess(["--dry-run"], timeout=300, script="benchmarks/gpu_check.py")
     lines = proc.stdout.strip().splitlines()
     return proc.returncode, proc.stderr, json.loads(lines[-1]) if lines else None
 

@@ -2,14 +2,12 @@
 only runs when the command line asks, checkpoint weights checked against the model, and the paths
 model.archive and export_hf.py accept."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, compose, run_in_process, run_subprocess
+from conftest import FAST, compose, run_in_process, run_subprocess
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
@@ -199,8 +197,7 @@ def sft_run(tmp_path_factory):
 
 
 def export(*args):
-    return subprocess.run([sys.executable, "export_hf.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_subprocess(args, timeout=300, script="export_hf.py")
 
 
 @pytest.mark.parametrize("archive", ["LATEST/policy.pt", "LATEST", "."])

@@ -234,8 +234,7 @@ def test_latest_loads_with_from_pretrained_and_steps_convert(tmp_path):
                                   torch.float32)
     reference.load_state_dict(utils.load_policy_archive(str(run_dir / "LATEST" / "policy.pt")))
     assert torch.allclose(logits_of(run_dir / "LATEST"), reference(ids).logits, atol=1e-6)
-    result = subprocess.run([sys.executable, "export_hf.py", str(run_dir / "step-16"),
-                             str(tmp_path / "hf16")], cwd=ROOT, capture_output=True, text=True)
+    result = run_subprocess([run_dir / "step-16", tmp_path / "hf16"], script="export_hf.py")
     assert result.returncode == 0, result.stderr
     reference.load_state_dict(utils.load_policy_archive(str(run_dir / "step-16" / "policy.pt")))
     assert torch.allclose(logits_of(tmp_path / "hf16"), reference(ids).logits, atol=1e-6)

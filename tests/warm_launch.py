@@ -13,6 +13,7 @@ no fork.
 """
 import json
 import os
+import runpy
 import select
 import signal
 import subprocess
@@ -36,10 +37,15 @@ def _child(request: dict):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
         sys.stdout.reconfigure(write_through=True)  # -u
         sys.stderr.reconfigure(write_through=True)
-        sys.argv = ["train.py", *request["args"]]
+        script = request.get("script", "train.py")
+        sys.argv = [script, *request["args"]]
         import train
         try:
-            train.command_line()
+            if script == "train.py":
+                train.command_line()
+            else:  # another program of the repository (export_hf.py, evaluate.py, benchmarks/...)
+                sys.path.insert(0, str((ROOT / script).parent))  # as `python SCRIPT` puts it first
+                runpy.run_path(script, run_name="__main__")
             code = 0
         except SystemExit as e:
             if isinstance(e.code, str):
@@ -116,10 +122,10 @@ class Zygote:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout.readline() == "ready\n", "the warm test launcher did not start"
 
-    def run(self, args, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, args, env: dict, timeout: float, script: str = "train.py") -> subprocess.CompletedProcess:
         self.runs += 1
         out, err = self.files / f"{self.runs}.out", self.files / f"{self.runs}.err"
-        run = self.start(args, env, out, err)
+        run = self.start(args, env, out, err, script=script)
         try:
             stdout, stderr = run.communicate(timeout)
         except subprocess.TimeoutExpired:
@@ -127,12 +133,14 @@ class Zygote:
             raise
         out.unlink()
         err.unlink()
-        return subprocess.CompletedProcess(["train.py", *args], run.returncode, stdout, stderr)
+        return subprocess.CompletedProcess([script, *args], run.returncode, stdout, stderr)
 
-    def start(self, args, env: dict, out: Path, err: Path, nproc: int = 1) -> "WarmRun":
-        """Start train.py ARGS in `nproc` ranks, appending their stdout to `out` and stderr to
-        `err` (the same file for one log). The warm process serves nothing else until it ends."""
-        request = {"args": [str(a) for a in args], "env": env, "cwd": str(ROOT),
+    def start(self, args, env: dict, out: Path, err: Path, nproc: int = 1,
+              script: str = "train.py") -> "WarmRun":
+        """Start SCRIPT ARGS (train.py, or another program of the repository) in `nproc` ranks,
+        appending their stdout to `out` and stderr to `err` (the same file for one log). The warm
+        process serves nothing else until it ends."""
+        request = {"args": [str(a) for a in args], "env": env, "cwd": str(ROOT), "script": script,
                    "stdout": str(out), "stderr": str(err), "nproc": nproc}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -203,13 +211,14 @@ def zygote_for(env: dict):
     return _zygote
 
 
-def run_train(args, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`python -u train.py ARGS` in the repository root with environment `env`."""
+def run_train(args, env: dict, timeout: float, script: str = "train.py") -> subprocess.CompletedProcess:
+    """`python -u SCRIPT ARGS` (train.py or another program of the repository) in the repository
+    root with environment `env`."""
     zygote = zygote_for(env)
     if zygote is None:
-        return subprocess.run([sys.executable, "-u", "train.py", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-u", script, *map(str, args)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
-    return zygote.run(args, env, timeout)
+    return zygote.run(args, env, timeout, script)
 
 
 def run_ranks(args, env: dict, nproc: int, log: Path, timeout: float):
