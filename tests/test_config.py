@@ -194,8 +194,7 @@ def group_lines(text: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("program, groups", [("train.py", {"model", "loss", "reward"}), ("evaluate.py", {"reward"})])
 def test_help_says_what_the_program_does_and_lists_only_its_groups(program, groups):
-    result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = run_subprocess(["--help"], timeout=120, script=program)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith(f"{program}: ") and "powered by Hydra" not in out

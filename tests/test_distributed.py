@@ -56,8 +56,17 @@ def torchrun(script_and_args, tmp_dir: Path, nproc: int = 2, timeout: int = RUN_
 
 
 def run_killable(cmd, tmp_dir: Path, timeout: int = RUN_TIMEOUT):
+    """`cmd` with stdout and stderr in one log, killed whole if it outlives `timeout`; a program of
+    the repository (`python SCRIPT ARGS`) is forked from the warm process (tests/warm_launch.py)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     log = tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
+    if cmd[0] == sys.executable and not cmd[1].startswith("-"):
+        try:
+            rc = warm_launch.run_ranks(cmd[2:], env, 1, log, timeout, script=cmd[1])
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(cmd[-3:])} hung for {timeout}s; log: {log.read_text()[-3000:]}")
+        if rc is not None:
+            return rc, log.read_text()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

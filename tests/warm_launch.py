@@ -221,14 +221,14 @@ def run_train(args, env: dict, timeout: float, script: str = "train.py") -> subp
     return zygote.run(args, env, timeout, script)
 
 
-def run_ranks(args, env: dict, nproc: int, log: Path, timeout: float):
-    """The workers of `torchrun --standalone --nproc_per_node=NPROC train.py ARGS`, forked warm,
-    their stdout and stderr in `log`: the exit code (0 when every rank succeeded), or None where
-    no warm process fits `env` (the caller starts torchrun itself)."""
+def run_ranks(args, env: dict, nproc: int, log: Path, timeout: float, script: str = "train.py"):
+    """The workers of `torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGS` (NPROC=1: plain
+    `python SCRIPT ARGS`), forked warm, their stdout and stderr in `log`: the exit code (0 when
+    every rank succeeded), or None where no warm process fits `env` (the caller starts it cold)."""
     zygote = zygote_for(env)
     if zygote is None:
         return None
-    run = zygote.start(args, env, log, log, nproc)
+    run = zygote.start(args, env, log, log, nproc, script)
     try:
         return run.wait(timeout)
     except subprocess.TimeoutExpired:
