@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -69,20 +70,27 @@ def rank_environment(env: dict, rank: int, nproc: int, port: int) -> dict:
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT="0")
 
 
-def wait_ranks(pids) -> int:
-    """Wait for every rank; once one fails the others are stopped (SIGTERM), as torchrun's agent
-    does. 0 when all succeeded, else the first failure's code."""
-    codes = {}
+def wait_ranks(pids, grace: float = 5.0) -> int:
+    """Wait for every rank; once one has failed, the others get `grace` seconds to end on their
+    own (a refusal reaches every rank) and are then stopped (SIGTERM), as torchrun's agent does.
+    0 when all succeeded, else the first failure's code."""
+    codes, stop_at = {}, None
     while len(codes) < len(pids):
-        pid, status = os.wait()
+        pid, status = os.waitpid(-1, os.WNOHANG if stop_at else 0)
+        if pid == 0:  # a rank failed and the others are still running
+            if time.time() < stop_at:
+                time.sleep(0.05)
+                continue
+            for other in set(pids) - set(codes):
+                try:
+                    os.killpg(other, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            pid, status = os.waitpid(-1, 0)
+            stop_at = float("inf")
         codes[pid] = os.waitstatus_to_exitcode(status)
-        if codes[pid] != 0:
-            for other in pids:
-                if other not in codes:
-                    try:
-                        os.killpg(other, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+        if codes[pid] != 0 and stop_at is None:
+            stop_at = time.time() + grace
     return next((codes[p] for p in pids if codes[p] != 0), 0)
 
 
