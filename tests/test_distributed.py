@@ -37,15 +37,16 @@ WEIGHT_ATOL = 1e-4
 def torchrun(script_and_args, tmp_dir: Path, nproc: int = 2, timeout: int = RUN_TIMEOUT,
              real: bool = False):
     """`python -m torch.distributed.run --standalone --nproc_per_node=N ...` in the repository
-    root; the whole process group is killed if it outlives `timeout`. For train.py the N workers
-    are forked from the test worker's warm process with the environment torchrun gives them
-    (tests/warm_launch.py: no interpreter start per rank), unless `real` (a command the docs show
-    as tested); the tests of torchrun's own features (restarts, several nodes) start it themselves."""
+    root; the whole process group is killed if it outlives `timeout`. The N workers (train.py or
+    a test's worker script) are forked from the test worker's warm process with the environment
+    torchrun gives them (tests/warm_launch.py: no interpreter start per rank), unless `real` (a
+    command the docs show as tested); the tests of torchrun's own features (restarts, several
+    nodes) start it themselves."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    if script_and_args[0] == "train.py" and not real:
+    if not real:
         log = tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
         try:
-            rc = warm_launch.run_ranks(script_and_args[1:], env, nproc, log, timeout)
+            rc = warm_launch.run_ranks(script_and_args[1:], env, nproc, log, timeout, script_and_args[0])
         except subprocess.TimeoutExpired:
             pytest.fail(f"{' '.join(script_and_args[-3:])} hung for {timeout}s; log: {log.read_text()[-3000:]}")
         if rc is not None:
