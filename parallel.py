@@ -399,10 +399,9 @@ GPT2_BLOCK_PLAN = {"attn.c_attn": "colwise_qkv", "attn.c_proj": "rowwise",
 TP_TRAINER = "trainer=TensorParallelTrainer"
 
 
-def block_tp_plan(model, setting: str = TP_TRAINER) -> Dict[str, str]:
-    """{path inside a block: 'colwise' | 'rowwise' | 'colwise_qkv'}; ConfigError naming
-    `setting` where the model has none."""
-    cfg = model.config
+def block_tp_plan(cfg, setting: str = TP_TRAINER) -> Dict[str, str]:
+    """{path inside a block: 'colwise' | 'rowwise' | 'colwise_qkv'} for a model of transformers
+    config `cfg`; ConfigError naming `setting` where the model has none."""
     if cfg.model_type == "gpt2":
         return dict(GPT2_BLOCK_PLAN)
     plan = getattr(cfg, "base_model_tp_plan", None) or {}
@@ -422,16 +421,15 @@ def block_tp_plan(model, setting: str = TP_TRAINER) -> Dict[str, str]:
     return block_plan
 
 
-def check_tensor_parallel(model, tp: int, setting: str = TP_TRAINER) -> Dict[str, str]:
-    """block_tp_plan(model), after checking that the attention heads split over `tp` ranks.
-    Reads model.config only, so train.py can refuse a model before loading its weights."""
-    cfg = model.config
+def check_tensor_parallel(cfg, tp: int, setting: str = TP_TRAINER) -> Dict[str, str]:
+    """block_tp_plan(cfg), after checking that the attention heads split over `tp` ranks. Takes
+    the transformers config only, so train.py can refuse a model before loading its weights."""
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if heads % tp or kv_heads % tp:
         raise ConfigError(f"{setting}: {heads} attention heads ({kv_heads} key/value heads) "
                           f"cannot be split over {tp} processes")
-    return block_tp_plan(model, setting)
+    return block_tp_plan(cfg, setting)
 
 
 def tensor_parallelize(model, mesh, block_name: str, setting: str = TP_TRAINER,
@@ -448,7 +446,7 @@ def tensor_parallelize(model, mesh, block_name: str, setting: str = TP_TRAINER,
             rank 0 and the rest broadcast from it.
     """
     tp = mesh.size()
-    plan = check_tensor_parallel(model, tp, setting)
+    plan = check_tensor_parallel(model.config, tp, setting)
     for block in find_blocks(model, block_name):
         styles = {}
         for path, kind in plan.items():

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import sys
-import types
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -194,8 +193,7 @@ def validate_tensor_parallel_plan(config: DictConfig):
             raise ConfigError(f"model.from_config: {str(e).strip().splitlines()[-1].strip()}") from None
     else:
         model_config = utils.load_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
-    parallel.check_tensor_parallel(types.SimpleNamespace(config=model_config), tp,
-                                   f"tensor_parallel_size={tp}")
+    parallel.check_tensor_parallel(model_config, tp, f"tensor_parallel_size={tp}")
     # GPT-2's fused query/key/value columns are reordered per tensor-parallel rank
     # (parallel.Conv1DParallel); full state dicts undo it, torch.distributed.checkpoint would not.
     _require(model_config.model_type != "gpt2" or config.checkpoint_format == "full",

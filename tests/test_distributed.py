@@ -480,8 +480,7 @@ def test_tensor_parallel_does_not_split_the_batch():
 def test_block_plans_cover_llama_neox_and_gpt2():
     import transformers
     import parallel
-    plans = {t: parallel.block_tp_plan(types.SimpleNamespace(
-        config=transformers.AutoConfig.for_model(t))) for t in ("llama", "gpt_neox", "gpt2")}
+    plans = {t: parallel.block_tp_plan(transformers.AutoConfig.for_model(t)) for t in ("llama", "gpt_neox", "gpt2")}
     assert plans["llama"] == {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
                               "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise",
                               "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
@@ -490,7 +489,7 @@ def test_block_plans_cover_llama_neox_and_gpt2():
     assert plans["gpt2"]["attn.c_attn"] == "colwise_qkv"
     unknown = types.SimpleNamespace(model_type="mystery", base_model_tp_plan=None)
     with pytest.raises(parallel.ConfigError, match="no tensor-parallel plan"):
-        parallel.block_tp_plan(types.SimpleNamespace(config=unknown))
+        parallel.block_tp_plan(unknown)
 
 
 def test_fused_column_order_groups_each_ranks_heads_and_inverts():
