@@ -42,32 +42,41 @@ def torchrun(script_and_args, tmp_dir: Path, nproc: int = 2, timeout: int = RUN_
     torchrun gives them (tests/warm_launch.py: no interpreter start per rank), unless `real` (a
     command the docs show as tested); the tests of torchrun's own features (restarts, several
     nodes) start it themselves."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    if not real:
-        log = tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
-        try:
-            rc = warm_launch.run_ranks(script_and_args[1:], env, nproc, log, timeout, script_and_args[0])
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{' '.join(script_and_args[-3:])} hung for {timeout}s; log: {log.read_text()[-3000:]}")
-        if rc is not None:
-            return rc, log.read_text()
+    if not real and (result := run_warm(script_and_args[0], script_and_args[1:], tmp_dir, nproc,
+                                        timeout)) is not None:
+        return result
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *script_and_args]
     return run_killable(cmd, tmp_dir, timeout)
 
 
+def launch_env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def next_log(tmp_dir: Path) -> Path:
+    return tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
+
+
+def run_warm(script: str, args, tmp_dir: Path, nproc: int, timeout: int):
+    """(exit code, log) of SCRIPT ARGS in `nproc` ranks forked from the warm process, or None where
+    no warm process fits this environment (the caller starts it cold)."""
+    log = next_log(tmp_dir)
+    try:
+        rc = warm_launch.run_ranks(args, launch_env(), nproc, log, timeout, script)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script} {' '.join(map(str, args[-2:]))} hung for {timeout}s; "
+                    f"log: {log.read_text()[-3000:]}")
+    return None if rc is None else (rc, log.read_text())
+
+
 def run_killable(cmd, tmp_dir: Path, timeout: int = RUN_TIMEOUT):
     """`cmd` with stdout and stderr in one log, killed whole if it outlives `timeout`; a program of
     the repository (`python SCRIPT ARGS`) is forked from the warm process (tests/warm_launch.py)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    log = tmp_dir / f"log-{len(list(tmp_dir.glob('log-*')))}.txt"
-    if cmd[0] == sys.executable and not cmd[1].startswith("-"):
-        try:
-            rc = warm_launch.run_ranks(cmd[2:], env, 1, log, timeout, script=cmd[1])
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{' '.join(cmd[-3:])} hung for {timeout}s; log: {log.read_text()[-3000:]}")
-        if rc is not None:
-            return rc, log.read_text()
+    if (cmd[0] == sys.executable and not cmd[1].startswith("-")
+            and (result := run_warm(cmd[1], cmd[2:], tmp_dir, 1, timeout)) is not None):
+        return result
+    env, log = launch_env(), next_log(tmp_dir)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -187,7 +196,7 @@ def test_two_nodes_started_as_two_commands_end_at_basic_trainers_weights(baselin
     commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                  "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "train.py",
                  *COMMON, "trainer=FSDPTrainer", f"local_run_dir={run_dir}"] for node in (1, 0)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = launch_env()
     logs = [tmp_path / f"node{node}.txt" for node in (1, 0)]
     with contextlib.ExitStack() as files:
         procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=files.enter_context(log.open("w")),
@@ -240,7 +249,7 @@ def test_torchrun_restarts_a_group_that_lost_a_rank_and_it_ends_bitwise(tmp_path
     run_dir = tmp_path / "restarted"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "--max-restarts=1", "train.py", *args, f"local_run_dir={run_dir}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = launch_env()
     with open(tmp_path / "restarted.txt", "w") as log:
         agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)

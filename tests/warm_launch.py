@@ -1,4 +1,5 @@
-"""`python -u train.py ARGS` for the tests, without paying the imports each time.
+"""`python -u train.py ARGS` (and the repository's other programs) for the tests, without paying
+the imports each time.
 
 A run of the tiny model takes a few seconds; starting Python and importing torch, transformers and
 train.py's modules takes about as long again, and the tests start a few hundred runs. So each test
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _child(request: dict):
-    """In the forked child: become `python -u train.py ARGS` and never return."""
+    """In the forked child: become `python -u SCRIPT ARGS` and never return."""
     code = 1
     try:
         os.setsid()  # its own process group: a timeout kills whatever it started
@@ -74,23 +75,27 @@ def wait_ranks(pids, grace: float = 5.0) -> int:
     """Wait for every rank; once one has failed, the others get `grace` seconds to end on their
     own (a refusal reaches every rank) and are then stopped (SIGTERM), as torchrun's agent does.
     0 when all succeeded, else the first failure's code."""
-    codes, stop_at = {}, None
+    codes = {}
+
+    def reap(pid_status):
+        codes[pid_status[0]] = os.waitstatus_to_exitcode(pid_status[1])
+
+    while len(codes) < len(pids) and not any(codes.values()):
+        reap(os.wait())
+    deadline = time.time() + grace
+    while len(codes) < len(pids) and time.time() < deadline:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            reap((pid, status))
+        else:
+            time.sleep(0.05)
+    for other in set(pids) - set(codes):
+        try:
+            os.killpg(other, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     while len(codes) < len(pids):
-        pid, status = os.waitpid(-1, os.WNOHANG if stop_at else 0)
-        if pid == 0:  # a rank failed and the others are still running
-            if time.time() < stop_at:
-                time.sleep(0.05)
-                continue
-            for other in set(pids) - set(codes):
-                try:
-                    os.killpg(other, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            pid, status = os.waitpid(-1, 0)
-            stop_at = float("inf")
-        codes[pid] = os.waitstatus_to_exitcode(status)
-        if codes[pid] != 0 and stop_at is None:
-            stop_at = time.time() + grace
+        reap(os.wait())
     return next((codes[p] for p in pids if codes[p] != 0), 0)
 
 
@@ -134,11 +139,8 @@ class Zygote:
         self.runs += 1
         out, err = self.files / f"{self.runs}.out", self.files / f"{self.runs}.err"
         run = self.start(args, env, out, err, script=script)
-        try:
-            stdout, stderr = run.communicate(timeout)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            raise
+        run.finish(timeout)
+        stdout, stderr = run.communicate()
         out.unlink()
         err.unlink()
         return subprocess.CompletedProcess([script, *args], run.returncode, stdout, stderr)
@@ -181,6 +183,14 @@ class WarmRun:
                 raise subprocess.TimeoutExpired(["train.py"], timeout)
             self.returncode = int(self.replies.readline())
         return self.returncode
+
+    def finish(self, timeout: float) -> int:
+        """wait(timeout), killing every rank (and re-raising) when it runs past it."""
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
     def communicate(self, timeout=None):
         self.wait(timeout)
@@ -236,12 +246,7 @@ def run_ranks(args, env: dict, nproc: int, log: Path, timeout: float, script: st
     zygote = zygote_for(env)
     if zygote is None:
         return None
-    run = zygote.start(args, env, log, log, nproc, script)
-    try:
-        return run.wait(timeout)
-    except subprocess.TimeoutExpired:
-        run.kill()
-        raise
+    return zygote.start(args, env, log, log, nproc, script).finish(timeout)
 
 
 def popen_train(args, env: dict, out: Path, err: Path):
