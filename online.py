@@ -101,7 +101,7 @@ class OnlineBatches(OfflineBatches):
         policy: the trained policy (placed; it generates in place, no copy).
         tokenizer: the run's tokenizer.
         scorer: rewards' scorer(prompts, completions) -> (N,) rewards.
-        settings: the config's `online` keys.
+        settings: the config's `online` keys, and gather: whether FSDP gathers the policy for generation.
         share: global batch -> this rank's share of it (the trainer's rank_slice), on the device.
         ranks: parallel.Ranks; each rank answers its share.
         autocast: the trainer's forward context (mixed precision).
@@ -179,8 +179,10 @@ class OnlineBatches(OfflineBatches):
         """Answer and judge the prompts of the round's batches with the policy as it is now."""
         began = time.perf_counter()
         self.policy.eval()
-        with parallel.seeded_rng(self.seed_of(start), self.ranks.device):
-            mine = [self.answer(self.share(batch)) for batch in chunk]
+        with parallel.seeded_rng(self.seed_of(start), self.ranks.device), \
+                parallel.gathered_for_generation(self.policy, self.settings["gather"]) as gathered:
+            mine = [self.answer(self.share(batch), synced=self.ranks.distributed and not gathered)
+                    for batch in chunk]
         if hasattr(self.policy, "reshard"):  # FSDP: free the root unit gathered by generation
             self.policy.reshard()
         parts = self.ranks.gather_objects(mine)  # online refuses tensor parallelism: every rank is a data rank
@@ -197,8 +199,9 @@ class OnlineBatches(OfflineBatches):
         """The round's sampling seed: the run's, the round's first batch and the rank."""
         return (self.seed * 1_000_003 + start) * 1_009 + self.ranks.rank
 
-    def answer(self, batch: Dict) -> dict:
-        """This rank's share of one batch: K answers per prompt, judged and paired."""
+    def answer(self, batch: Dict, synced: bool) -> dict:
+        """This rank's share of one batch: K answers per prompt, judged and paired. synced: the
+        policy is sharded and not gathered, so every rank runs as many forwards as the longest."""
         k, s = self.settings["samples_per_prompt"], self.settings
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_input_ids"],
                                                                batch["prompt_attention_mask"])]
@@ -207,7 +210,7 @@ class OnlineBatches(OfflineBatches):
         with self.autocast():
             answers = sampling.sample_token_ids(
                 self.policy, self.tokenizer, rows, k, generation, len(rows) * k, self.ranks.device,
-                synced_gpus=self.ranks.distributed, progress=False)
+                synced_gpus=synced, progress=False)
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         prompts = list(batch["prompt"])
         rewards = self.scorer([p for p in prompts for _ in range(k)], texts).view(len(rows), k)

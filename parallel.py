@@ -263,6 +263,32 @@ def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict, from_rank0: 
     return model
 
 
+@contextlib.contextmanager
+def gathered_for_generation(model, enabled: bool = True):
+    """Each FSDP unit of `model` gathered once for a whole generation, not once per decoding step:
+    FSDP otherwise all-gathers every block before each token's forward and frees it after, which
+    for sampling costs more than the forwards (TRL gathers likewise for generation under ZeRO-3,
+    its `ds3_gather_for_generation`). Yields whether the weights are gathered: then no forward
+    communicates, so ranks may stop generating at different steps (no synced_gpus). Each rank
+    holds the whole model meanwhile; enabled=False keeps the per-step gathers for a model too
+    large for that. The blocks reshard after forward again afterwards; the root never does."""
+    from torch.distributed.fsdp import FSDPModule
+    if not enabled or not isinstance(model, FSDPModule):
+        yield False
+        return
+    model.set_reshard_after_forward(False)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield True
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root, as FSDP sets it
+
+
 def _call(module, fn, *args, **kwargs):
     """A model method that runs `fn`; registered as an FSDP forward method (see FSDPTrainer)."""
     return fn(*args, **kwargs)

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import tqdm
 
+import parallel
 import vision
 
 
@@ -48,18 +49,22 @@ def sample_records(policy, reference, batches: Iterable[Dict], n: int,
     return records
 
 
-def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context) -> List[str]:
+def sample_texts(model, batch: Dict, tokenizer, max_length: int, device, context,
+                 gather: bool = False) -> List[str]:
     """One sampled completion per prompt of a collated batch, decoded; sampled inside
-    `context()` (the tensor-parallel trainer seeds it)."""
+    `context()` (the tensor-parallel trainer seeds it). gather: an FSDP model's weights are
+    gathered for the whole generation (parallel.gathered_for_generation)."""
     rows = [ids[mask.bool()] for ids, mask in zip(batch["prompt_input_ids"],
                                                   batch["prompt_attention_mask"])]
     ids, mask = (t.to(device) for t in left_padded(rows, tokenizer.pad_token_id))
-    with context(), torch.no_grad():
+    with context(), torch.no_grad(), parallel.gathered_for_generation(model, gather) as gathered:
         # a vision-language model's prompts with their images (one prompt per row, in order)
         images = vision.batch_inputs(batch, device=device)
+        # gathered: no forward communicates, so each process may stop at its own last token
+        synced = {"synced_gpus": False} if gathered else {}
         out = model.generate(input_ids=ids, attention_mask=mask, max_length=max_length,
                              do_sample=True, pad_token_id=tokenizer.pad_token_id, **images,
-                             **vision.token_inputs(model, ids, images))
+                             **vision.token_inputs(model, ids, images), **synced)
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 

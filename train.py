@@ -101,7 +101,7 @@ def validate_config(config: DictConfig, world_size: int):
              f"seed={config.seed!r} must be a non-negative integer")
     for key in ("do_first_eval", "sample_during_eval", "activation_checkpointing", "debug",
                 "group_by_length", "precompute_ref_log_probs", "save_hf_format", "wandb.enabled", "plot",
-                "share_prompt", "packing",
+                "share_prompt", "packing", "gather_for_generation",
                 "model.trust_remote_code"):
         _flag(config, key)
     _require(config.max_prompt_length < config.max_length,
@@ -565,6 +565,7 @@ RESUMABLE_KEYS = (
     # How a step's sequences are laid out and attended, not what is trained (the same log-probs
     # up to float rounding, tests/test_packing.py).
     "share_prompt", "packing", "packing_row_tokens", "attn_implementation",
+    "gather_for_generation",  # how FSDP's processes hold the weights while sampling: the same samples
 )
 
 

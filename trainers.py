@@ -294,7 +294,8 @@ class BasicTrainer(SingleProcessPlacement):
                                         c.model.trust_remote_code)
         scorer = rewards.REWARDS[reward.pop("name")].build(reward, context)
         return online.OnlineBatches(
-            self.policy, self.tokenizer, scorer, OmegaConf.to_container(c.online),
+            self.policy, self.tokenizer, scorer,
+            {**OmegaConf.to_container(c.online), "gather": self.gathers_for_generation()},
             lambda batch: self.rank_slice(batch, 0, 1), self.ranks, self.autocast,
             c.gradient_accumulation_steps * self.ranks.data_parallel_size,
             (c.max_length, c.max_prompt_length), self.seed, self.run_dir)
@@ -469,11 +470,16 @@ class BasicTrainer(SingleProcessPlacement):
         appended to samples.jsonl in the run directory."""
         sample = functools.partial(sampling.sample_texts, tokenizer=self.tokenizer,
                                    max_length=self.config.max_length, device=self.device,
-                                   context=self.generation_context)
+                                   context=self.generation_context, gather=self.gathers_for_generation())
         records = sampling.sample_records(
             self.policy, self.reference, self.eval_batches, self.config.n_eval_model_samples,
             lambda batch, n: slice_batch(batch, 0, n, self.device), sample, self.example_counter)
         self.run_log.samples(records, self.example_counter)
+
+    def gathers_for_generation(self) -> bool:
+        """Whether generation gathers an FSDP model's weights once (gather_for_generation); not
+        under FSDP x TP, whose tensor-parallel forwards communicate at every step anyway."""
+        return self.config.gather_for_generation and self.config.tensor_parallel_size == 1
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -621,6 +621,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 from conftest import compose
 import parallel, ref_cache, references, train, utils
@@ -640,6 +641,19 @@ state = parallel.full_model_state(policy)  # gathered from both ranks' shards
 if rank == 0:
     out["weights"] = max((state[k] - v).abs().max().item() for k, v in built.items())
 out["buffers"] = {name: b.tolist() for name, b in policy.named_buffers()}
+
+
+def after_forward():  # which parameters a forward leaves gathered (plain tensors, not shards)
+    with torch.no_grad():
+        policy(input_ids=torch.tensor([[1, 2, 3]]))
+    return [not isinstance(p, DTensor) for p in policy.parameters()]
+
+
+out["usual"] = after_forward()
+with parallel.gathered_for_generation(policy) as gathered:
+    out["gathered"] = [gathered, after_forward()]
+out["after"] = after_forward()
+policy.reshard()
 every = [None] * dist.get_world_size()
 dist.all_gather_object(every, out)
 if rank == 0:
@@ -665,6 +679,13 @@ def test_fsdp_builds_weights_on_rank0_only(tmp_path):
     assert first["weights"] == 0.0
     assert "model.rotary_emb.inv_freq" in second["buffers"]
     assert first["buffers"] == second["buffers"]
+    # gather_for_generation: every parameter stays gathered across forwards inside, and afterwards
+    # a forward leaves the blocks sharded and the root gathered again, as before
+    for report in (first, second):
+        usual = report["usual"]
+        assert any(usual) and not all(usual)  # the root's parameters kept, the blocks' freed
+        assert report["gathered"] == [True, [True] * len(usual)]
+        assert report["after"] == usual
 
 
 @pytest.mark.slow

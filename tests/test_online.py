@@ -167,19 +167,31 @@ def test_each_judge_trains_and_its_scores_are_the_round_files(judge, tokenizer, 
 
 @pytest.mark.slow
 def test_fsdp_ranks_answer_their_shares(judge_dir, tmp_path):
-    """Two FSDP processes (gloo): each answers its half of every batch's prompts (synced
-    generation), the halves are gathered, and training runs on the pairs of the whole batch."""
+    """Two FSDP processes (gloo): each answers its half of every batch's prompts, the halves are
+    gathered, and training runs on the pairs of the whole batch. The policy is gathered once per
+    round for generation (gather_for_generation, the default); gathered before every decoding
+    step instead (synced generation), the rounds, samples and weights are the same, bit for bit."""
     from test_distributed import torchrun
-    run_dir = tmp_path / "fsdp"
-    rc, output = torchrun(["train.py", *FAST, "save_hf_format=false", *ONLINE, "reward=judge",
-                           f"reward.name_or_path={judge_dir}",
-                           "trainer=FSDPTrainer", "gradient_accumulation_steps=2",
-                           f"local_run_dir={run_dir}"], tmp_path)
-    assert rc == 0, output[-3000:]
-    steps = [m for m in read_metrics(run_dir) if "online/prompts" in m]
+    runs = {}
+    for gather in ("true", "false"):
+        runs[gather] = run_dir = tmp_path / f"gather-{gather}"
+        rc, output = torchrun(["train.py", *FAST, "save_hf_format=false", *ONLINE, "reward=judge",
+                               f"reward.name_or_path={judge_dir}", "online.generate_every=2",
+                               "sample_during_eval=true", "n_eval_model_samples=4", f"gather_for_generation={gather}",
+                               "trainer=FSDPTrainer", "gradient_accumulation_steps=2",
+                               f"local_run_dir={run_dir}"], tmp_path)
+        assert rc == 0, output[-3000:]
+    steps = [m for m in read_metrics(runs["true"]) if "online/prompts" in m]
     assert len(steps) == 8 and all(m["online/prompts"] == 8 for m in steps)  # 4 + 4, not 8 + 8
     assert all(m["online/ties"] == 0 and m["online/pairs"] == 8 for m in steps)  # the judge never ties
     assert all(torch.isfinite(torch.tensor(m["loss/train"])) for m in steps if "loss/train" in m)
+    gathered, synced = runs["true"], runs["false"]
+    assert logged_values(gathered, ONLINE_WALL_CLOCK) == logged_values(synced, ONLINE_WALL_CLOCK)
+    for name in ["samples.jsonl", *(f"online/{p.name}" for p in (gathered / "online").glob("*.jsonl"))]:
+        assert (gathered / name).read_text() == (synced / name).read_text(), name
+    assert len(list((gathered / "online").glob("*.jsonl"))) == 4
+    a, b = weights(gathered / "LATEST" / "policy.pt"), weights(synced / "LATEST" / "policy.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
