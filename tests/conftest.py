@@ -94,6 +94,22 @@ def _cache_dir(tmp_path_factory):
     yield
 
 
+def readme_sft(seed: int = 0) -> Path:
+    """The run directory of the README's first command (SFT of the embedded default) with
+    seed=SEED, run once per test session and shared: tests/test_main_job.py's main job and the
+    online runs start from it. Under DPO_TEST_CACHE (CI) every test worker shares it: the first
+    to ask runs it while holding a lock, and the others wait for it instead of training again."""
+    import fcntl
+    run_dir = Path(os.environ["XDG_CACHE_HOME"]) / "readme-runs" / f"sft-seed{seed}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"sft-seed{seed}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (run_dir / "LATEST" / "policy.pt").is_file():
+            result = run_subprocess([f"seed={seed}", f"local_run_dir={run_dir}"])
+            assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     import utils

@@ -18,9 +18,21 @@ import torch
 import kto_cpo_orpo as K
 import losses
 
-cpo_trainer = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-orpo_trainer = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
-kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
+
+
+# TRL's trainer modules, imported by the tests that use them (about 3 s: not while collecting,
+# which every test worker of both CI lanes does); a test skips where TRL is absent.
+def cpo_trainer():
+    return pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+
+
+def orpo_trainer():
+    return pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+
+
+def kto_trainer():
+    return pytest.importorskip("trl.trainer.kto_trainer")
+
 
 D = torch.float64
 B, T, V = 5, 8, 11  # pairs, sequence length, vocabulary
@@ -79,8 +91,8 @@ def _sums(logits, ids, mask):
 def trl_cpo(ids, attention, labels, logits, **config):
     fields = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0)
     fields.update(config)
-    fake, model = _stand_in(cpo_trainer.CPOTrainer, logits, **fields)
-    loss, _ = cpo_trainer.CPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
+    fake, model = _stand_in(cpo_trainer().CPOTrainer, logits, **fields)
+    loss, _ = cpo_trainer().CPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
     return loss
 
 
@@ -135,8 +147,8 @@ def test_cpo_matches_trl(config):
 
 
 def trl_orpo(ids, attention, labels, logits, beta=0.1):
-    fake, model = _stand_in(orpo_trainer.ORPOTrainer, logits, beta=beta)
-    loss, _ = orpo_trainer.ORPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
+    fake, model = _stand_in(orpo_trainer().ORPOTrainer, logits, beta=beta)
+    loss, _ = orpo_trainer().ORPOTrainer.get_batch_loss_metrics(fake, model, _trl_batch(ids, attention, labels))
     return loss
 
 
@@ -220,11 +232,11 @@ def trl_kto(case, gather=lambda x: x, **config):
                            calculate_KL=fields["loss_type"] == "kto",
                            accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=gather),
                            _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1, **fields)
-    fake._compute_kl_logps = kto_trainer.KTOTrainer._compute_kl_logps.__get__(fake)
+    fake._compute_kl_logps = kto_trainer().KTOTrainer._compute_kl_logps.__get__(fake)
     inputs = {"input_ids": ids, "attention_mask": torch.ones(n, T), "completion_mask": mask,
               "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones(n, T), "KL_completion_mask": kl_mask,
               "label": labels, "ref_logps": ref, "ref_KL_logps": ref_kl}
-    loss = kto_trainer.KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
+    loss = kto_trainer().KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
     return loss, fake._metrics["train"]["kl"][0]
 
 

@@ -10,18 +10,18 @@ import time
 
 import pytest
 
-from conftest import read_metrics, run_subprocess
+from conftest import read_metrics, readme_sft, run_subprocess
 
 SEEDS = range(5)
 BAR = 0.88
 
 
 def main_job(run_dir, seed: int) -> float:
-    """The README's two commands with seed=SEED; the held-out accuracy of DPO's final evaluation."""
-    sft = run_subprocess([f"seed={seed}", f"local_run_dir={run_dir}/sft"])
-    assert sft.returncode == 0, sft.stderr[-2000:]
+    """The README's two commands with seed=SEED; the held-out accuracy of DPO's final evaluation.
+    The SFT run (the first command) is shared with the other tests that start from it."""
+    sft = readme_sft(seed)
     dpo = run_subprocess([f"seed={seed}", "loss=dpo", "loss.beta=0.1",
-                          f"model.archive={run_dir}/sft/LATEST/policy.pt", f"local_run_dir={run_dir}/dpo"])
+                          f"model.archive={sft}/LATEST/policy.pt", f"local_run_dir={run_dir}/dpo"])
     assert dpo.returncode == 0, dpo.stderr[-2000:]
     evals = [m for m in read_metrics(run_dir / "dpo") if "rewards_eval/accuracies" in m]
     assert evals[-1]["counters/examples"] > evals[-2]["counters/examples"]  # the final evaluation

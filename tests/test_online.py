@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAST, ROOT, WALL_CLOCK_KEYS, compose, logged_values, read_metrics, run_in_process
+from conftest import (FAST, ROOT, WALL_CLOCK_KEYS, compose, logged_values, read_metrics, readme_sft,
+                      run_in_process)
 
 import online
 import rewards
@@ -70,11 +71,10 @@ def test_online_refusals_in_one_line_before_any_model(overrides, message):
 # ----------------------------------------------------------------------------- runs
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    """The embedded default's SFT (the README's first command; ~20 CPU-seconds)."""
-    run_dir = tmp_path_factory.mktemp("online") / "sft"
-    run_in_process(["sample_during_eval=false", "save_hf_format=false", f"local_run_dir={run_dir}"])
-    return run_dir / "LATEST" / "policy.pt"
+def sft():
+    """The embedded default's SFT (the README's first command; ~20 CPU-seconds), shared with
+    tests/test_main_job.py."""
+    return readme_sft(0) / "LATEST" / "policy.pt"
 
 
 @pytest.fixture(scope="module")
