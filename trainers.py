@@ -101,17 +101,32 @@ def split_metric_name(name: str, split: str) -> str:
 
 
 def gathered_metrics(loss: torch.Tensor, metrics: Dict[str, torch.Tensor],
-                     router_metrics: Dict[str, torch.Tensor], split: str, gather,
-                     device) -> Dict[str, List[float]]:
+                     router_metrics: Dict[str, torch.Tensor], split: str, gather, device,
+                     extra: Dict[str, float]) -> Dict[str, List[float]]:
     """{metric name: every data-parallel rank's values} for one micro-batch: the loss entry's
-    metrics ((B,) or scalar tensors, named by split_metric_name), an MoE router's ("{name}/{split}")
-    and the loss ("loss/{split}"); `gather` concatenates a 1-D tensor over the ranks."""
-    out = {f"{name}/{split}": gather(value.detach().float().reshape(1)).cpu().tolist()
-           for name, value in router_metrics.items()}
-    for name, value in metrics.items():
-        values = gather(value.detach().float().reshape(-1).to(device))
-        out[split_metric_name(name, split)] = values.cpu().tolist()
-    out[f"loss/{split}"] = gather(loss.detach().float().reshape(1)).cpu().tolist()
+    metrics ((B,) or scalar tensors, named by split_metric_name), an MoE router's ("{name}/{split}"),
+    the loss ("loss/{split}") and `extra` (named as given); `gather` concatenates a 1-D tensor
+    over the ranks."""
+    values = {f"{name}/{split}": value.reshape(1) for name, value in router_metrics.items()}
+    values.update({split_metric_name(name, split): value.reshape(-1) for name, value in metrics.items()})
+    values[f"loss/{split}"] = loss.reshape(1)
+    values.update({name: torch.tensor([float(value)]) for name, value in extra.items()})
+    return gather_together({k: v.detach().float().to(device) for k, v in values.items()}, gather)
+
+
+def gather_together(values: Dict[str, torch.Tensor], gather) -> Dict[str, List[float]]:
+    """{name: every rank's values, rank after rank} for 1-D tensors of any lengths, in two gathers
+    (their lengths, then all their values at once) instead of two per tensor: on a small model an
+    FSDP step's time goes to the number of collectives more than to their size."""
+    names = list(values)
+    flat = torch.cat([values[name] for name in names])
+    lengths = gather(torch.tensor([float(values[name].numel()) for name in names], device=flat.device))
+    everything, at = gather(flat).cpu().tolist(), 0
+    out = {name: [] for name in names}
+    for rank_lengths in lengths.view(-1, len(names)).long().tolist():
+        for name, n in zip(names, rank_lengths):
+            out[name].extend(everything[at:at + n])
+            at += n
     return out
 
 
@@ -367,15 +382,13 @@ class BasicTrainer(SingleProcessPlacement):
                                           gather=self.gather, train=train,
                                           generator=generator, rank=self.ranks.data_rank)
         loss, router_metrics = self.router_loss.add_to(loss)  # MoE models only (moe.py)
-        out = gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
-                               self.gather, self.device)
+        extra = {}
         if train:  # token positions the policy's forward computed, and the padding among them
             computed = sum(layout.input_ids.numel() for layout in layouts)
-            padding = 1.0 - sum(layout.tokens for layout in layouts) / computed
-            for name, value in (("padding_fraction", padding), ("computed", computed)):
-                out[f"tokens/{name}"] = self.gather(
-                    torch.tensor([float(value)], device=self.device)).cpu().tolist()
-        return loss, out
+            extra = {"tokens/padding_fraction": 1.0 - sum(layout.tokens for layout in layouts) / computed,
+                     "tokens/computed": computed}
+        return loss, gathered_metrics(loss, metrics, router_metrics, "train" if train else "eval",
+                                      self.gather, self.device, extra)
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
         """One optimizer update over a global batch, with gradient accumulation.
