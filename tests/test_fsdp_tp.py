@@ -42,9 +42,10 @@ def test_fsdp_x_tp_on_four_processes_equals_basic_trainer(tokenizer, tmp_path):
     evaluation: the losses and weights of one BasicTrainer process, in every checkpoint."""
     basic = run_in_process([*SETTINGS, f"local_run_dir={tmp_path}/basic"])
     run_dir = tmp_path / "fsdp_tp"
+    # docs/distributed.md's command; its 4 ranks are forked warm with torchrun's environment
+    # (torchrun itself is tested in test_distributed.py: restarts, two nodes)
     rc, output = torchrun(["train.py", *SETTINGS, "trainer=FSDPTrainer", "tensor_parallel_size=2",
-                           "checkpoint_format=sharded", f"local_run_dir={run_dir}"], tmp_path, nproc=4,
-                          real=True)  # torchrun itself: docs/distributed.md shows this command
+                           "checkpoint_format=sharded", f"local_run_dir={run_dir}"], tmp_path, nproc=4)
     assert rc == 0, output[-3000:]
     assert "FSDP x TP: 2 data-parallel groups x 2 tensor-parallel ranks" in output
     losses = column(basic, "loss/train")
