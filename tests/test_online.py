@@ -178,6 +178,7 @@ def test_fsdp_ranks_answer_their_shares(judge_dir, tmp_path):
         rc, output = torchrun(["train.py", *FAST, "save_hf_format=false", *ONLINE, "reward=judge",
                                f"reward.name_or_path={judge_dir}", "online.generate_every=2",
                                "sample_during_eval=true", "n_eval_model_samples=4", f"gather_for_generation={gather}",
+                               "do_first_eval=false", "max_length=64", "max_prompt_length=32",  # shorter samples
                                "trainer=FSDPTrainer", "gradient_accumulation_steps=2",
                                f"local_run_dir={run_dir}"], tmp_path)
         assert rc == 0, output[-3000:]
