@@ -23,7 +23,11 @@ import warm_launch  # noqa: E402  (tests/warm_launch.py: run_subprocess forks a 
 LONGEST_FIRST = ("test_online.py", "test_distributed.py", "test_real_model.py", "test_main_job.py",
                  "test_reliability.py", "test_fsdp_tp.py", "test_performance.py", "test_gpu_check.py",
                  "test_lora.py", "test_run_dir.py", "test_packing.py", "test_trdpo.py",
-                 "test_checkpoint_integrity.py", "test_vision.py")
+                 "test_checkpoint_integrity.py", "test_vision.py",
+                 # then the longest of the quick lane (test_train.py alone is ~25 s of it), so that
+                 # neither worker ends the lane alone on a long file
+                 "test_train.py", "test_model_loading.py", "test_loss_commands.py", "test_config.py",
+                 "test_warm_launch.py", "test_checkpoints.py", "test_datasets.py", "test_kto_cpo_orpo_commands.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
