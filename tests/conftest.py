@@ -102,7 +102,9 @@ def readme_sft(seed: int = 0) -> Path:
     """The run directory of the README's first command (SFT of the embedded default) with
     seed=SEED, run once per test session and shared: tests/test_main_job.py's main job and the
     online runs start from it. Under DPO_TEST_CACHE (CI) every test worker shares it: the first
-    to ask runs it while holding a lock, and the others wait for it instead of training again."""
+    to ask runs it while holding a lock, and the others wait for it instead of training again.
+    A DPO_TEST_CACHE is one session's (.ci/run makes a new one): a run left in it by older code
+    would be reused."""
     import fcntl
     run_dir = Path(os.environ["XDG_CACHE_HOME"]) / "readme-runs" / f"sft-seed{seed}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
