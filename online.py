@@ -183,8 +183,6 @@ class OnlineBatches(OfflineBatches):
                 parallel.gathered_for_generation(self.policy, self.settings["gather"]) as gathered:
             mine = [self.answer(self.share(batch), synced=self.ranks.distributed and not gathered)
                     for batch in chunk]
-        if hasattr(self.policy, "reshard"):  # FSDP: free the root unit gathered by generation
-            self.policy.reshard()
         parts = self.ranks.gather_objects(mine)  # online refuses tensor parallelism: every rank is a data rank
         seconds = time.perf_counter() - began
         batches = [merge_shares([p[b] for p in parts]) for b in range(len(chunk))]

@@ -271,22 +271,26 @@ def gathered_for_generation(model, enabled: bool = True):
     its `ds3_gather_for_generation`). Yields whether the weights are gathered: then no forward
     communicates, so ranks may stop generating at different steps (no synced_gpus). Each rank
     holds the whole model meanwhile; enabled=False keeps the per-step gathers for a model too
-    large for that. The blocks reshard after forward again afterwards; the root never does."""
+    large for that. Either way what generation gathered is freed at the end (with per-step
+    gathers, the root unit, which FSDP keeps after forward); the blocks reshard after forward
+    again, the root never does."""
     from torch.distributed.fsdp import FSDPModule
-    if not enabled or not isinstance(model, FSDPModule):
+    if not isinstance(model, FSDPModule):
         yield False
         return
-    model.set_reshard_after_forward(False)
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else [model]
+    if enabled:
+        model.set_reshard_after_forward(False)
+        for unit in units:
+            unit.unshard()
     try:
-        yield True
+        yield enabled
     finally:
         for unit in units:
             unit.reshard()
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # the root, as FSDP sets it
+        if enabled:
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)  # the root, as FSDP sets it
 
 
 def _call(module, fn, *args, **kwargs):

@@ -19,7 +19,6 @@ import kto_cpo_orpo as K
 import losses
 
 
-
 # TRL's trainer modules, imported by the tests that use them (about 3 s: not while collecting,
 # which every test worker of both CI lanes does); a test skips where TRL is absent.
 def cpo_trainer():
