@@ -20,6 +20,7 @@ the chunked output-layer kernels in logps.py take in place of (B, T) labels.
 """
 import dataclasses
 import inspect
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -46,20 +47,19 @@ class Segment:
     labels: Dict[str, List[int]]  # side -> the side's (B, T) labels row, trimmed
     row: int = 0
     start: int = 0
+    length: int = dataclasses.field(init=False)  # tokens: the trunk and every branch
 
-    @property
-    def length(self) -> int:
-        return len(self.trunk) + sum(len(ids) for _, ids in self.branches)
+    def __post_init__(self):
+        self.length = len(self.trunk) + sum(len(ids) for _, ids in self.branches)
 
-    def columns(self, side: str) -> np.ndarray:
-        """Row columns of `side`'s sequence (prompt + response), in order."""
-        cols = [np.arange(len(self.trunk))]
-        offset = len(self.trunk)
+    def skipped(self, side: str) -> int:
+        """Tokens between the trunk and `side`'s branch (the branches laid out before it)."""
+        skip = 0
         for name, ids in self.branches:
             if name == side:
-                cols.append(offset + np.arange(len(ids)))
-            offset += len(ids)
-        return self.start + np.concatenate(cols)
+                break
+            skip += len(ids)
+        return skip
 
 
 @dataclasses.dataclass
@@ -143,23 +143,26 @@ class Layout:
 
 # ----------------------------------------------------------------------------- building
 
-def _trimmed(batch: Dict, side: str, b: int) -> Tuple[List[int], List[int]]:
-    n = int(batch[f"{side}_attention_mask"][b].sum())
-    return batch[f"{side}_input_ids"][b, :n].tolist(), batch[f"{side}_labels"][b, :n].tolist()
+def _trimmed_rows(batch: Dict, side: str) -> List[Tuple[List[int], List[int]]]:
+    """(token ids, labels) of each of `side`'s sequences, padding cut off (one copy of the batch
+    to the host, not one per row)."""
+    lengths = batch[f"{side}_attention_mask"].sum(-1).tolist()
+    ids, labels = batch[f"{side}_input_ids"].tolist(), batch[f"{side}_labels"].tolist()
+    return [(row_ids[:n], row_labels[:n]) for row_ids, row_labels, n in zip(ids, labels, lengths)]
 
 
-def _pair_segments(batch: Dict, b: int, sides: Sequence[str], share: bool) -> List[Segment]:
-    """The segments of pair b: one with the prompt shared when `share` and the prompt is a common
-    prefix of both sequences, else one per side."""
-    seqs = {side: _trimmed(batch, side, b) for side in sides}
-    labels = {side: seqs[side][1] for side in sides}
-    if share and len(sides) == 2 and "prompt_attention_mask" in batch:
-        p = int(batch["prompt_attention_mask"][b].sum())
-        (c_ids, _), (r_ids, _) = seqs["chosen"], seqs["rejected"]
+def _pair_segments(b: int, seqs: Dict[str, Tuple[List[int], List[int]]], prompt_length: Optional[int]
+                   ) -> List[Segment]:
+    """The segments of pair b from its trimmed sequences (side -> (ids, labels)): one with the
+    prompt shared when `prompt_length` is given (share_prompt) and the prompt is a common prefix
+    of both sequences, else one per side."""
+    labels = {side: seq[1] for side, seq in seqs.items()}
+    if prompt_length is not None and len(seqs) == 2:
+        p, (c_ids, _), (r_ids, _) = prompt_length, seqs["chosen"], seqs["rejected"]
         if 0 < p <= min(len(c_ids), len(r_ids)) and c_ids[:p] == r_ids[:p]:
             return [Segment(b, c_ids[:p], [("chosen", c_ids[p:]), ("rejected", r_ids[p:])],
                             labels)]
-    return [Segment(b, seqs[side][0], [], {side: labels[side]}) for side in sides]
+    return [Segment(b, seq[0], [], {side: labels[side]}) for side, seq in seqs.items()]
 
 
 def _assign_rows(segments: List[Segment], pack: bool, row_tokens: Optional[int]) -> int:
@@ -182,41 +185,58 @@ def _assign_rows(segments: List[Segment], pack: bool, row_tokens: Optional[int])
     return len(fill)
 
 
+def _repeated(values, sizes: np.ndarray) -> np.ndarray:
+    """values[i] repeated sizes[i] times: a per-part value for each token of the part."""
+    return np.repeat(np.asarray(values, dtype=np.int64), sizes)
+
+
+def _within(sizes: np.ndarray) -> np.ndarray:
+    """Each token's number within its part, for consecutive parts of `sizes` tokens."""
+    return np.arange(int(sizes.sum())) - _repeated(np.cumsum(sizes) - sizes, sizes)
+
+
 def _fill_rows(segments: List[Segment], n_rows: int, length: int):
     """(input_ids, position_ids, segment, branch) as (R, L) int64 numpy arrays; padding is token 0
-    (valid in any vocabulary, and masked out)."""
-    ids = np.zeros((n_rows, length), dtype=np.int64)
-    pos = np.zeros((n_rows, length), dtype=np.int64)
-    seg = np.full((n_rows, length), -1, dtype=np.int64)
-    br = np.zeros((n_rows, length), dtype=np.int64)
-    for number, s in enumerate(segments):
-        at, p = s.start, len(s.trunk)
-        ids[s.row, at:at + p], pos[s.row, at:at + p] = s.trunk, np.arange(p)
-        seg[s.row, at:at + s.length] = number
-        at += p
-        for side, branch in s.branches:
-            n = len(branch)
-            ids[s.row, at:at + n], pos[s.row, at:at + n] = branch, p + np.arange(n)
-            br[s.row, at:at + n] = BRANCH[side]
-            at += n
+    (valid in any vocabulary, and masked out). Filled at once from the segments' tokens in
+    order (trunk, then each branch): one numpy operation per array, not per segment."""
+    ids, pos = np.zeros((n_rows, length), dtype=np.int64), np.zeros((n_rows, length), dtype=np.int64)
+    seg, br = np.full((n_rows, length), -1, dtype=np.int64), np.zeros((n_rows, length), dtype=np.int64)
+    parts = []  # (token ids, branch number, position of the first) of each trunk and branch
+    for s in segments:
+        parts.append((s.trunk, TRUNK, 0))
+        parts.extend((branch, BRANCH[side], len(s.trunk)) for side, branch in s.branches)
+    sizes = np.array([len(tokens) for tokens, _, _ in parts], dtype=np.int64)
+    lengths = np.array([s.length for s in segments], dtype=np.int64)
+    # each token's place in the rows: its segment's first column, then one after another
+    at = _repeated([s.row * length + s.start for s in segments], lengths) + _within(lengths)
+    ids.reshape(-1)[at] = np.fromiter(itertools.chain.from_iterable(tokens for tokens, _, _ in parts),
+                                     dtype=np.int64, count=len(at))
+    pos.reshape(-1)[at] = _within(sizes) + _repeated([first for _, _, first in parts], sizes)
+    seg.reshape(-1)[at] = _repeated(range(len(segments)), lengths)
+    br.reshape(-1)[at] = _repeated([number for _, number, _ in parts], sizes)
     return ids, pos, seg, br
 
 
 def _selection(segments: List[Segment], side: str, n_pairs: int, length: int,
                device) -> logps.Selection:
     """`side`'s scored tokens: the token at sequence position t+1 with a label is predicted by the
-    hidden state at the row column holding position t."""
-    index, targets, seq, counts = [], [], [], np.zeros(n_pairs, dtype=np.int64)
-    for s in sorted((s for s in segments if side in s.labels), key=lambda s: s.pair):
-        labels = np.asarray(s.labels[side], dtype=np.int64)
-        scored = np.nonzero(labels[1:] != logps.IGNORE_INDEX)[0]
-        index.append(s.row * length + s.columns(side)[scored])
-        targets.append(labels[1:][scored])
-        seq.append(np.full(len(scored), s.pair, dtype=np.int64))
-        counts[s.pair] = len(scored)
-    as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts)).to(device)  # noqa: E731
-    return logps.Selection(as_tensor(index), as_tensor(targets), as_tensor(seq),
-                           torch.from_numpy(counts).to(device))
+    hidden state at the row column holding position t. Computed for every sequence at once, in
+    pair order: position t of a sequence lies at its segment's start + t in the trunk and
+    further by the branches laid out before `side`'s after it."""
+    held = sorted((s for s in segments if side in s.labels), key=lambda s: s.pair)
+    sizes = np.array([len(s.labels[side]) for s in held], dtype=np.int64)
+    t = _within(sizes)  # position within the sequence
+    labels = np.fromiter(itertools.chain.from_iterable(s.labels[side] for s in held), dtype=np.int64,
+                         count=len(t))
+    following = np.append(labels[1:], logps.IGNORE_INDEX)[:len(t)]  # the label position t predicts
+    scored = (t < _repeated(sizes, sizes) - 1) & (following != logps.IGNORE_INDEX)
+    after_trunk = np.where(t >= _repeated([len(s.trunk) for s in held], sizes),
+                           _repeated([s.skipped(side) for s in held], sizes), 0)
+    index = _repeated([s.row * length + s.start for s in held], sizes) + t + after_trunk
+    pairs = _repeated([s.pair for s in held], sizes)[scored]
+    as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)  # noqa: E731
+    return logps.Selection(as_tensor(index[scored]), as_tensor(following[scored]), as_tensor(pairs),
+                           as_tensor(np.bincount(pairs, minlength=n_pairs)))
 
 
 def build_layout(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bool,
@@ -234,7 +254,11 @@ def build_layout(batch: Dict, sides: Sequence[str], share_prompt: bool, pack: bo
     """
     device = batch[f"{sides[0]}_input_ids"].device
     n_pairs = len(batch[f"{sides[0]}_input_ids"])
-    segments = [s for b in range(n_pairs) for s in _pair_segments(batch, b, sides, share_prompt)]
+    rows = {side: _trimmed_rows(batch, side) for side in sides}
+    share = share_prompt and "prompt_attention_mask" in batch
+    prompts = batch["prompt_attention_mask"].sum(-1).tolist() if share else [None] * n_pairs
+    segments = [s for b in range(n_pairs)
+                for s in _pair_segments(b, {side: rows[side][b] for side in sides}, prompts[b])]
     n_rows = _assign_rows(segments, pack, row_tokens)
     length = max(s.start + s.length for s in segments)
     arrays = [torch.from_numpy(a).to(device) for a in _fill_rows(segments, n_rows, length)]

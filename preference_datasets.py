@@ -39,7 +39,6 @@ import datasets
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.nn.utils.rnn import pad_sequence
 
 import data_files
 import utils
@@ -685,6 +684,15 @@ def _pad_value(key: str, pad_token_id: int) -> int:
     return 0  # attention masks
 
 
+def _right_padded(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """(B, longest) LongTensor of the token lists, right-padded with `value`: one numpy array
+    filled row by row (a tensor per row and pad_sequence cost five times as much)."""
+    out = np.full((len(rows), max(map(len, rows), default=0)), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
+
+
 def collate(elements: Sequence[Dict], pad_token_id: int, processor=None) -> Dict:
     """Stack elements into a batch: token lists become right-padded LongTensors.
 
@@ -697,8 +705,7 @@ def collate(elements: Sequence[Dict], pad_token_id: int, processor=None) -> Dict
     for key in elements[0]:
         values = [element[key] for element in elements]
         if key.endswith(("_input_ids", "_attention_mask", "_labels")):
-            batch[key] = pad_sequence([torch.tensor(v, dtype=torch.long) for v in values],
-                                      batch_first=True, padding_value=_pad_value(key, pad_token_id))
+            batch[key] = _right_padded(values, _pad_value(key, pad_token_id))
         elif key == "label":  # unpaired examples: True for desirable
             batch[key] = torch.tensor(values, dtype=torch.bool)
         elif key == "images":
