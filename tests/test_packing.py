@@ -231,6 +231,39 @@ def test_each_prompt_is_laid_out_once_and_positions_restart_for_the_rejected():
                 [packing.BRANCH["rejected"]] * r
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_every_scored_token_is_found_where_its_sequence_was_laid_out(seed):
+    """Random batches (some pairs without a common prompt, a label hole in a response), every
+    setting, both sides and SFT's one: the Selection's k-th entry of sequence b is position t of
+    that sequence (its token and position id in the rows) and its target is the label at t + 1,
+    for exactly the t whose next label counts, in order."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    lengths = [(rng.randint(0, 6), rng.randint(1, 6), rng.randint(1, 6)) for _ in range(7)]
+    elements = [element(*(random_ids(g, n) for n in triple)) for triple in lengths]
+    for pair in elements[::3]:  # another prompt (of the same length) before the rejected
+        n = len(pair["prompt_input_ids"])
+        pair["rejected_input_ids"][:n] = [(i % (VOCAB - 1)) + 1 for i in pair["rejected_input_ids"][:n]]
+    batch = pdx.collate(elements, 0)
+    batch["chosen_labels"][1, -1] = -100  # a label hole: padding of row 1 or its last token
+    for sides in (SIDES, ("chosen",)):
+        for setting in SETTINGS + [(False, False, None)]:
+            lay = packing.build_layout(batch, sides, *setting)
+            ids, positions = lay.input_ids.flatten(), lay.position_ids.flatten()
+            for side in sides:
+                sel = lay.selections[side]
+                for b in range(len(lengths)):
+                    n = int(batch[f"{side}_attention_mask"][b].sum())
+                    tokens, labels = batch[f"{side}_input_ids"][b, :n], batch[f"{side}_labels"][b, :n]
+                    scored = [t for t in range(n - 1) if labels[t + 1] != -100]
+                    at = sel.index[sel.seq == b]
+                    assert ids[at].tolist() == tokens[scored].tolist(), (side, setting, b)
+                    assert positions[at].tolist() == scored, (side, setting, b)
+                    assert sel.targets[sel.seq == b].tolist() == labels[[t + 1 for t in scored]].tolist()
+                    assert int(sel.counts[b]) == len(scored)
+                assert sel.seq.tolist() == sorted(sel.seq.tolist())
+
+
 def test_padding_fraction_worked_by_hand():
     # two pairs: (prompt, chosen, rejected) = (2, 3, 1) and (1, 1, 2)
     batch = make_batch([(2, 3, 1), (1, 1, 2)])
