@@ -8,7 +8,6 @@ per device under torchrun (train.py also spawns them itself over several local G
 single process with a one-rank process group.
 """
 import contextlib
-import types
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -24,7 +23,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel,
                                                parallelize_module)
 
-from utils import ConfigError, all_gather_cat, broadcast_object
+from utils import ConfigError, all_gather_cat, broadcast_object, call
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -253,7 +252,7 @@ def fsdp_shard(model, mesh, block_name: str, mixed_precision: dict, from_rank0: 
     if from_rank0:
         load_from_rank0(model, full)
         del full
-    model.run_in_forward = types.MethodType(_call, model)
+    model.run_in_forward = call  # run_in_forward(fn, *args) -> fn(*args), inside FSDP's forward hooks
     register_fsdp_forward_method(model, "run_in_forward")
     # FSDP picks its root as the first unit to run forward; run the root once now so that a later
     # direct call of the backbone or a block cannot claim that role.
@@ -291,11 +290,6 @@ def gathered_for_generation(model, enabled: bool = True):
         if enabled:
             model.set_reshard_after_forward(True)
             model.set_reshard_after_forward(False, recurse=False)  # the root, as FSDP sets it
-
-
-def _call(module, fn, *args, **kwargs):
-    """A model method that runs `fn`; registered as an FSDP forward method (see FSDPTrainer)."""
-    return fn(*args, **kwargs)
 
 
 def load_from_rank0(model, full_state: Dict[str, torch.Tensor]):

@@ -15,7 +15,7 @@ import logps
 import losses
 import packing
 import vision
-from utils import rank0_print
+from utils import call, rank0_print
 
 
 def batch_logps(policy, reference, batch: Dict, layouts, spec, args: dict,
@@ -100,7 +100,7 @@ def check_layout(policy, reference_model, policy_logps: Callable, batch: Dict,
         layout = build_layout(batch)
         checked = {"policy": (policy, policy_logps)}
         if reference_model is not None and type(reference_model) is not type(policy):
-            checked["reference model"] = (reference_model, _call)
+            checked["reference model"] = (reference_model, call)
         for role, (model, run) in checked.items():
             try:
                 error = run(_layout_error, model, batch, layout, sides, chunk_size)
@@ -151,7 +151,7 @@ def check_output_layers(policy, reference_model, policy_logps: Callable, batch: 
             # and a reference that is only read from a cache never has to run.
             bad = "policy" in differ
         else:
-            chunked = functools.partial(policy_logps if model is policy else _call,
+            chunked = functools.partial(policy_logps if model is policy else call,
                                         _usual_logps, model, rows, chunk_size)
             error = logps.chunked_logps_error(model, chunked, ids, mask, labels,
                                               **vision.batch_inputs(rows, device=ids.device))
@@ -214,10 +214,6 @@ def _short_pairs(batch: Dict, sides: Sequence[str], n: int) -> Dict:
                 values, batch_first=True,
                 padding_value=logps.IGNORE_INDEX if key.endswith("labels") else 0).to(device)
                for key, values in rows.items()}, **_images_of(batch)}
-
-
-def _call(fn, *args):
-    return fn(*args)
 
 
 def chunked_logps_tolerance(model) -> float:

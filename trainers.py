@@ -38,7 +38,7 @@ import references
 import rewards
 import sampling
 import scoring
-from utils import rank0_print, save_hf_format, start_wandb
+from utils import call, rank0_print, save_hf_format, start_wandb
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,9 +216,11 @@ class SingleProcessPlacement:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def policy_logps(self, fn, *args):
-        """Run fn(*args), a computation that calls the policy's backbone and output layer."""
-        return fn(*args)
+    @property
+    def policy_logps(self):
+        """How a computation that calls the policy's backbone and output layer runs:
+        policy_logps(fn, *args) -> fn(*args), here directly (utils.call, no frame of its own)."""
+        return call
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate a 1-D tensor over the data-parallel ranks."""
@@ -393,10 +395,11 @@ class BasicTrainer(SingleProcessPlacement):
     def train_step(self, batch: Dict) -> Dict[str, float]:
         """One optimizer update over a global batch, with gradient accumulation.
 
-        The path of one micro-batch, data to loss:
+        The path of one micro-batch, data to loss (five frames from here to the kernel):
             batch_loss: packing.lay_out(batch) -> [Layout] (the usual layout: one per side,
-                each sequence in its own right-padded row; or shared prompts / packed rows)
-            policy_logps(scoring.batch_logps, ...): under FSDP, inside the policy's forward
+                each sequence in its own right-padded row; or shared prompts / packed rows);
+                it calls scoring.batch_logps through policy_logps, which adds no frame (under
+                FSDP, torch's forward hooks of the policy's root run around it)
             scoring.batch_logps: per Layout, packing.model_logps(policy) (or packing.token_kl
                 for TDPO) and reference.layout_logps -> the loss's log-probs
             packing.model_logps: the backbone's hidden states, then the chunked output layer
@@ -858,8 +861,10 @@ class FSDPTrainer(ShardedTrainer):
             return super().generation_context()
         return self.same_samples_on_every_rank()
 
-    def policy_logps(self, fn, *args):
-        return self.policy.run_in_forward(fn, *args)
+    @property
+    def policy_logps(self):
+        # inside the policy's root forward, so that FSDP's hooks gather and free its weights
+        return self.policy.run_in_forward
 
     def train_step(self, batch: Dict) -> Dict[str, float]:
         try:

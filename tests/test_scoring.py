@@ -2,6 +2,8 @@
 one per side, shared prompts, packed rows) goes through packing.model_logps / packing.token_kl,
 whose results equal the full-logits formulas of logps.py; and the path from train_step to the
 chunked kernel is short enough to read in one sitting."""
+import json
+import operator
 import sys
 from pathlib import Path
 
@@ -121,20 +123,46 @@ def test_batch_logps_gives_the_loss_its_inputs():
 
 def project_frames_below(name: str):
     """The frames of this repository's files between the innermost call of `name` (excluded)
-    and the caller of this function (included)."""
+    and the caller of this function (included); None when `name` is not on the stack."""
     frame, found = sys._getframe(1), []
     while frame is not None and frame.f_code.co_name != name:
         if Path(frame.f_code.co_filename).resolve().parent == ROOT:
             found.append(f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}")
         frame = frame.f_back
-    assert frame is not None, f"{name} is not on the stack"
-    return found[::-1]
+    return None if frame is None else found[::-1]
 
 
+def record_kernel_stacks(stacks: list, patch):
+    """Make each chunked kernel's forward append the repository's frames below train_step to
+    `stacks` (when a training step calls it: not the start-up checks, not evaluation);
+    patch(kernel, name, value) sets the attribute (pytest's monkeypatch, or setattr)."""
+    for kernel in (logps.TokenLogpFunction, logps.TokenKLFunction):
+        def recorded(ctx, *args, forward=kernel.forward):
+            stack = project_frames_below("train_step")
+            if stack is not None:
+                stacks.append(stack)
+            return forward(ctx, *args)
+        patch(kernel, "forward", staticmethod(recorded))
+
+
+def assert_five_frames(stacks, token_level: bool):
+    """The issue's measure: train_step, the frames below it and the kernel's forward, at most
+    five; the policy's path (the reference's goes through its kind, references.layout_logps)."""
+    policy = [stack for stack in stacks if not any(f.startswith("references.") for f in stack)]
+    assert policy
+    kernel = "packing.token_kl" if token_level else "packing.model_logps"
+    for stack in policy:
+        assert stack == ["trainers.batch_loss", "scoring.batch_logps", kernel], stack
+        assert 1 + len(stack) + 1 <= 5  # train_step, these, the kernel's forward
+
+
+# utils.call is operator.call, which adds no frame, from Python 3.11; on 3.10 a lambda stands in
+FRAME_FREE_CALL = pytest.mark.skipif(not hasattr(operator, "call"), reason="Python 3.10: no operator.call")
+
+
+@FRAME_FREE_CALL
 @pytest.mark.parametrize("loss", [["loss=dpo", "loss.beta=0.1"], ["loss=tdpo", "loss.beta=0.1"]])
 def test_train_step_reaches_the_kernel_in_five_frames(loss, tokenizer, tmp_path, monkeypatch):
-    """The issue's measure: at most five of the repository's frames from train_step to the
-    autograd Function's forward (the chunked output layer), the forward included."""
     import train
     config = compose([*FAST, *loss, f"local_run_dir={tmp_path}/run"])
     policy, reference = train.build_models(config, tokenizer)
@@ -142,17 +170,32 @@ def test_train_step_reaches_the_kernel_in_five_frames(loss, tokenizer, tmp_path,
                                     reference_model=reference, tokenizer=tokenizer)
     trainer.begin()
     stacks = []
-    for kernel in (logps.TokenLogpFunction, logps.TokenKLFunction):
-        forward = kernel.forward
-
-        def recorded(ctx, *args, forward=forward):
-            stacks.append(project_frames_below("train_step"))
-            return forward(ctx, *args)
-        monkeypatch.setattr(kernel, "forward", staticmethod(recorded))
+    record_kernel_stacks(stacks, monkeypatch.setattr)
     trainer.train_step(next(iter(trainer.train_iterator())))
-    # the policy's (the reference's goes through its kind: references.layout_logps, one more)
-    policy = [stack for stack in stacks if not any(f.startswith("references.") for f in stack)]
-    assert policy
-    for stack in policy:  # the stack below train_step, and the kernel's forward
-        assert len(stack) + 1 <= 5, stack
-        assert stack[:3] == ["trainers.batch_loss", "trainers.policy_logps", "scoring.batch_logps"]
+    assert_five_frames(stacks, "tdpo" in loss[0])
+
+
+FSDP_FRAMES_WORKER = """
+import json, sys
+sys.path[:0] = [ROOT, ROOT + "/tests"]
+from conftest import run_in_process
+from test_scoring import record_kernel_stacks
+stacks = []
+record_kernel_stacks(stacks, setattr)
+run_in_process(sys.argv[1:])
+print("STACKS " + json.dumps(stacks))
+"""
+
+
+@FRAME_FREE_CALL
+def test_under_fsdp_train_step_reaches_the_kernel_in_the_same_five_frames(tmp_path):
+    """FSDPTrainer runs the scoring inside the policy's root forward (its registered
+    run_in_forward, torch's hooks around utils.call): no frame of the repository's is added."""
+    from conftest import run_subprocess
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"ROOT = {str(ROOT)!r}\n" + FSDP_FRAMES_WORKER)
+    result = run_subprocess([*FAST, "loss=dpo", "loss.beta=0.1", "trainer=FSDPTrainer", "n_examples=8",
+                             "do_first_eval=false", f"local_run_dir={tmp_path}/run"], script=str(worker))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stacks = json.loads(result.stdout.split("STACKS ")[-1])
+    assert_five_frames(stacks, False)

@@ -408,6 +408,7 @@ def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
     import transformers
     import preference_datasets
     import scoring
+    import utils
     from PIL import Image
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]})
@@ -439,7 +440,7 @@ def test_qwen2_vl_takes_its_token_types_and_the_usual_layout(tokenizer, capsys):
         logps = packing.model_logps(model, packing.plain_layout(batch, "chosen"), False, 64)["chosen"].logps
     assert (logps[0] - logps[1]).abs() > 1e-4 and torch.allclose(logps[0], logps[2], atol=1e-5)
     build = lambda b: packing.build_layout(b, ("chosen", "rejected"), True, True, None)  # noqa: E731
-    assert not scoring.check_layout(model, None, scoring._call, batch, ("chosen", "rejected"), build, 256, 64,
+    assert not scoring.check_layout(model, None, utils.call, batch, ("chosen", "rejected"), build, 256, 64,
                                     lambda bad: bad, False)
     assert "share_prompt/packing are off: the policy cannot take it: its image tokens take multimodal rotary " \
            "positions (M-RoPE)" in capsys.readouterr().out
