@@ -33,14 +33,3 @@ def test_a_second_run_while_one_is_going_starts_cold(tmp_path):
     assert warm_launch.zygote_for(env) is None  # busy: run_train would start a fresh interpreter
     assert first.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()[-2000:]
     assert warm_launch.zygote_for(env) is not None
-
-
-def test_each_environment_keeps_its_own_warm_process():
-    """Variables read at import (here OMP_NUM_THREADS, which torchrun's workers get) give a run
-    another warm process, and the first stays warm: whichever environment comes first, neither
-    falls back to fresh interpreters for the rest of the session."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    other = dict(env, OMP_NUM_THREADS="2" if env.get("OMP_NUM_THREADS") == "1" else "1")
-    first, second = warm_launch.zygote_for(env), warm_launch.zygote_for(other)
-    assert first is not None and second is not None and second is not first
-    assert warm_launch.zygote_for(env) is first and warm_launch.zygote_for(other) is second

@@ -3,21 +3,19 @@ the imports each time.
 
 A run of the tiny model takes a few seconds; starting Python and importing torch, transformers and
 train.py's modules takes about as long again, and the tests start a few hundred runs. So each test
-worker keeps a warm process (a "zygote": the imports done, nothing run) and every run is a fork
+worker keeps one warm process (a "zygote": the imports done, nothing run) and every run is a fork
 of it: a child process with its own memory, working directory, environment, stdout and stderr
 files and exit code, which then does what `python -u train.py ARGS` does: train.command_line().
 
 Forking is safe here because the zygote has only imported: no math threads, no tokenizer threads
-and no process group exist yet. Some variables are read once, at import (OMP_NUM_THREADS, ...), so
-each environment gets a zygote of its own (zygote_for); a run that starts while its zygote's
-previous run is still going gets a fresh interpreter, as does any run where the platform has no
-fork.
+and no process group exist yet. A run whose environment differs from the zygote's (some variables
+are read once, at import) gets a fresh interpreter instead, as does any run where the platform has
+no fork.
 """
 import json
 import os
 import runpy
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -164,12 +162,6 @@ class Zygote:
         """Whether a run it started is still going (a second run then starts cold)."""
         return self.active is not None and self.active.poll() is None
 
-    def close(self):
-        """End the warm process (its loop ends with its input) and remove its files."""
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.files, ignore_errors=True)
-
 
 class WarmRun:
     """A run forked from the warm process, used as a subprocess.Popen is: `pid` is its first
@@ -220,28 +212,21 @@ class WarmRun:
         self.wait()
 
 
-# One warm process per import-time environment, the most recently used kept: a worker's usual
-# environment and torchrun's (OMP_NUM_THREADS=1, where the shell does not set it) both stay warm,
-# whichever comes first, and a one-off environment costs a start, as a fresh interpreter would.
-MAX_WARM = 3
-_zygotes: dict = {}
+_zygote = None
 
 
 def zygote_for(env: dict):
-    """This worker's warm process for environment `env` (started now if it has none), or None
-    where a run must start a fresh interpreter (no fork on this platform, DPO_TEST_COLD_LAUNCH set,
-    or a run of that process's own still going)."""
+    """This worker's warm process for environment `env`, or None where a run must start a fresh
+    interpreter (no fork on this platform, DPO_TEST_COLD_LAUNCH set, another environment, or a run of
+    its own still going)."""
+    global _zygote
     if not hasattr(os, "fork") or env.get("DPO_TEST_COLD_LAUNCH"):
         return None
-    key = tuple(sorted(_import_time(env).items()))
-    zygote = _zygotes.pop(key, None)
-    if zygote is None or zygote.proc.poll() is not None:
-        zygote = Zygote(env)
-    _zygotes[key] = zygote  # the most recently used last
-    idle = [k for k, z in _zygotes.items() if k != key and not z.busy()]
-    for oldest in idle[:max(0, len(_zygotes) - MAX_WARM)]:
-        _zygotes.pop(oldest).close()
-    return None if zygote.busy() else zygote
+    if _zygote is None or _zygote.proc.poll() is not None:
+        _zygote = Zygote(env)
+    if _zygote.busy() or _import_time(env) != _import_time(_zygote.env):
+        return None
+    return _zygote
 
 
 def run_train(args, env: dict, timeout: float, script: str = "train.py") -> subprocess.CompletedProcess:
